@@ -1,0 +1,3 @@
+//! The agent: what runs inside an environment. A batch in, JSON lines out.
+
+pub mod protocol;

@@ -1,0 +1,234 @@
+//! The agent protocol: a [`BatchSpec`] goes in, [`AgentEvent`] JSON lines come out.
+//!
+//! This is the only contract between the harness on the host and the agent inside an
+//! environment (a host process, a container exec, a guest's init). Backends move these bytes;
+//! they never look inside a cell. Bump [`PROTOCOL_VERSION`] on any incompatible change.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One batch: every cell that shares one environment instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BatchSpec {
+    pub version: u32,
+    pub batch_id: String,
+    /// A directory the agent owns for this batch (workspaces, setuid copies). Created if
+    /// missing, removed when the batch ends, also on SIGINT/SIGTERM. Must not be `nosuid`.
+    pub work_dir: PathBuf,
+    /// The uid/gid the sandbox front end runs as. 0 is allowed (Docker's uid axis).
+    pub uid: u32,
+    pub gid: u32,
+    /// Process-level restrictions the agent applies to each sandbox's process tree.
+    #[serde(default)]
+    pub restrictions: Restrictions,
+    /// sysctls the agent writes before running any cell (QEMU guests only; a key that does not
+    /// exist makes the affected cells SKIP, never silently pass).
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    /// The nsmatrix binary as seen inside the environment; `apply_patch` is a symlink to it.
+    pub agent_bin: PathBuf,
+    pub cells: Vec<CellSpec>,
+}
+
+/// Restrictions that the kernel applies to the sandbox's process tree; real, not simulated.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Restrictions {
+    /// A seccomp filter returning EPERM for clone/unshare with CLONE_NEWUSER (and ENOSYS for
+    /// clone3), like Docker's default profile does for a container without CAP_SYS_ADMIN.
+    #[serde(default)]
+    pub seccomp_deny_userns: bool,
+    /// PR_SET_NO_NEW_PRIVS before exec: setuid bits are ignored.
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// Reduce the capability bounding set to exactly these capabilities (names like
+    /// `CAP_CHOWN` or `chown`).
+    #[serde(default)]
+    pub bounding_set: Option<Vec<String>>,
+    /// Run the sandbox inside a fresh user namespace whose `user.max_user_namespaces` is this.
+    #[serde(default)]
+    pub userns_limit: Option<u64>,
+}
+
+impl Restrictions {
+    pub fn is_empty(&self) -> bool {
+        self == &Restrictions::default()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CellSpec {
+    pub id: String,
+    pub subject: SubjectSpec,
+    /// The scenario directory as seen inside the environment.
+    pub scenario_dir: PathBuf,
+    pub timeout_ms: u64,
+    /// sysctls this cell needs to exist (from the batch's sysctl set); missing → SKIP.
+    #[serde(default)]
+    pub needs_sysctls: Vec<String>,
+}
+
+/// How the sandbox is entered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SubjectSpec {
+    Bwrap {
+        /// `system` = the first `bwrap` on PATH, otherwise an absolute path.
+        build: String,
+        setuid: SetuidMode,
+        argv: ArgvProfile,
+    },
+    Codex {
+        version: String,
+        /// The static codex binary as seen inside the environment.
+        codex_bin: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum SetuidMode {
+    /// Use the build as it is installed (setuid or not).
+    AsIs,
+    /// A root-owned 4755 copy in the batch's private directory.
+    Force,
+    /// A 0755 copy (drops a setuid bit the image may have).
+    Never,
+}
+
+/// Which bwrap argv to build; the profiles themselves live in `sandbox::argv`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum ArgvProfile {
+    /// Codex's current argv (with `--unshare-user`).
+    Codex,
+    /// Codex's argv before early 2026 (no `--unshare-user`, `--dev-bind /dev/null`).
+    CodexLegacy,
+}
+
+impl ArgvProfile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArgvProfile::Codex => "codex",
+            ArgvProfile::CodexLegacy => "codex-legacy",
+        }
+    }
+}
+
+/// One JSON line from the agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum AgentEvent {
+    /// First line: who is speaking and what the environment is.
+    Hello {
+        version: u32,
+        agent_version: String,
+        facts: BTreeMap<String, String>,
+    },
+    CellStarted {
+        id: String,
+    },
+    CellFinished(CellRecord),
+    /// Free-form diagnostics (kept in the batch log).
+    Log {
+        message: String,
+    },
+    /// Last line of a batch that ran to its end.
+    BatchDone {
+        cells: usize,
+    },
+}
+
+/// What happened to one cell, before it is judged against any expectation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct CellRecord {
+    pub id: String,
+    pub outcome: Outcome,
+    pub exit_code: Option<i32>,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub stdout_tail: String,
+    #[serde(default)]
+    pub stderr_tail: String,
+    /// Observations: bwrap version, whether the setuid bit was in effect, the argv used, ...
+    #[serde(default)]
+    pub details: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Outcome {
+    Passed,
+    Failed {
+        /// A signature name from `sandbox::signature` (`userns-denied`, `unknown`, ...).
+        signature: String,
+        message: String,
+    },
+    /// The harness could not get an answer (infrastructure), never a product failure.
+    Error {
+        stage: String,
+        message: String,
+    },
+    Skipped {
+        reason: String,
+    },
+}
+
+impl AgentEvent {
+    /// Parse one line of agent output; `None` for lines that are not protocol lines (a kernel
+    /// message on a shared console, a shell's noise), which callers keep in the log.
+    pub fn parse_line(line: &str) -> Option<Result<AgentEvent, serde_json::Error>> {
+        let t = line.trim();
+        if !t.starts_with('{') {
+            return None;
+        }
+        Some(serde_json::from_str(t))
+    }
+
+    pub fn to_line(&self) -> String {
+        // Serialising these plain data types cannot fail.
+        let mut s = serde_json::to_string(self).expect("agent event serialises");
+        s.push('\n');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_roundtrip_and_noise() {
+        let ev = AgentEvent::CellFinished(CellRecord {
+            id: "a/b/c/d".into(),
+            outcome: Outcome::Failed {
+                signature: "userns-denied".into(),
+                message: "bwrap: No permissions".into(),
+            },
+            exit_code: Some(1),
+            duration_ms: 12,
+            stdout_tail: String::new(),
+            stderr_tail: "x\u{1b}[0m]]>".into(),
+            details: BTreeMap::new(),
+        });
+        let line = ev.to_line();
+        assert!(line.ends_with('\n'));
+        assert_eq!(AgentEvent::parse_line(&line).unwrap().unwrap(), ev);
+        assert!(AgentEvent::parse_line("[    0.1] Linux version").is_none());
+        assert!(AgentEvent::parse_line("{broken").unwrap().is_err());
+    }
+
+    #[test]
+    fn batch_spec_rejects_unknown_fields() {
+        let j = r#"{"version":1,"batch-id":"b","work-dir":"/w","uid":1000,"gid":1000,
+                   "agent-bin":"/a","cells":[],"bogus":1}"#;
+        assert!(serde_json::from_str::<BatchSpec>(j).is_err());
+    }
+}

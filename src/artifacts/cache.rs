@@ -1,0 +1,125 @@
+//! The artifact cache: where downloads and builds live, and verified downloads into it.
+//!
+//! Everything fetched or built (Debian packages, kernels, images' root filesystems, npm
+//! tarballs) is stored under [`cache_dir`], named by what it is and verified by content, so a
+//! rerun is fast and a corrupted entry is detected and fetched again.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256, Sha512};
+
+/// `$NSMATRIX_CACHE`, else `$XDG_CACHE_HOME/nsmatrix`, else `$HOME/.cache/nsmatrix`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("NSMATRIX_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("nsmatrix");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache").join("nsmatrix")
+}
+
+/// What a download must hash to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checksum {
+    /// Lower-case hex SHA-256 (Debian `Packages` indexes).
+    Sha256Hex(String),
+    /// An npm/SRI integrity string: `sha512-<base64>`.
+    Sri(String),
+}
+
+impl Checksum {
+    /// Hash a file and compare.
+    pub fn verify_file(&self, path: &Path) -> Result<bool> {
+        let mut f = fs::File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
+        match self {
+            Checksum::Sha256Hex(want) => {
+                let mut h = Sha256::new();
+                copy_into(&mut f, &mut h)?;
+                Ok(hex::encode(h.finalize()) == want.to_ascii_lowercase())
+            }
+            Checksum::Sri(sri) => {
+                use base64::Engine as _;
+                let Some(b64) = sri.strip_prefix("sha512-") else {
+                    bail!("unsupported integrity string {sri:?} (only sha512- is supported)");
+                };
+                let mut h = Sha512::new();
+                copy_into(&mut f, &mut h)?;
+                let got = base64::engine::general_purpose::STANDARD.encode(h.finalize());
+                Ok(got == b64)
+            }
+        }
+    }
+}
+
+fn copy_into(r: &mut impl Read, h: &mut impl Digest) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Download `url` to `dest` unless a file that matches `sum` is already there. A file that
+/// does not match (corrupted, truncated) is fetched again; a download that does not match is
+/// an error and leaves nothing at `dest`.
+pub fn fetch_verified(url: &str, dest: &Path, sum: &Checksum) -> Result<PathBuf> {
+    if dest.exists() {
+        if sum.verify_file(dest)? {
+            return Ok(dest.to_path_buf());
+        }
+        eprintln!("nsmatrix: cached {} does not match its checksum; fetching it again", dest.display());
+        fs::remove_file(dest).ok();
+    }
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
+    }
+    let tmp = dest.with_extension("partial");
+    download(url, &tmp)?;
+    if !sum.verify_file(&tmp)? {
+        fs::remove_file(&tmp).ok();
+        bail!("download of {url} does not match its checksum {sum:?}");
+    }
+    fs::rename(&tmp, dest).with_context(|| format!("failed to move download into {}", dest.display()))?;
+    Ok(dest.to_path_buf())
+}
+
+/// Plain download to a file (no verification): for indexes whose checksum is checked by the
+/// caller in another way.
+pub fn download(url: &str, dest: &Path) -> Result<()> {
+    let resp = ureq::get(url).call().with_context(|| format!("failed to fetch {url}"))?;
+    let mut body = resp.into_body().into_reader();
+    let mut out = fs::File::create(dest).with_context(|| format!("failed to create {}", dest.display()))?;
+    io::copy(&mut body, &mut out).with_context(|| format!("failed to download {url}"))?;
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksums_detect_corruption() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        fs::write(&p, b"hello").unwrap();
+        let good = Checksum::Sha256Hex(
+            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824".into(),
+        );
+        assert!(good.verify_file(&p).unwrap());
+        fs::write(&p, b"hellp").unwrap();
+        assert!(!good.verify_file(&p).unwrap());
+        // sha512("hello") in SRI form
+        fs::write(&p, b"hello").unwrap();
+        let sri = Checksum::Sri("sha512-m3HSJL1i83hdltRq0+o9czGb+8KJDKra4t/3JRlnPKcjI8PZm6XBHXx6zG4UuMXaDEZjR1wuXDre9G9zvN7AQw==".into());
+        assert!(sri.verify_file(&p).unwrap());
+    }
+}

@@ -1,0 +1,4 @@
+//! Artifacts fetched or built once and cached by content: Debian packages, kernels, images,
+//! npm packages.
+
+pub mod cache;

@@ -1,0 +1,7 @@
+//! Backends start an environment, place the agent and the scenarios, run `nsmatrix agent` on a
+//! batch, stream its events back and clean up. They know nothing of scenarios' content.
+
+mod events;
+pub mod host;
+
+pub use events::{BackendEvent, BatchCtx, BatchError, Stage, Unavailable};

@@ -1,0 +1,154 @@
+//! The validated matrix: [`Cell`]s, each an [`Environment`] × a subject × a scenario, with an
+//! [`Expectation`]. Built from `matrix.toml` by `matrix::load`; nothing here does I/O.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::protocol::SubjectSpec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    Host,
+    Docker,
+    Qemu,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Host => "host",
+            BackendKind::Docker => "docker",
+            BackendKind::Qemu => "qemu",
+        }
+    }
+}
+
+/// A named set of restrictions (`[profile.NAME]` in matrix.toml). The host backend applies the
+/// process-level ones itself; the Docker backend maps them onto a container's HostConfig.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Profile {
+    pub name: String,
+    /// Docker: `default` (the engine's profile), `unconfined`, or a path to a JSON profile.
+    /// Host: `none` or `deny-userns` (nsmatrix's own filter).
+    pub seccomp: Option<String>,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub no_new_privileges: bool,
+    pub privileged: bool,
+    /// Docker's `systempaths=unconfined` (no masked /proc paths).
+    pub systempaths_unconfined: bool,
+    /// Host: reduce the bounding set to exactly these capabilities.
+    pub bounding_set: Option<Vec<String>>,
+    /// Host: run inside a user namespace whose max_user_namespaces is this.
+    pub userns_limit: Option<u64>,
+    /// Docker: any further `--security-opt` strings (apparmor=..., label=...).
+    pub security_opt: Vec<String>,
+    pub description: String,
+}
+
+/// Where cells run. One `Environment` = one batch = one process/container/guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Environment {
+    /// Stable, readable id (`host-seccomp-deny-userns`, `docker-bookworm-suid-holyclaude-uid1000`).
+    pub id: String,
+    /// The `[[environment]]` entry's name.
+    pub name: String,
+    pub backend: BackendKind,
+    /// The axis values that made this environment (`profile`, `image`, `kernel`, `uid`, ...).
+    pub axes: BTreeMap<String, String>,
+    pub uid: u32,
+    pub profile: Option<Profile>,
+    /// Docker: the image name from `[image.NAME]` or a local image reference. QEMU: the root
+    /// filesystem recipe.
+    pub image: Option<String>,
+    /// Docker: mount the root filesystem read-only.
+    pub read_only: bool,
+    /// QEMU: the kernel's catalog name.
+    pub kernel: Option<String>,
+    /// QEMU: the sysctl set's name and its values.
+    pub sysctl_set: Option<String>,
+    pub sysctls: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Subject {
+    /// `bwrap-system+setuid+codex`, `codex-0.171.0`.
+    pub id: String,
+    pub name: String,
+    pub axes: BTreeMap<String, String>,
+    pub spec: SubjectSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ScenarioRef {
+    /// The scenario set's name.
+    pub set: String,
+    pub name: String,
+    /// The scenario's directory on the host (absolute).
+    pub dir: PathBuf,
+}
+
+/// What the matrix author says should happen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Expectation {
+    Pass,
+    Fail {
+        signature: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Cell {
+    /// `<environment>/<subject>/<scenario set>/<scenario>`.
+    pub id: String,
+    pub env: Environment,
+    pub subject: Subject,
+    pub scenario: ScenarioRef,
+    pub expect: Expectation,
+    /// Every axis of the cell, environment's, subject's and scenario's, for filters and reports.
+    pub axes: BTreeMap<String, String>,
+    /// Set when the cell cannot run as specified (the reason is the SKIP message).
+    pub skip: Option<String>,
+}
+
+/// Run-wide settings from `[settings]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub cell_timeout: Duration,
+    pub batch_timeout: Duration,
+    /// How often a batch whose cells ended in ERROR is run again (never for FAIL).
+    pub retries: u32,
+    /// Host backend: where batches' private directories go (must allow setuid).
+    pub host_work_dir: PathBuf,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            cell_timeout: Duration::from_secs(60),
+            batch_timeout: Duration::from_secs(600),
+            retries: 1,
+            host_work_dir: PathBuf::from("/var/tmp/nsmatrix"),
+        }
+    }
+}
+
+/// The whole validated matrix.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub path: PathBuf,
+    pub settings: Settings,
+    pub cells: Vec<Cell>,
+}
