@@ -8,6 +8,7 @@ pub mod agent;
 pub mod apply_patch;
 pub mod artifacts;
 pub mod backend;
+pub mod cli;
 pub mod matrix;
 pub mod sandbox;
 pub mod scenario;
