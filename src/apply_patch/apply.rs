@@ -208,14 +208,9 @@ fn replacements(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Re
             }
         }
         if chunk.old_lines.is_empty() {
-            // A pure addition goes at the end of the file (before a final blank line),
+            // A pure addition goes at the very end of the file (after any blank lines),
             // whatever context preceded it.
-            let end = if lines.last().is_some_and(String::is_empty) {
-                lines.len() - 1
-            } else {
-                lines.len()
-            };
-            out.push((end, 0, chunk.new_lines.clone()));
+            out.push((lines.len(), 0, chunk.new_lines.clone()));
             continue;
         }
         let mut old: &[String] = &chunk.old_lines;
