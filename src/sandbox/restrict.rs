@@ -111,6 +111,9 @@ impl Prepared {
             check(unsafe { libc::setresuid(self.uid, self.uid, self.uid) })?;
         }
         if let Some(limit) = &self.userns_limit {
+            // Changing uid made us non-dumpable, which leaves /proc/self/* owned by root: the
+            // maps below could not be written.
+            check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })?;
             check(unsafe { libc::unshare(libc::CLONE_NEWUSER) })?;
             write_file(c"/proc/self/setgroups", c"deny")?;
             write_file(c"/proc/self/uid_map", &self.uid_map)?;
