@@ -99,9 +99,9 @@ fn malformed_matrices_exit_2_with_file_line_col() {
         scen.display()
     );
     let cases = [
-        ("unknown-key", base.replace("kind = \"bwrap\"", "kind = \"bwrap\"\nsetuidd = true"), "m.toml:7:1"),
-        ("bad-axis-value", base.replace("kind = \"bwrap\"", "kind = \"bwrap\"\nargv = [\"codex\", \"codex-lgacy\"]"), "m.toml:7:8"),
-        ("duplicate-id", format!("{base}\n[[subject]]\nname = \"bwrap\"\nkind = \"bwrap\"\n"), "m.toml:16:8"),
+        ("unknown-key", base.replace("kind = \"bwrap\"", "kind = \"bwrap\"\nsetuidd = true"), "m.toml:8:1"),
+        ("bad-axis-value", base.replace("kind = \"bwrap\"", "kind = \"bwrap\"\nargv = [\"codex\", \"codex-lgacy\"]"), "m.toml:8:8"),
+        ("duplicate-id", format!("{base}\n[[subject]]\nname = \"bwrap\"\nkind = \"bwrap\"\n"), "m.toml:14:8"),
         ("unknown profile", base.replace("backend = \"host\"", "backend = \"host\"\nprofile = \"nope\""), "m.toml:4:11"),
     ];
     for (what, toml, at) in cases {

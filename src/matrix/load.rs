@@ -33,12 +33,10 @@ pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
         diagnostics,
     };
     let raw: RawMatrix = toml::from_str(text).map_err(|e| {
-        let help = if e.message().contains("unknown field") {
-            Some("check the spelling against the keys documented in docs/matrix.md")
-        } else {
-            None
-        };
-        let mut d = Diagnostic::new("syntax", e.span(), e.message().trim().to_string());
+        let unknown = e.message().contains("unknown field");
+        let help = unknown.then_some("check the spelling against the keys documented in docs/matrix.md");
+        let code = if unknown { "unknown-key" } else { "syntax" };
+        let mut d = Diagnostic::new(code, e.span(), e.message().trim().to_string());
         if let Some(h) = help {
             d.help(h);
         }
