@@ -2,3 +2,4 @@
 //! npm packages.
 
 pub mod cache;
+pub mod rootfs;
