@@ -2,4 +2,5 @@
 //! npm packages.
 
 pub mod cache;
+pub mod images;
 pub mod rootfs;
