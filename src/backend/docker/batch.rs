@@ -24,7 +24,7 @@ use super::place::{PLACE_DIR, Placement, WORK_MOUNT};
 use super::profile::{Seccomp, SecuritySettings, security_settings};
 use crate::agent::protocol::{AgentEvent, BatchSpec};
 use crate::backend::{BackendEvent, BatchCtx, BatchError, Stage};
-use crate::matrix::model::Environment;
+use crate::matrix::model::{Environment, ImageSource};
 
 /// Past a cell's own timeout, how long the agent gets to report it before the harness kills
 /// the container (the agent enforces cell timeouts itself; this catches a hung agent).
@@ -77,15 +77,18 @@ impl DockerBackend {
     }
 
     async fn provision(&self, env: &Environment) -> Result<String, BatchError> {
-        let Some(name) = env.image.as_deref() else {
-            return Err(BatchError::new(
-                Stage::Provision,
-                format!("environment {} names no image", env.id),
-            ));
+        let r = match (&env.image_source, env.image.as_deref()) {
+            (Some(ImageSource::Recipe(name)), _) => self.ensure_recipe_image(name).await,
+            (Some(ImageSource::Reference(r)), _) => self.ensure_local_image(r).await,
+            (None, Some(name)) => self.ensure_image(name).await,
+            (None, None) => {
+                return Err(BatchError::new(
+                    Stage::Provision,
+                    format!("environment {} names no image", env.id),
+                ));
+            }
         };
-        self.ensure_image(name)
-            .await
-            .map_err(|e| BatchError::new(Stage::Provision, format!("{e:#}")))
+        r.map_err(|e| BatchError::new(Stage::Provision, format!("{e:#}")))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -36,10 +36,23 @@ impl DockerBackend {
     /// The image reference to run for `name`: a catalog image is built (or found by its recipe
     /// tag) first; anything else must already exist locally (there is no registry to pull from).
     pub async fn ensure_image(&self, name: &str) -> Result<String> {
-        if let Some(recipe) = ImageRecipe::builtin(name) {
-            self.build_recipe(&recipe, false, &mut |_| {}).await?;
-            return Ok(recipe.tag());
+        if ImageRecipe::builtin(name).is_some() {
+            return self.ensure_recipe_image(name).await;
         }
+        self.ensure_local_image(name).await
+    }
+
+    /// Build (or find) a catalog image; its reference is `nsmatrix/NAME:HASH12`.
+    pub async fn ensure_recipe_image(&self, name: &str) -> Result<String> {
+        let recipe = ImageRecipe::builtin(name).ok_or_else(|| {
+            anyhow!("no image {name:?} in the catalog (vm-images/docker/images.toml)")
+        })?;
+        self.build_recipe(&recipe, false, &mut |_| {}).await?;
+        Ok(recipe.tag())
+    }
+
+    /// An image that must already be in the engine (there is no registry to pull from).
+    pub async fn ensure_local_image(&self, name: &str) -> Result<String> {
         match self.docker.inspect_image(name).await {
             Ok(_) => Ok(name.to_string()),
             Err(bollard::errors::Error::DockerResponseServerError {
