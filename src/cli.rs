@@ -135,7 +135,13 @@ pub fn list(a: ListArgs) -> u8 {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let backends = schedule::Backends::probe(&m);
+    let backends = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(schedule::Backends::probe(&m, &cells)),
+        Err(e) => {
+            eprintln!("nsmatrix: failed to start the runtime: {e}");
+            return exit::ERRORS;
+        }
+    };
     for c in &cells {
         let expect = match &c.expect {
             crate::matrix::model::Expectation::Pass => "expect pass".to_string(),

@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::protocol::{AgentEvent, BatchSpec, CellRecord, CellSpec, Outcome, PROTOCOL_VERSION};
+use crate::backend::docker::DockerBackend;
 use crate::backend::host::HostBackend;
 use crate::backend::{BackendEvent, BatchCtx, BatchError, Unavailable};
 use crate::matrix::model::{BackendKind, Cell, Environment, Matrix};
@@ -30,22 +31,27 @@ pub struct RunOptions {
 /// The backends of this run, probed once.
 pub struct Backends {
     host: Result<Arc<HostBackend>, Unavailable>,
+    docker: Result<DockerBackend, Unavailable>,
 }
 
 impl Backends {
-    pub fn probe(matrix: &Matrix) -> Self {
+    /// Probe only the backends the cells use (no Docker connection for a host-only run).
+    pub async fn probe(matrix: &Matrix, cells: &[Cell]) -> Self {
+        let uses = |k: BackendKind| cells.iter().any(|c| c.env.backend == k);
         let host = HostBackend::probe().map(|()| Arc::new(HostBackend { work_root: matrix.settings.host_work_dir.clone() }));
-        Backends { host }
+        let docker = if uses(BackendKind::Docker) {
+            crate::backend::docker::connect().await
+        } else {
+            Err(Unavailable { reason: "not used by this run".into(), fix: String::new() })
+        };
+        Backends { host, docker }
     }
 
     /// Why a backend cannot run cells here, if it cannot.
     pub fn unavailable(&self, kind: BackendKind) -> Option<Unavailable> {
         match kind {
             BackendKind::Host => self.host.as_ref().err().cloned(),
-            BackendKind::Docker => Some(Unavailable {
-                reason: "this nsmatrix build has no docker backend yet".into(),
-                fix: "update nsmatrix".into(),
-            }),
+            BackendKind::Docker => self.docker.as_ref().err().cloned(),
             BackendKind::Qemu => Some(Unavailable {
                 reason: "this nsmatrix build has no qemu backend yet".into(),
                 fix: "update nsmatrix".into(),
@@ -78,7 +84,15 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     let jsonl_path = opts.out_dir.join("results.jsonl");
     let mut jsonl = std::fs::File::create(&jsonl_path)
         .with_context(|| format!("failed to create {}", jsonl_path.display()))?;
-    let backends = Backends::probe(matrix);
+    let backends = Backends::probe(matrix, &cells).await;
+    if let Ok(d) = &backends.docker {
+        // Containers of earlier runs that were killed before they could clean up.
+        match d.sweep().await {
+            Ok(0) => {}
+            Ok(n) => eprintln!("nsmatrix: removed {n} leftover container(s) of earlier runs"),
+            Err(e) => eprintln!("nsmatrix: failed to sweep leftover containers: {e:#}"),
+        }
+    }
     let run_id = format!("{}-{}", opts.run_name, std::process::id());
     let agent_bin = std::env::current_exe().context("failed to find the nsmatrix binary")?;
 
@@ -390,6 +404,10 @@ async fn run_on(backends: &Backends, env: &Environment, spec: BatchSpec, ctx: &B
     match env.backend {
         BackendKind::Host => match &backends.host {
             Ok(h) => h.run_batch(env, spec, ctx).await,
+            Err(u) => Err(BatchError::new(crate::backend::Stage::Provision, u.to_string())),
+        },
+        BackendKind::Docker => match &backends.docker {
+            Ok(d) => d.run_batch(env, spec, ctx).await,
             Err(u) => Err(BatchError::new(crate::backend::Stage::Provision, u.to_string())),
         },
         other => Err(BatchError::new(crate::backend::Stage::Provision, format!("no {} backend", other.as_str()))),

@@ -785,7 +785,7 @@ fn glob_eq(pattern: &str, value: &str) -> bool {
     if pattern == value {
         return true;
     }
-    if pattern.contains(['*', '?', '[']) {
+    if pattern.contains(['*', '?', '[', '{']) {
         return Glob::new(pattern).map(|g| g.compile_matcher().is_match(value)).unwrap_or(false);
     }
     false

@@ -89,11 +89,13 @@ static TABLE: &[Signature] = &[
         name: "uid-map-denied",
         mechanism: "the user namespace was created but writing its uid map or configuring it was denied (AppArmor's unprivileged userns restriction)",
         remedy: "allow the program in AppArmor (an unconfined profile for bwrap) or set kernel.apparmor_restrict_unprivileged_userns=0",
-        patterns: &[
-            Contains("setting up uid map"),
-            Contains("Failed RTM_NEWADDR"),
-            Contains("loopback: Failed"),
-        ],
+        patterns: &[Contains("setting up uid map"), Contains("setting up gid map")],
+    },
+    Signature {
+        name: "net-setup-denied",
+        mechanism: "bwrap could not bring up loopback in its new network namespace: no CAP_NET_ADMIN there (root in a container without NET_ADMIN, running bwrap in privileged mode), or an AppArmor userns restriction",
+        remedy: "add NET_ADMIN to the container (cap_add), or let bwrap run unprivileged with a user namespace of its own",
+        patterns: &[Contains("Failed RTM_NEWADDR"), Contains("Failed RTM_NEWLINK"), Contains("loopback: Failed")],
     },
     Signature {
         name: "mount-denied",
@@ -101,6 +103,7 @@ static TABLE: &[Signature] = &[
         remedy: "check the container's mount propagation and security profile (AppArmor/SELinux)",
         patterns: &[
             Both("Can't", "mount"),
+            Contains("Can't mkdir parents"),
             Contains("Failed to make / slave"),
             Contains("Failed to mount tmpfs"),
         ],
@@ -242,7 +245,7 @@ mod tests {
             ("bwrap: capset failed: Operation not permitted", "capset-denied"),
             ("bwrap: Can't mount proc on /newroot/proc: Operation not permitted", "proc-mount-denied"),
             ("bwrap: setting up uid map: Permission denied", "uid-map-denied"),
-            ("bwrap: loopback: Failed RTM_NEWADDR: Operation not permitted", "uid-map-denied"),
+            ("bwrap: loopback: Failed RTM_NEWADDR: No child processes", "net-setup-denied"),
             ("bwrap: setuid use of bubblewrap is not supported", "setuid-refused"),
             ("bwrap: Unknown option --argv0", "bwrap-option-unsupported"),
         ];
