@@ -23,14 +23,25 @@ fn main() {
             .flatten()
             .map(|e| e.path())
             // Only scenarios whose tree the shell can check with diff -r, like the harness does.
-            .filter(|p| p.join("patch.txt").exists() && p.join("expected").is_dir() && !p.join("scenario.toml").exists())
+            .filter(|p| {
+                p.join("patch.txt").exists()
+                    && p.join("expected").is_dir()
+                    && !p.join("scenario.toml").exists()
+            })
             .collect();
         v.sort();
         v
     };
-    let tmp = tempfile::Builder::new().prefix("nsmatrix-bench").tempdir_in("/var/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("nsmatrix-bench")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let matrix = tmp.path().join("m.toml");
-    let list = scenarios.iter().map(|p| format!("{:?}", p.file_name().unwrap().to_string_lossy())).collect::<Vec<_>>().join(", ");
+    let list = scenarios
+        .iter()
+        .map(|p| format!("{:?}", p.file_name().unwrap().to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(", ");
     std::fs::write(
         &matrix,
         format!(
@@ -68,22 +79,59 @@ rm -rf "$w"
         let out = tmp.path().join("out");
         let t = Instant::now();
         let o = Command::new(&bin)
-            .args(["run", "--quiet", "--matrix", matrix.to_str().unwrap(), "--out", out.to_str().unwrap(), "--jobs", "1"])
+            .args([
+                "run",
+                "--quiet",
+                "--matrix",
+                matrix.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--jobs",
+                "1",
+            ])
             .output()
             .unwrap();
         harness.push(t.elapsed());
-        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         let t = Instant::now();
-        let o = Command::new("bash").arg(&script).arg(&bin).args(&scenarios).output().unwrap();
+        let o = Command::new("bash")
+            .arg(&script)
+            .arg(&bin)
+            .args(&scenarios)
+            .output()
+            .unwrap();
         shell.push(t.elapsed());
-        assert!(o.status.success() && o.stdout.is_empty(), "shell loop: {}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            o.status.success() && o.stdout.is_empty(),
+            "shell loop: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
     }
     let (h, s) = (median(&mut harness), median(&mut shell));
     let n = scenarios.len() as f64;
-    println!("host_overhead: {} cells per round, {ROUNDS} rounds, medians:", scenarios.len());
-    println!("  nsmatrix run (whole process, reports included): {:.1} ms = {:.2} ms/cell", ms(h), ms(h) / n);
-    println!("  shell loop of the same bwrap + apply_patch:      {:.1} ms = {:.2} ms/cell", ms(s), ms(s) / n);
-    println!("  ratio nsmatrix / shell: {:.2} (target <= 1.2)", ms(h) / ms(s));
+    println!(
+        "host_overhead: {} cells per round, {ROUNDS} rounds, medians:",
+        scenarios.len()
+    );
+    println!(
+        "  nsmatrix run (whole process, reports included): {:.1} ms = {:.2} ms/cell",
+        ms(h),
+        ms(h) / n
+    );
+    println!(
+        "  shell loop of the same bwrap + apply_patch:      {:.1} ms = {:.2} ms/cell",
+        ms(s),
+        ms(s) / n
+    );
+    println!(
+        "  ratio nsmatrix / shell: {:.2} (target <= 1.2)",
+        ms(h) / ms(s)
+    );
 }
 
 fn median(v: &mut [Duration]) -> Duration {

@@ -56,7 +56,11 @@ pub fn codex_package(version: &str) -> Result<CodexPackage> {
     }
 
     let (tarball_url, integrity) = resolve(registry, version)?;
-    fetch_verified(&tarball_url, &pkg.tarball, &Checksum::Sri(integrity.clone()))?;
+    fetch_verified(
+        &tarball_url,
+        &pkg.tarball,
+        &Checksum::Sri(integrity.clone()),
+    )?;
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     fs::remove_file(&marker).ok();
     unpack(&pkg.tarball, &pkg)
@@ -65,8 +69,11 @@ pub fn codex_package(version: &str) -> Result<CodexPackage> {
         .iter()
         .map(|p| fs::metadata(p).map(|m| m.len()))
         .collect::<io::Result<Vec<_>>>()?;
-    fs::write(&marker, format!("{integrity}\n{}\n{}\n", sizes[0], sizes[1]))
-        .with_context(|| format!("failed to write {}", marker.display()))?;
+    fs::write(
+        &marker,
+        format!("{integrity}\n{}\n{}\n", sizes[0], sizes[1]),
+    )
+    .with_context(|| format!("failed to write {}", marker.display()))?;
     Ok(pkg)
 }
 
@@ -76,7 +83,10 @@ fn marker_matches(text: &str, pkg: &CodexPackage) -> bool {
     let _integrity = lines.next();
     [&pkg.codex, &pkg.bwrap].iter().all(|p| {
         let want = lines.next().and_then(|l| l.parse::<u64>().ok());
-        let got = fs::metadata(p).ok().filter(|m| m.is_file()).map(|m| m.len());
+        let got = fs::metadata(p)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
         want.is_some() && want == got
     })
 }
@@ -123,16 +133,21 @@ fn unpack(tarball: &Path, pkg: &CodexPackage) -> Result<()> {
             return Ok(());
         }
     }
-    bail!("the package holds no {}", if got_codex { "bwrap" } else { "codex binary" })
+    bail!(
+        "the package holds no {}",
+        if got_codex { "bwrap" } else { "codex binary" }
+    )
 }
 
 fn extract_to(entry: &mut impl Read, dest: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let tmp = dest.with_extension("partial");
-    let mut out = fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
+    let mut out =
+        fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
     io::copy(entry, &mut out).with_context(|| format!("failed to write {}", tmp.display()))?;
     drop(out);
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
-    fs::rename(&tmp, dest).with_context(|| format!("failed to move {} into place", dest.display()))?;
+    fs::rename(&tmp, dest)
+        .with_context(|| format!("failed to move {} into place", dest.display()))?;
     Ok(())
 }

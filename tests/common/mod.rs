@@ -35,11 +35,19 @@ pub fn is_root() -> bool {
 }
 
 pub fn nsmatrix(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).current_dir(repo()).output().expect("nsmatrix runs")
+    Command::new(bin())
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("nsmatrix runs")
 }
 
 pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 pub fn read_json(p: &Path) -> serde_json::Value {
