@@ -25,26 +25,41 @@ async fn catalog_images_build_once_and_list() {
         .build_images(&[], false, &mut |line| eprintln!("images: {line}"))
         .await
         .expect("images build");
-    eprintln!("built or found {} images in {:?}", tags.len(), started.elapsed());
+    eprintln!(
+        "built or found {} images in {:?}",
+        tags.len(),
+        started.elapsed()
+    );
     assert_eq!(tags.len(), ImageRecipe::catalog().len());
 
     // Second time: every image is found by its recipe tag, nothing is built.
     let again = std::time::Instant::now();
     let mut lines = Vec::new();
-    d.build_images(&["bookworm-suid".into()], false, &mut |l| lines.push(l.to_string()))
-        .await
-        .unwrap();
+    d.build_images(&["bookworm-suid".into()], false, &mut |l| {
+        lines.push(l.to_string())
+    })
+    .await
+    .unwrap();
     assert!(lines.is_empty(), "rebuilt although cached: {lines:?}");
     assert!(again.elapsed().as_secs() < 5);
 
     let list = d.list_images().await.unwrap();
     for r in ImageRecipe::catalog() {
-        let i = list.iter().find(|i| i.tag == r.tag()).unwrap_or_else(|| panic!("{} not listed", r.tag()));
+        let i = list
+            .iter()
+            .find(|i| i.tag == r.tag())
+            .unwrap_or_else(|| panic!("{} not listed", r.tag()));
         assert!(i.current, "{} not current", i.tag);
     }
-    assert!(list.iter().any(|i| i.name == "rootfs-bookworm" && i.current));
+    assert!(
+        list.iter()
+            .any(|i| i.name == "rootfs-bookworm" && i.current)
+    );
 
     // A name nobody knows is an error that says so, not a pull.
-    let err = d.ensure_image("nsmatrix-test/does-not-exist:1").await.unwrap_err();
+    let err = d
+        .ensure_image("nsmatrix-test/does-not-exist:1")
+        .await
+        .unwrap_err();
     assert!(format!("{err:#}").contains("no registry"), "{err:#}");
 }
