@@ -69,7 +69,7 @@ static TABLE: &[Signature] = &[
         mechanism: "clone(CLONE_NEWUSER) gives EPERM: a seccomp filter (Docker's default profile), kernel.unprivileged_userns_clone=0, or no CAP_SYS_ADMIN for a privileged path",
         remedy: "run the container with seccomp=unconfined (plus the capabilities bwrap needs), set kernel.unprivileged_userns_clone=1, or make bwrap setuid where seccomp allows it",
         patterns: &[
-            Contains("No permissions to create"),
+            Contains("No permissions to creat"),
             Both("Creating new namespace failed", "Operation not permitted"),
             Both("unshare", "Operation not permitted"),
             Both("clone", "Operation not permitted"),
