@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::parser::{Chunk, Hunk};
+use super::parser::{Chunk, Hunk, LineOp};
 use super::seek::seek;
 
 /// Why applying stopped. The `Display` form is exactly Codex's stderr line(s).
@@ -156,8 +156,9 @@ fn split_file(contents: &str) -> Vec<Line> {
     out
 }
 
-/// The file's new contents. New lines take the ending of the file's first line (LF if it
-/// has none), and every line ends terminated: Codex always leaves a final newline.
+/// The file's new contents. Context lines stay as the file had them; new lines take the
+/// ending of the file's first line (LF if it has none); every line ends terminated, as Codex
+/// always leaves a final newline.
 pub(crate) fn updated_contents(abs: &Path, chunks: &[Chunk]) -> Result<String, ApplyError> {
     let original = read_text(abs)?;
     let lines = split_file(&original);
@@ -166,22 +167,26 @@ pub(crate) fn updated_contents(abs: &Path, chunks: &[Chunk]) -> Result<String, A
     let mut repl = replacements(&texts, abs, chunks)?;
     repl.sort_by_key(|r| r.0);
 
-    let mut out: Vec<Line> = Vec::with_capacity(lines.len());
-    let mut src = lines.into_iter();
+    let mut src: Vec<Option<Line>> = lines.into_iter().map(Some).collect();
+    let mut out: Vec<Line> = Vec::with_capacity(src.len());
     let mut at = 0usize;
-    for (start, old_len, new) in repl {
-        // Replacements never overlap in practice; if an end-of-file chunk makes two overlap,
-        // Codex's release build wraps this subtraction and copies the rest of the file
-        // first, so do the same rather than panic.
-        out.extend(src.by_ref().take(start.wrapping_sub(at)));
-        src.by_ref().take(old_len).for_each(drop);
-        out.extend(new.into_iter().map(|text| Line {
-            text,
-            crlf: Some(crlf),
-        }));
-        at = start + old_len;
+    for (start, old_len, pieces) in repl {
+        // Matches never overlap (each search starts after the previous match), but stay
+        // total rather than panic if one did.
+        let start = start.max(at).min(src.len());
+        out.extend(src[at..start].iter_mut().filter_map(Option::take));
+        for piece in pieces {
+            match piece {
+                Piece::Keep(i) => out.extend(src.get_mut(i).and_then(Option::take)),
+                Piece::New(text) => out.push(Line {
+                    text,
+                    crlf: Some(crlf),
+                }),
+            }
+        }
+        at = (start + old_len).min(src.len());
     }
-    out.extend(src);
+    out.extend(src[at..].iter_mut().filter_map(Option::take));
     let mut s = String::with_capacity(original.len() + 64);
     for l in out {
         s.push_str(&l.text);
@@ -190,7 +195,35 @@ pub(crate) fn updated_contents(abs: &Path, chunks: &[Chunk]) -> Result<String, A
     Ok(s)
 }
 
-type Replacement = (usize, usize, Vec<String>);
+/// A line of a replaced region: a file line kept as it was (by index), or a new line.
+enum Piece {
+    Keep(usize),
+    New(String),
+}
+
+/// The pieces replacing `old_len` file lines from `start`: the chunk's ops walked in order
+/// within the (possibly shortened) old and new line counts.
+fn pieces(chunk: &Chunk, start: usize, old_len: usize, new_len: usize) -> Vec<Piece> {
+    let (mut o, mut n) = (0, 0);
+    let mut out = Vec::with_capacity(new_len);
+    for op in &chunk.ops {
+        let (take_old, take_new) = match op {
+            LineOp::Context => (o < old_len, n < new_len),
+            LineOp::Remove => (o < old_len, false),
+            LineOp::Add => (false, n < new_len),
+        };
+        match (take_old, take_new) {
+            (true, true) => out.push(Piece::Keep(start + o)),
+            (false, true) => out.push(Piece::New(chunk.new_lines[n].clone())),
+            _ => {}
+        }
+        o += usize::from(take_old);
+        n += usize::from(take_new);
+    }
+    out
+}
+
+type Replacement = (usize, usize, Vec<Piece>);
 
 fn replacements(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Replacement>, ApplyError> {
     let mut out = Vec::new();
@@ -210,7 +243,8 @@ fn replacements(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Re
         if chunk.old_lines.is_empty() {
             // A pure addition goes at the very end of the file (after any blank lines),
             // whatever context preceded it.
-            out.push((lines.len(), 0, chunk.new_lines.clone()));
+            let new = chunk.new_lines.iter().cloned().map(Piece::New).collect();
+            out.push((lines.len(), 0, new));
             continue;
         }
         let mut old: &[String] = &chunk.old_lines;
@@ -226,7 +260,7 @@ fn replacements(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Re
         }
         match found {
             Some(i) => {
-                out.push((i, old.len(), new.to_vec()));
+                out.push((i, old.len(), pieces(chunk, i, old.len(), new.len())));
                 at = i + old.len();
             }
             None => {
