@@ -86,13 +86,20 @@ fn render_file(r: &mut Rng, lines: &[String]) -> Vec<u8> {
 /// A patch over files f0..f2: mostly well-formed chunks taken from the files (so they apply,
 /// exercising the apply rules), with mutations that exercise the parser and the errors.
 fn random_patch(r: &mut Rng, files: &[Vec<String>]) -> String {
+    // Half the patches are "clean" (no deliberate damage), so that many apply.
+    let clean = r.chance(50);
+    let dirty = |r: &mut Rng, pct: usize| !clean && r.chance(pct);
     let mut p = Vec::<String>::new();
-    let begin = *r.pick(&["*** Begin Patch", "*** Begin Patch", "  *** Begin Patch ", "*** Begin"]);
+    let begin = if dirty(r, 30) {
+        *r.pick(&["  *** Begin Patch ", "*** Begin"])
+    } else {
+        "*** Begin Patch"
+    };
     p.push(begin.into());
     for _ in 0..r.below(4) {
-        let f = r.below(files.len() + 1);
+        let f = r.below(files.len() + usize::from(!clean));
         let name = format!("f{f}.txt");
-        match r.below(10) {
+        match if clean { 3 + r.below(7) } else { r.below(10) } {
             0 => {
                 p.push(format!("*** Add File: {name}"));
                 for _ in 0..r.below(3) {
@@ -103,20 +110,29 @@ fn random_patch(r: &mut Rng, files: &[Vec<String>]) -> String {
             2 => p.push(r.pick(&["*** Frob File: x", "garbage", "", "*** End of File"]).to_string()),
             _ => {
                 p.push(format!("*** Update File: {name}"));
-                if r.chance(15) {
+                if dirty(r, 15) {
                     p.push(format!("*** Move to: {}", r.pick(&["m.txt", "d/m.txt", "f0.txt", "m.txt  "])));
                 }
                 let lines: &[String] = files.get(f).map(|v| v.as_slice()).unwrap_or(&[]);
+                let mut from = 0;
                 for c in 0..1 + r.below(3) {
                     if c > 0 || r.chance(80) {
                         let ctx = if r.chance(25) && !lines.is_empty() {
                             format!("@@ {}", r.pick(lines))
+                        } else if dirty(r, 25) {
+                            "@@ nothere".to_string()
                         } else {
-                            r.pick(&["@@", "@@", "@@ ", "@@ nothere"]).to_string()
+                            r.pick(&["@@", "@@ "]).to_string()
                         };
                         p.push(ctx);
                     }
-                    let start = if lines.is_empty() { 0 } else { r.below(lines.len()) };
+                    let start = if clean {
+                        (from + r.below(3)).min(lines.len())
+                    } else if lines.is_empty() {
+                        0
+                    } else {
+                        r.below(lines.len())
+                    };
                     let len = r.below(4).min(lines.len() - start.min(lines.len()));
                     for l in &lines[start..start + len] {
                         match r.below(6) {
@@ -126,20 +142,21 @@ fn random_patch(r: &mut Rng, files: &[Vec<String>]) -> String {
                             _ => p.push(format!("-{l}")),
                         }
                     }
+                    from = start + len;
                     for _ in 0..r.below(3) {
                         p.push(format!("+{}", r.pick(WORDS)));
                     }
-                    if r.chance(10) {
+                    if dirty(r, 10) {
                         p.push(r.pick(&["-zzz", "bogus", "*** End of File"]).to_string());
                     }
-                    if r.chance(15) {
+                    if dirty(r, 15) || (clean && from == lines.len() && r.chance(30)) {
                         p.push("*** End of File".into());
                     }
                 }
             }
         }
     }
-    if !r.chance(5) {
+    if !dirty(r, 10) {
         p.push(r.pick(&["*** End Patch", "*** End Patch", " *** End Patch  "]).to_string());
     }
     let mut text = p.join("\n");
@@ -177,5 +194,5 @@ fn generated_patches_match_codex() {
     }
     eprintln!("generative: {CASES} patches identical ({ok} applied, {failed} rejected)");
     // A generator whose patches all fail (or all pass) would test little.
-    assert!(ok > CASES / 5 && failed > CASES / 10, "generator is unbalanced: {ok} ok, {failed} failed");
+    assert!(ok >= CASES / 10 && failed >= CASES / 10, "generator is unbalanced: {ok} ok, {failed} failed");
 }

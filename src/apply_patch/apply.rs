@@ -164,29 +164,26 @@ pub(crate) fn updated_contents(abs: &Path, chunks: &[Chunk]) -> Result<String, A
     let lines = split_file(&original);
     let crlf = lines.first().and_then(|l| l.crlf).unwrap_or(false);
     let texts: Vec<String> = lines.iter().map(|l| l.text.clone()).collect();
-    let mut repl = replacements(&texts, abs, chunks)?;
-    repl.sort_by_key(|r| r.0);
+    let mut edits = edits(&texts, abs, chunks)?;
+    // Codex applies each run of changed lines as a replacement at its position; at one
+    // position, the earlier chunk's comes first (a stable sort keeps that order).
+    edits.sort_by_key(|e| e.0);
 
-    let mut src: Vec<Option<Line>> = lines.into_iter().map(Some).collect();
-    let mut out: Vec<Line> = Vec::with_capacity(src.len());
+    let mut out: Vec<Line> = Vec::with_capacity(lines.len() + 16);
+    let mut src = lines.into_iter();
     let mut at = 0usize;
-    for (start, old_len, pieces) in repl {
-        // Matches never overlap (each search starts after the previous match), but stay
-        // total rather than panic if one did.
-        let start = start.max(at).min(src.len());
-        out.extend(src[at..start].iter_mut().filter_map(Option::take));
-        for piece in pieces {
-            match piece {
-                Piece::Keep(i) => out.extend(src.get_mut(i).and_then(Option::take)),
-                Piece::New(text) => out.push(Line {
-                    text,
-                    crlf: Some(crlf),
-                }),
-            }
-        }
-        at = (start + old_len).min(src.len());
+    for (pos, remove, insert) in edits {
+        // Runs never overlap (each search starts after the previous match); if one did,
+        // it would apply where the previous one ended.
+        out.extend(src.by_ref().take(pos.saturating_sub(at)));
+        at = at.max(pos);
+        out.extend(insert.into_iter().map(|text| Line {
+            text,
+            crlf: Some(crlf),
+        }));
+        at += src.by_ref().take(remove).count();
     }
-    out.extend(src[at..].iter_mut().filter_map(Option::take));
+    out.extend(src);
     let mut s = String::with_capacity(original.len() + 64);
     for l in out {
         s.push_str(&l.text);
@@ -195,17 +192,15 @@ pub(crate) fn updated_contents(abs: &Path, chunks: &[Chunk]) -> Result<String, A
     Ok(s)
 }
 
-/// A line of a replaced region: a file line kept as it was (by index), or a new line.
-enum Piece {
-    Keep(usize),
-    New(String),
-}
+/// A run of changed lines: at a file line index, remove that many lines, insert these.
+type Edit = (usize, usize, Vec<String>);
 
-/// The pieces replacing `old_len` file lines from `start`: the chunk's ops walked in order
-/// within the (possibly shortened) old and new line counts.
-fn pieces(chunk: &Chunk, start: usize, old_len: usize, new_len: usize) -> Vec<Piece> {
+/// The runs of one chunk matched at `start`, walking its ops within the (possibly shortened)
+/// old and new line counts. Context lines end a run and stay as the file has them, ending
+/// included.
+fn chunk_edits(chunk: &Chunk, start: usize, old_len: usize, new_len: usize, out: &mut Vec<Edit>) {
     let (mut o, mut n) = (0, 0);
-    let mut out = Vec::with_capacity(new_len);
+    let mut run: Option<Edit> = None;
     for op in &chunk.ops {
         let (take_old, take_new) = match op {
             LineOp::Context => (o < old_len, n < new_len),
@@ -213,19 +208,21 @@ fn pieces(chunk: &Chunk, start: usize, old_len: usize, new_len: usize) -> Vec<Pi
             LineOp::Add => (false, n < new_len),
         };
         match (take_old, take_new) {
-            (true, true) => out.push(Piece::Keep(start + o)),
-            (false, true) => out.push(Piece::New(chunk.new_lines[n].clone())),
-            _ => {}
+            (true, true) => out.extend(run.take()),
+            (true, false) => run.get_or_insert_with(|| (start + o, 0, Vec::new())).1 += 1,
+            (false, true) => run
+                .get_or_insert_with(|| (start + o, 0, Vec::new()))
+                .2
+                .push(chunk.new_lines[n].clone()),
+            (false, false) => {}
         }
         o += usize::from(take_old);
         n += usize::from(take_new);
     }
-    out
+    out.extend(run);
 }
 
-type Replacement = (usize, usize, Vec<Piece>);
-
-fn replacements(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Replacement>, ApplyError> {
+fn edits(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Edit>, ApplyError> {
     let mut out = Vec::new();
     let mut at = 0usize;
     for chunk in chunks {
@@ -243,8 +240,8 @@ fn replacements(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Re
         if chunk.old_lines.is_empty() {
             // A pure addition goes at the very end of the file (after any blank lines),
             // whatever context preceded it.
-            let new = chunk.new_lines.iter().cloned().map(Piece::New).collect();
-            out.push((lines.len(), 0, new));
+            let end = lines.len();
+            out.push((end, 0, chunk.new_lines.clone()));
             continue;
         }
         let mut old: &[String] = &chunk.old_lines;
@@ -260,7 +257,7 @@ fn replacements(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Re
         }
         match found {
             Some(i) => {
-                out.push((i, old.len(), pieces(chunk, i, old.len(), new.len())));
+                chunk_edits(chunk, i, old.len(), new.len(), &mut out);
                 at = i + old.len();
             }
             None => {
