@@ -9,12 +9,28 @@ use apply_patch_common::*;
 use nsmatrix::scenario::{Scenario, load_set};
 
 fn check_expectations(engine: &str, s: &Scenario, o: &Outcome) {
-    assert_eq!(o.exit, Some(s.meta.exit_code), "{engine}: {}: exit code; stderr: {}", s.name, o.stderr);
+    assert_eq!(
+        o.exit,
+        Some(s.meta.exit_code),
+        "{engine}: {}: exit code; stderr: {}",
+        s.name,
+        o.stderr
+    );
     if let Some(e) = &s.meta.stdout {
-        assert!(e.matches(&o.stdout), "{engine}: {}: stdout {:?} does not meet {e:?}", s.name, o.stdout);
+        assert!(
+            e.matches(&o.stdout),
+            "{engine}: {}: stdout {:?} does not meet {e:?}",
+            s.name,
+            o.stdout
+        );
     }
     if let Some(e) = &s.meta.stderr {
-        assert!(e.matches(&o.stderr), "{engine}: {}: stderr {:?} does not meet {e:?}", s.name, o.stderr);
+        assert!(
+            e.matches(&o.stderr),
+            "{engine}: {}: stderr {:?} does not meet {e:?}",
+            s.name,
+            o.stderr
+        );
     }
 }
 
@@ -38,9 +54,16 @@ fn corpus_matches_codex() {
         let want = run_scenario(&codex, s);
         check_expectations("codex", s, &want);
         let got = run_scenario(&ours, s);
-        assert_eq!(got, want, "scenario {}: nsmatrix differs from codex", s.name);
+        assert_eq!(
+            got, want,
+            "scenario {}: nsmatrix differs from codex",
+            s.name
+        );
     }
-    eprintln!("differential: {} scenarios identical in both engines", set.len());
+    eprintln!(
+        "differential: {} scenarios identical in both engines",
+        set.len()
+    );
 }
 
 /// A small deterministic generator (xorshift64*), so a failure reproduces from its seed.
@@ -64,10 +87,29 @@ impl Rng {
     }
 }
 
-const WORDS: &[&str] = &["alpha", "beta", "gamma", "fn main() {", "}", "    x += 1;", "", "  ", "“q”", "a\u{2014}b", "x  ", "\tindent", "*** not a marker", "@@ odd", "-dash", "+plus"];
+const WORDS: &[&str] = &[
+    "alpha",
+    "beta",
+    "gamma",
+    "fn main() {",
+    "}",
+    "    x += 1;",
+    "",
+    "  ",
+    "“q”",
+    "a\u{2014}b",
+    "x  ",
+    "\tindent",
+    "*** not a marker",
+    "@@ odd",
+    "-dash",
+    "+plus",
+];
 
 fn random_file(r: &mut Rng) -> Vec<String> {
-    (0..r.below(12)).map(|_| r.pick(WORDS).to_string()).collect()
+    (0..r.below(12))
+        .map(|_| r.pick(WORDS).to_string())
+        .collect()
 }
 
 fn render_file(r: &mut Rng, lines: &[String]) -> Vec<u8> {
@@ -107,11 +149,17 @@ fn random_patch(r: &mut Rng, files: &[Vec<String>]) -> String {
                 }
             }
             1 => p.push(format!("*** Delete File: {name}")),
-            2 => p.push(r.pick(&["*** Frob File: x", "garbage", "", "*** End of File"]).to_string()),
+            2 => p.push(
+                r.pick(&["*** Frob File: x", "garbage", "", "*** End of File"])
+                    .to_string(),
+            ),
             _ => {
                 p.push(format!("*** Update File: {name}"));
                 if dirty(r, 15) {
-                    p.push(format!("*** Move to: {}", r.pick(&["m.txt", "d/m.txt", "f0.txt", "m.txt  "])));
+                    p.push(format!(
+                        "*** Move to: {}",
+                        r.pick(&["m.txt", "d/m.txt", "f0.txt", "m.txt  "])
+                    ));
                 }
                 let lines: &[String] = files.get(f).map(|v| v.as_slice()).unwrap_or(&[]);
                 let mut from = 0;
@@ -138,7 +186,11 @@ fn random_patch(r: &mut Rng, files: &[Vec<String>]) -> String {
                         match r.below(6) {
                             0 => p.push(format!(" {l}")),
                             1 => p.push(format!("-{}", l.trim_end())),
-                            2 => p.push(if l.is_empty() { String::new() } else { format!(" {l}") }),
+                            2 => p.push(if l.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" {l}")
+                            }),
                             _ => p.push(format!("-{l}")),
                         }
                     }
@@ -157,7 +209,10 @@ fn random_patch(r: &mut Rng, files: &[Vec<String>]) -> String {
         }
     }
     if !dirty(r, 10) {
-        p.push(r.pick(&["*** End Patch", "*** End Patch", " *** End Patch  "]).to_string());
+        p.push(
+            r.pick(&["*** End Patch", "*** End Patch", " *** End Patch  "])
+                .to_string(),
+        );
     }
     let mut text = p.join("\n");
     if r.chance(50) {
@@ -189,10 +244,20 @@ fn generated_patches_match_codex() {
         };
         let want = run(&codex);
         let got = run(&ours);
-        assert_eq!(got, want, "seed {seed}: nsmatrix differs from codex on patch:\n{patch}\nfiles: {bytes:?}");
-        if want.exit == Some(0) { ok += 1 } else { failed += 1 }
+        assert_eq!(
+            got, want,
+            "seed {seed}: nsmatrix differs from codex on patch:\n{patch}\nfiles: {bytes:?}"
+        );
+        if want.exit == Some(0) {
+            ok += 1
+        } else {
+            failed += 1
+        }
     }
     eprintln!("generative: {CASES} patches identical ({ok} applied, {failed} rejected)");
     // A generator whose patches all fail (or all pass) would test little.
-    assert!(ok >= CASES / 10 && failed >= CASES / 10, "generator is unbalanced: {ok} ok, {failed} failed");
+    assert!(
+        ok >= CASES / 10 && failed >= CASES / 10,
+        "generator is unbalanced: {ok} ok, {failed} failed"
+    );
 }

@@ -55,7 +55,10 @@ proptest! {
 }
 
 /// run_cli applies under the current directory; tests in this file run it one at a time.
-struct CwdGuard(std::path::PathBuf, #[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+struct CwdGuard(
+    std::path::PathBuf,
+    #[allow(dead_code)] std::sync::MutexGuard<'static, ()>,
+);
 
 impl CwdGuard {
     fn enter(dir: &std::path::Path) -> CwdGuard {
@@ -78,14 +81,28 @@ fn usage_errors_match_codex() {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = run_cli(&[], &mut std::io::empty(), &mut out, &mut err);
     assert_eq!(code, 2);
-    assert_eq!(String::from_utf8(err).unwrap(), "Usage: apply_patch 'PATCH'\n       echo 'PATCH' | apply_patch\n");
+    assert_eq!(
+        String::from_utf8(err).unwrap(),
+        "Usage: apply_patch 'PATCH'\n       echo 'PATCH' | apply_patch\n"
+    );
     let mut err = Vec::new();
-    let code = run_cli(&["a".into(), "b".into()], &mut std::io::empty(), &mut out, &mut err);
+    let code = run_cli(
+        &["a".into(), "b".into()],
+        &mut std::io::empty(),
+        &mut out,
+        &mut err,
+    );
     assert_eq!(code, 2);
-    assert_eq!(String::from_utf8(err).unwrap(), "Error: apply_patch accepts exactly one argument.\n");
+    assert_eq!(
+        String::from_utf8(err).unwrap(),
+        "Error: apply_patch accepts exactly one argument.\n"
+    );
     let mut err = Vec::new();
     let code = run_cli(&[], &mut &b"\xff"[..], &mut out, &mut err);
     assert_eq!(code, 1);
-    assert_eq!(String::from_utf8(err).unwrap(), "Error: Failed to read PATCH from stdin.\nstream did not contain valid UTF-8\n");
+    assert_eq!(
+        String::from_utf8(err).unwrap(),
+        "Error: Failed to read PATCH from stdin.\nstream did not contain valid UTF-8\n"
+    );
     assert!(out.is_empty());
 }

@@ -41,7 +41,11 @@ impl Affected {
     /// Codex's summary: all additions, then modifications, then deletions.
     pub fn summary(&self) -> String {
         let mut s = String::from("Success. Updated the following files:\n");
-        for (tag, paths) in [("A", &self.added), ("M", &self.modified), ("D", &self.deleted)] {
+        for (tag, paths) in [
+            ("A", &self.added),
+            ("M", &self.modified),
+            ("D", &self.deleted),
+        ] {
             for p in paths {
                 s.push_str(&format!("{tag} {}\n", p.display()));
             }

@@ -140,7 +140,9 @@ fn parse_hunk(lines: &[&str], line_no: usize) -> Result<(Hunk, usize), ParseErro
         let mut contents = String::new();
         let mut used = 1;
         for l in &lines[1..] {
-            let Some(text) = l.strip_prefix('+') else { break };
+            let Some(text) = l.strip_prefix('+') else {
+                break;
+            };
             contents.push_str(text);
             contents.push('\n');
             used += 1;
@@ -246,9 +248,8 @@ fn parse_chunk(lines: &[&str], line_no: usize, first: bool) -> Result<(Chunk, us
         end_of_file: false,
         ops: Vec::new(),
     };
-    let mut content = 0;
     let mut used = start;
-    for &line in &lines[start..] {
+    for (content, &line) in lines[start..].iter().enumerate() {
         if line.trim_end() == EOF_MARK {
             if content == 0 {
                 return Err(no_lines(line_no + start));
@@ -288,7 +289,6 @@ fn parse_chunk(lines: &[&str], line_no: usize, first: bool) -> Result<(Chunk, us
                 break;
             }
         }
-        content += 1;
         used += 1;
     }
     Ok((chunk, used))

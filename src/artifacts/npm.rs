@@ -76,8 +76,11 @@ pub fn codex_package(version: &str) -> Result<CodexPackage> {
         .iter()
         .map(|p| fs::metadata(p).map(|m| m.len()))
         .collect::<io::Result<Vec<_>>>()?;
-    fs::write(&marker, format!("{integrity}\n{}\n{}\n", sizes[0], sizes[1]))
-        .with_context(|| format!("failed to write {}", marker.display()))?;
+    fs::write(
+        &marker,
+        format!("{integrity}\n{}\n{}\n", sizes[0], sizes[1]),
+    )
+    .with_context(|| format!("failed to write {}", marker.display()))?;
     Ok(pkg)
 }
 
@@ -87,7 +90,10 @@ fn marker_matches(text: &str, pkg: &CodexPackage) -> bool {
     let _integrity = lines.next();
     [&pkg.codex, &pkg.bwrap].iter().all(|p| {
         let want = lines.next().and_then(|l| l.parse::<u64>().ok());
-        let got = fs::metadata(p).ok().filter(|m| m.is_file()).map(|m| m.len());
+        let got = fs::metadata(p)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
         want.is_some() && want == got
     })
 }
@@ -118,7 +124,8 @@ fn agent() -> Result<ureq::Agent> {
     let Some(file) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) else {
         return Ok(ureq::Agent::new_with_defaults());
     };
-    let pem = fs::read(&file).with_context(|| format!("failed to read {}", file.display()))?;
+    let pem = fs::read(&file)
+        .with_context(|| format!("failed to read {}", Path::new(&file).display()))?;
     let certs: Vec<_> = ureq::tls::parse_pem(&pem)
         .filter_map(|item| match item {
             Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
@@ -133,15 +140,21 @@ fn agent() -> Result<ureq::Agent> {
 
 fn download(agent: &ureq::Agent, url: &str, dest: &Path) -> Result<()> {
     if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
+        fs::create_dir_all(parent)
+            .with_context(|| format!("failed to create {}", parent.display()))?;
     }
     let tmp = partial(dest);
-    let resp = agent.get(url).call().with_context(|| format!("failed to fetch {url}"))?;
-    let mut out = fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
+    let resp = agent
+        .get(url)
+        .call()
+        .with_context(|| format!("failed to fetch {url}"))?;
+    let mut out =
+        fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
     io::copy(&mut resp.into_body().into_reader(), &mut out)
         .with_context(|| format!("failed to download {url}"))?;
     drop(out);
-    fs::rename(&tmp, dest).with_context(|| format!("failed to move {} into place", dest.display()))?;
+    fs::rename(&tmp, dest)
+        .with_context(|| format!("failed to move {} into place", dest.display()))?;
     Ok(())
 }
 
@@ -168,17 +181,22 @@ fn unpack(tarball: &Path, pkg: &CodexPackage) -> Result<()> {
             return Ok(());
         }
     }
-    bail!("the package holds no {}", if got_codex { "bwrap" } else { "codex binary" })
+    bail!(
+        "the package holds no {}",
+        if got_codex { "bwrap" } else { "codex binary" }
+    )
 }
 
 fn extract_to(entry: &mut impl Read, dest: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let tmp = partial(dest);
-    let mut out = fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
+    let mut out =
+        fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
     io::copy(entry, &mut out).with_context(|| format!("failed to write {}", tmp.display()))?;
     drop(out);
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
-    fs::rename(&tmp, dest).with_context(|| format!("failed to move {} into place", dest.display()))?;
+    fs::rename(&tmp, dest)
+        .with_context(|| format!("failed to move {} into place", dest.display()))?;
     Ok(())
 }
 

@@ -53,6 +53,12 @@ pub struct Cell {
     pub dir: tempfile::TempDir,
 }
 
+impl Default for Cell {
+    fn default() -> Cell {
+        Cell::new()
+    }
+}
+
 impl Cell {
     pub fn new() -> Cell {
         let dir = tempfile::tempdir().unwrap();
@@ -104,7 +110,10 @@ pub fn run_scenario(engine: &Engine, s: &Scenario) -> Outcome {
         .collect();
     let out = run_patch(engine, &cell, &s.patch_bytes().unwrap(), &escapes);
     if let Err(d) = s.check_tree(&cell.ws()) {
-        panic!("{}: {}: workspace differs from expected: {d}", engine.name, s.name);
+        panic!(
+            "{}: {}: workspace differs from expected: {d}",
+            engine.name, s.name
+        );
     }
     out
 }
