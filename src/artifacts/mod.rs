@@ -2,4 +2,6 @@
 //! npm packages.
 
 pub mod cache;
+pub mod images;
 pub mod npm;
+pub mod rootfs;
