@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::parser::{Chunk, Hunk};
+use super::parser::{Chunk, Hunk, LineOp};
 use super::seek::seek;
 
 /// Why applying stopped. The `Display` form is exactly Codex's stderr line(s).
@@ -160,30 +160,32 @@ fn split_file(contents: &str) -> Vec<Line> {
     out
 }
 
-/// The file's new contents. New lines take the ending of the file's first line (LF if it
-/// has none), and every line ends terminated: Codex always leaves a final newline.
+/// The file's new contents. Context lines stay as the file had them; new lines take the
+/// ending of the file's first line (LF if it has none); every line ends terminated, as Codex
+/// always leaves a final newline.
 pub(crate) fn updated_contents(abs: &Path, chunks: &[Chunk]) -> Result<String, ApplyError> {
     let original = read_text(abs)?;
     let lines = split_file(&original);
     let crlf = lines.first().and_then(|l| l.crlf).unwrap_or(false);
     let texts: Vec<String> = lines.iter().map(|l| l.text.clone()).collect();
-    let mut repl = replacements(&texts, abs, chunks)?;
-    repl.sort_by_key(|r| r.0);
+    let mut edits = edits(&texts, abs, chunks)?;
+    // Codex applies each run of changed lines as a replacement at its position; at one
+    // position, the earlier chunk's comes first (a stable sort keeps that order).
+    edits.sort_by_key(|e| e.0);
 
-    let mut out: Vec<Line> = Vec::with_capacity(lines.len());
+    let mut out: Vec<Line> = Vec::with_capacity(lines.len() + 16);
     let mut src = lines.into_iter();
     let mut at = 0usize;
-    for (start, old_len, new) in repl {
-        // Replacements never overlap in practice; if an end-of-file chunk makes two overlap,
-        // Codex's release build wraps this subtraction and copies the rest of the file
-        // first, so do the same rather than panic.
-        out.extend(src.by_ref().take(start.wrapping_sub(at)));
-        src.by_ref().take(old_len).for_each(drop);
-        out.extend(new.into_iter().map(|text| Line {
+    for (pos, remove, insert) in edits {
+        // Runs never overlap (each search starts after the previous match); if one did,
+        // it would apply where the previous one ended.
+        out.extend(src.by_ref().take(pos.saturating_sub(at)));
+        at = at.max(pos);
+        out.extend(insert.into_iter().map(|text| Line {
             text,
             crlf: Some(crlf),
         }));
-        at = start + old_len;
+        at += src.by_ref().take(remove).count();
     }
     out.extend(src);
     let mut s = String::with_capacity(original.len() + 64);
@@ -194,13 +196,37 @@ pub(crate) fn updated_contents(abs: &Path, chunks: &[Chunk]) -> Result<String, A
     Ok(s)
 }
 
-type Replacement = (usize, usize, Vec<String>);
+/// A run of changed lines: at a file line index, remove that many lines, insert these.
+type Edit = (usize, usize, Vec<String>);
 
-fn replacements(
-    lines: &[String],
-    abs: &Path,
-    chunks: &[Chunk],
-) -> Result<Vec<Replacement>, ApplyError> {
+/// The runs of one chunk matched at `start`, walking its ops within the (possibly shortened)
+/// old and new line counts. Context lines end a run and stay as the file has them, ending
+/// included.
+fn chunk_edits(chunk: &Chunk, start: usize, old_len: usize, new_len: usize, out: &mut Vec<Edit>) {
+    let (mut o, mut n) = (0, 0);
+    let mut run: Option<Edit> = None;
+    for op in &chunk.ops {
+        let (take_old, take_new) = match op {
+            LineOp::Context => (o < old_len, n < new_len),
+            LineOp::Remove => (o < old_len, false),
+            LineOp::Add => (false, n < new_len),
+        };
+        match (take_old, take_new) {
+            (true, true) => out.extend(run.take()),
+            (true, false) => run.get_or_insert_with(|| (start + o, 0, Vec::new())).1 += 1,
+            (false, true) => run
+                .get_or_insert_with(|| (start + o, 0, Vec::new()))
+                .2
+                .push(chunk.new_lines[n].clone()),
+            (false, false) => {}
+        }
+        o += usize::from(take_old);
+        n += usize::from(take_new);
+    }
+    out.extend(run);
+}
+
+fn edits(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Edit>, ApplyError> {
     let mut out = Vec::new();
     let mut at = 0usize;
     for chunk in chunks {
@@ -218,7 +244,8 @@ fn replacements(
         if chunk.old_lines.is_empty() {
             // A pure addition goes at the very end of the file (after any blank lines),
             // whatever context preceded it.
-            out.push((lines.len(), 0, chunk.new_lines.clone()));
+            let end = lines.len();
+            out.push((end, 0, chunk.new_lines.clone()));
             continue;
         }
         let mut old: &[String] = &chunk.old_lines;
@@ -234,7 +261,7 @@ fn replacements(
         }
         match found {
             Some(i) => {
-                out.push((i, old.len(), new.to_vec()));
+                chunk_edits(chunk, i, old.len(), new.len(), &mut out);
                 at = i + old.len();
             }
             None => {

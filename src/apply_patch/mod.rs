@@ -9,4 +9,4 @@ mod seek;
 
 pub use apply::{Affected, ApplyError, apply_hunks};
 pub use cli::{EXIT_FAILURE, EXIT_OK, EXIT_USAGE, apply_patch_text, run_cli};
-pub use parser::{Chunk, Hunk, ParseError, parse};
+pub use parser::{Chunk, Hunk, LineOp, ParseError, parse};

@@ -51,6 +51,20 @@ pub struct Chunk {
     pub new_lines: Vec<String>,
     /// `*** End of File` closed the chunk: `old_lines` must be the file's last lines.
     pub end_of_file: bool,
+    /// The chunk's lines in order, so that applying it keeps each context line as the file
+    /// had it (its own line ending) and puts additions exactly where they were written.
+    pub ops: Vec<LineOp>,
+}
+
+/// One line of a chunk: its text is the next one of `old_lines` and/or `new_lines`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineOp {
+    /// ` ` (or an empty line): in both.
+    Context,
+    /// `-`: only in `old_lines`.
+    Remove,
+    /// `+`: only in `new_lines`.
+    Add,
 }
 
 /// Split like `str::lines` after a `trim()`: on `\n`, one `\r` before it dropped.
@@ -172,8 +186,14 @@ fn parse_hunk(lines: &[&str], line_no: usize) -> Result<(Hunk, usize), ParseErro
             if starts_hunk(line) || line.trim() == END {
                 break;
             }
+            // Before the first chunk, `*** End of File` lines are ignored (Codex 0.171).
+            if chunks.is_empty() && line.trim_end() == EOF_MARK {
+                used += 1;
+                rest = &rest[1..];
+                continue;
+            }
             let (chunk, n) = parse_chunk(rest, line_no + used, chunks.is_empty())?;
-            chunks.extend(chunk);
+            chunks.push(chunk);
             used += n;
             rest = &rest[n..];
         }
@@ -200,13 +220,8 @@ fn parse_hunk(lines: &[&str], line_no: usize) -> Result<(Hunk, usize), ParseErro
     })
 }
 
-/// One chunk from the start of `lines` (non-empty). Returns `None` for a first chunk that
-/// held only `*** End of File` lines: Codex skips those.
-fn parse_chunk(
-    lines: &[&str],
-    line_no: usize,
-    first: bool,
-) -> Result<(Option<Chunk>, usize), ParseError> {
+/// One chunk from the start of `lines` (non-empty); `first` allows it to lack `@@`.
+fn parse_chunk(lines: &[&str], line_no: usize, first: bool) -> Result<(Chunk, usize), ParseError> {
     let head = lines[0].trim_end();
     let (context, start) = if head == "@@" {
         (None, 1)
@@ -231,16 +246,12 @@ fn parse_chunk(
         old_lines: Vec::new(),
         new_lines: Vec::new(),
         end_of_file: false,
+        ops: Vec::new(),
     };
-    let mut content = 0;
     let mut used = start;
-    for &line in &lines[start..] {
+    for (content, &line) in lines[start..].iter().enumerate() {
         if line.trim_end() == EOF_MARK {
             if content == 0 {
-                if start == 0 {
-                    used += 1;
-                    continue;
-                }
                 return Err(no_lines(line_no + start));
             }
             chunk.end_of_file = true;
@@ -251,13 +262,21 @@ fn parse_chunk(
             None => {
                 chunk.old_lines.push(String::new());
                 chunk.new_lines.push(String::new());
+                chunk.ops.push(LineOp::Context);
             }
             Some(b' ') => {
                 chunk.old_lines.push(line[1..].to_string());
                 chunk.new_lines.push(line[1..].to_string());
+                chunk.ops.push(LineOp::Context);
             }
-            Some(b'+') => chunk.new_lines.push(line[1..].to_string()),
-            Some(b'-') => chunk.old_lines.push(line[1..].to_string()),
+            Some(b'+') => {
+                chunk.new_lines.push(line[1..].to_string());
+                chunk.ops.push(LineOp::Add);
+            }
+            Some(b'-') => {
+                chunk.old_lines.push(line[1..].to_string());
+                chunk.ops.push(LineOp::Remove);
+            }
             Some(_) => {
                 if content == 0 {
                     return Err(ParseError::Hunk {
@@ -270,13 +289,9 @@ fn parse_chunk(
                 break;
             }
         }
-        content += 1;
         used += 1;
     }
-    if content == 0 {
-        return Ok((None, used));
-    }
-    Ok((Some(chunk), used))
+    Ok((chunk, used))
 }
 
 fn no_lines(line: usize) -> ParseError {

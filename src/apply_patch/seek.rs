@@ -12,7 +12,9 @@ pub(crate) fn seek(lines: &[String], pattern: &[String], start: usize, eof: bool
         return None;
     }
     let last = lines.len() - pattern.len();
-    let from = if eof { last } else { start };
+    // At the end of the file only, and never before `start`: an end-of-file chunk cannot
+    // reach back over an earlier chunk's match.
+    let from = if eof { last.max(start) } else { start };
     if from > last {
         return None;
     }

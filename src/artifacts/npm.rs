@@ -34,6 +34,10 @@ pub struct CodexPackage {
 /// Fetch (or reuse from the cache) `@openai/codex@<version>-linux-x64` and return the paths
 /// of its `codex` and `bwrap` binaries.
 pub fn codex_package(version: &str) -> Result<CodexPackage> {
+    // Tests fetch from several threads at once; one fetch per process is enough, and other
+    // processes only race on renames of their own uniquely named partial files.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let registry = std::env::var("NSMATRIX_NPM_REGISTRY")
         .ok()
         .filter(|r| !r.is_empty())
@@ -55,12 +59,15 @@ pub fn codex_package(version: &str) -> Result<CodexPackage> {
         return Ok(pkg);
     }
 
-    let (tarball_url, integrity) = resolve(registry, version)?;
-    fetch_verified(
-        &tarball_url,
-        &pkg.tarball,
-        &Checksum::Sri(integrity.clone()),
-    )?;
+    let agent = agent()?;
+    let (tarball_url, integrity) = resolve(&agent, registry, version)?;
+    let sum = Checksum::Sri(integrity.clone());
+    // Download with our agent (it trusts $SSL_CERT_FILE, e.g. a proxy's CA), then let
+    // fetch_verified check the file (and fetch again on a mismatch).
+    if !pkg.tarball.exists() || !sum.verify_file(&pkg.tarball)? {
+        download(&agent, &tarball_url, &pkg.tarball)?;
+    }
+    fetch_verified(&tarball_url, &pkg.tarball, &sum)?;
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     fs::remove_file(&marker).ok();
     unpack(&pkg.tarball, &pkg)
@@ -92,9 +99,10 @@ fn marker_matches(text: &str, pkg: &CodexPackage) -> bool {
 }
 
 /// The tarball URL and `dist.integrity` of one version, from the registry's metadata.
-fn resolve(registry: &str, version: &str) -> Result<(String, String)> {
+fn resolve(agent: &ureq::Agent, registry: &str, version: &str) -> Result<(String, String)> {
     let url = format!("{registry}/@openai%2fcodex/{version}-linux-x64");
-    let body = ureq::get(&url)
+    let body = agent
+        .get(&url)
         .call()
         .with_context(|| format!("failed to fetch {url}"))?
         .into_body()
@@ -108,6 +116,46 @@ fn resolve(registry: &str, version: &str) -> Result<(String, String)> {
         bail!("{url} has no dist.tarball and dist.integrity");
     };
     Ok((tarball.to_string(), integrity.to_string()))
+}
+
+/// An HTTP agent that trusts the certificates in `$SSL_CERT_FILE` when it is set (machines
+/// behind a TLS-inspecting proxy), else the built-in web PKI roots.
+fn agent() -> Result<ureq::Agent> {
+    let Some(file) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) else {
+        return Ok(ureq::Agent::new_with_defaults());
+    };
+    let pem = fs::read(&file)
+        .with_context(|| format!("failed to read {}", Path::new(&file).display()))?;
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+        .build();
+    Ok(ureq::Agent::config_builder().tls_config(tls).build().into())
+}
+
+fn download(agent: &ureq::Agent, url: &str, dest: &Path) -> Result<()> {
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("failed to create {}", parent.display()))?;
+    }
+    let tmp = partial(dest);
+    let resp = agent
+        .get(url)
+        .call()
+        .with_context(|| format!("failed to fetch {url}"))?;
+    let mut out =
+        fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
+    io::copy(&mut resp.into_body().into_reader(), &mut out)
+        .with_context(|| format!("failed to download {url}"))?;
+    drop(out);
+    fs::rename(&tmp, dest)
+        .with_context(|| format!("failed to move {} into place", dest.display()))?;
+    Ok(())
 }
 
 /// Extract `vendor/<triple>/bin/codex` and `vendor/<triple>/codex-resources/bwrap` (an
@@ -141,7 +189,7 @@ fn unpack(tarball: &Path, pkg: &CodexPackage) -> Result<()> {
 
 fn extract_to(entry: &mut impl Read, dest: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let tmp = dest.with_extension("partial");
+    let tmp = partial(dest);
     let mut out =
         fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
     io::copy(entry, &mut out).with_context(|| format!("failed to write {}", tmp.display()))?;
@@ -150,4 +198,11 @@ fn extract_to(entry: &mut impl Read, dest: &Path) -> Result<()> {
     fs::rename(&tmp, dest)
         .with_context(|| format!("failed to move {} into place", dest.display()))?;
     Ok(())
+}
+
+/// A temporary name beside `dest`, unique to this process.
+fn partial(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".partial-{}", std::process::id()));
+    dest.with_file_name(name)
 }
