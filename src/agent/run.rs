@@ -270,7 +270,9 @@ struct Layout {
     before_outside: BTreeSet<String>,
 }
 
-const SENTINEL_TEXT: &str = "nsmatrix sentinel: a sandboxed patch must never change this file\n";
+/// The same text the scenarios (and the differential tests) lay out, so a patch aimed at the
+/// sentinel matches its context and the only thing that can stop the write is the sandbox.
+const SENTINEL_TEXT: &str = "sentinel\n";
 
 fn lay_out(ctx: &CellCtx, sc: &Scenario) -> Result<Layout> {
     let (uid, gid) = (ctx.spec.uid, ctx.spec.gid);
@@ -397,8 +399,7 @@ fn prepare_and_run_bwrap(
     );
 
     let run = run_sandboxed(ctx, &bw.path, &args, &layout.ws)?;
-    let ws_str = layout.ws.display().to_string();
-    let norm = |s: &str| s.replace(&ws_str, "<WS>");
+    let norm = |s: &str| scenario::normalise_output(s, &layout.ws);
     let mut rec = CellRecord {
         id: cell.id.clone(),
         outcome: Outcome::Passed,
@@ -614,55 +615,32 @@ fn judge(
         ] {
             if let Some(e) = expect {
                 let got = norm(text);
-                if let Some(exact) = &e.exact
-                    && &got != exact
-                {
+                if !e.matches(&got) {
                     return fail(
                         "output-mismatch",
-                        format!("{name} is {got:?}, expected {exact:?}"),
-                    );
-                }
-                if let Some(missing) = e.contains.iter().find(|c| !got.contains(c.as_str())) {
-                    return fail(
-                        "output-mismatch",
-                        format!("{name} lacks {missing:?}: {got:?}"),
+                        format!("{name} is {got:?}, expected {e:?}"),
                     );
                 }
             }
         }
     }
-    // 5. The tree.
-    let expected = match &sc.meta.confinement {
-        Some(_) => sc.dir.join("expected-sandboxed"),
-        None => sc.dir.join("expected"),
+    // 5. The tree: expected/ (or input/ when nothing may change). A confined patch fails
+    // part-way, so only `expected-sandboxed/`, where a scenario has one, says what stays.
+    let checked = match &sc.meta.confinement {
+        None => sc.check_tree(&layout.ws),
+        Some(_) => {
+            let exp = sc.dir.join("expected-sandboxed");
+            if exp.is_dir() {
+                scenario::compare_tree(&exp, &layout.ws)
+            } else {
+                Ok(())
+            }
+        }
     };
-    let expected = if expected.is_dir() {
-        Some(expected)
-    } else if sc.meta.confinement.is_none() {
-        // No expected/ means the tree must be unchanged: compare with input/.
-        Some(sc.dir.join("input"))
-    } else {
-        None
-    };
-    if let Some(exp) = expected
-        && let Err(d) = compare_or_empty(&exp, &layout.ws)
-    {
+    if let Err(d) = checked {
         return fail("tree-mismatch", format!("{}: {}", d.path, d.summary));
     }
     Outcome::Passed
-}
-
-fn compare_or_empty(expected: &Path, actual: &Path) -> Result<(), scenario::TreeDiff> {
-    if expected.is_dir() {
-        scenario::compare_tree(expected, actual)
-    } else {
-        // A scenario without input/ starts from (and, unchanged, ends with) an empty tree.
-        let empty = std::env::temp_dir().join(format!("nsmatrix-empty-{}", std::process::id()));
-        let _ = fs::create_dir_all(&empty);
-        let r = scenario::compare_tree(&empty, actual);
-        let _ = fs::remove_dir(&empty);
-        r
-    }
 }
 
 fn first_line_matching(text: &str, needle: &str) -> Option<String> {

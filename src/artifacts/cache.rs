@@ -97,6 +97,26 @@ pub fn fetch_verified(url: &str, dest: &Path, sum: &Checksum) -> Result<PathBuf>
     Ok(dest.to_path_buf())
 }
 
+/// An HTTP agent that trusts the certificates in `$SSL_CERT_FILE` when it is set (machines
+/// behind a TLS-inspecting proxy), else the built-in web PKI roots.
+pub fn http_agent() -> Result<ureq::Agent> {
+    let Some(file) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) else {
+        return Ok(ureq::Agent::new_with_defaults());
+    };
+    let pem = fs::read(&file)
+        .with_context(|| format!("failed to read {}", Path::new(&file).display()))?;
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    let tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+        .build();
+    Ok(ureq::Agent::config_builder().tls_config(tls).build().into())
+}
+
 /// Plain download to a file (no verification): for indexes whose checksum is checked by the
 /// caller in another way.
 pub fn download(url: &str, dest: &Path) -> Result<()> {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use flate2::read::GzDecoder;
 
-use super::cache::{Checksum, cache_dir, fetch_verified};
+use super::cache::{Checksum, cache_dir, fetch_verified, http_agent};
 
 /// The registry, unless `$NSMATRIX_NPM_REGISTRY` names another (a mirror).
 pub const DEFAULT_REGISTRY: &str = "https://registry.npmjs.org";
@@ -59,14 +59,10 @@ pub fn codex_package(version: &str) -> Result<CodexPackage> {
         return Ok(pkg);
     }
 
-    let agent = agent()?;
+    let agent = http_agent()?;
     let (tarball_url, integrity) = resolve(&agent, registry, version)?;
     let sum = Checksum::Sri(integrity.clone());
-    // Download with our agent (it trusts $SSL_CERT_FILE, e.g. a proxy's CA), then let
-    // fetch_verified check the file (and fetch again on a mismatch).
-    if !pkg.tarball.exists() || !sum.verify_file(&pkg.tarball)? {
-        download(&agent, &tarball_url, &pkg.tarball)?;
-    }
+    // Fetched once; a cached tarball that no longer matches is fetched again.
     fetch_verified(&tarball_url, &pkg.tarball, &sum)?;
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     fs::remove_file(&marker).ok();
@@ -116,46 +112,6 @@ fn resolve(agent: &ureq::Agent, registry: &str, version: &str) -> Result<(String
         bail!("{url} has no dist.tarball and dist.integrity");
     };
     Ok((tarball.to_string(), integrity.to_string()))
-}
-
-/// An HTTP agent that trusts the certificates in `$SSL_CERT_FILE` when it is set (machines
-/// behind a TLS-inspecting proxy), else the built-in web PKI roots.
-fn agent() -> Result<ureq::Agent> {
-    let Some(file) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) else {
-        return Ok(ureq::Agent::new_with_defaults());
-    };
-    let pem = fs::read(&file)
-        .with_context(|| format!("failed to read {}", Path::new(&file).display()))?;
-    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
-        .filter_map(|item| match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-            _ => None,
-        })
-        .collect();
-    let tls = ureq::tls::TlsConfig::builder()
-        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
-        .build();
-    Ok(ureq::Agent::config_builder().tls_config(tls).build().into())
-}
-
-fn download(agent: &ureq::Agent, url: &str, dest: &Path) -> Result<()> {
-    if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent)
-            .with_context(|| format!("failed to create {}", parent.display()))?;
-    }
-    let tmp = partial(dest);
-    let resp = agent
-        .get(url)
-        .call()
-        .with_context(|| format!("failed to fetch {url}"))?;
-    let mut out =
-        fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
-    io::copy(&mut resp.into_body().into_reader(), &mut out)
-        .with_context(|| format!("failed to download {url}"))?;
-    drop(out);
-    fs::rename(&tmp, dest)
-        .with_context(|| format!("failed to move {} into place", dest.display()))?;
-    Ok(())
 }
 
 /// Extract `vendor/<triple>/bin/codex` and `vendor/<triple>/codex-resources/bwrap` (an
