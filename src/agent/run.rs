@@ -132,8 +132,10 @@ struct WorkDir {
 impl WorkDir {
     fn create(path: &Path) -> Result<Self> {
         fs::create_dir_all(path).with_context(|| format!("failed to create {}", path.display()))?;
-        // Traversable by the cell's uid (its workspaces are inside), listable by root only.
-        fs::set_permissions(path, fs::Permissions::from_mode(0o711))?;
+        // Readable by the cell's uid: its workspaces are inside, and bwrap 0.12 opens every
+        // ancestor of a bind destination (with 0711 it fails "Can't mkdir parents ...:
+        // Permission denied", seen in Debian trixie's build).
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
         Ok(WorkDir {
             path: path.to_path_buf(),
         })

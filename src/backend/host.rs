@@ -48,7 +48,8 @@ impl HostBackend {
         }
     }
 
-    /// This run's private directory (created 0711 so cells' uids can reach their workspaces).
+    /// This run's private directory (0755: cells' uids must reach and read their workspaces'
+    /// ancestors).
     pub fn run_dir(&self, run_id: &str) -> PathBuf {
         self.work_root.join(run_id)
     }
@@ -79,7 +80,7 @@ impl HostBackend {
         let dir = self.run_dir(run_id);
         std::fs::create_dir_all(&dir)?;
         for d in [&self.work_root, &dir] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
         }
         std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
         Ok(dir)
