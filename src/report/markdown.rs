@@ -151,6 +151,30 @@ pub fn render(run: &RunResults) -> String {
         md.push('\n');
     }
 
+    let hints = super::hints::one_axis_fixes(&run.cells);
+    if !hints.is_empty() {
+        let _ = writeln!(md, "## One change that makes it pass\n");
+        let _ = writeln!(
+            md,
+            "For each failing environment × subject, the combinations that differ in exactly one axis and passed every scenario in this run.\n"
+        );
+        let _ = writeln!(md, "| environment / subject | fails with | passes with |");
+        let _ = writeln!(md, "|---|---|---|");
+        for h in hints {
+            let fixes = if h.fixes.is_empty() {
+                "— (no single change in this run)".to_string()
+            } else {
+                h.fixes
+                    .iter()
+                    .map(|f| format!("`{f}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(md, "| `{}` | `{}` | {fixes} |", h.group, h.signature);
+        }
+        md.push('\n');
+    }
+
     let skipped: Vec<&CellResult> = run
         .cells
         .iter()

@@ -1,5 +1,6 @@
 //! Reports: one result model, many renderers (JUnit, Markdown, JSON), written together.
 
+pub mod hints;
 pub mod junit;
 pub mod markdown;
 pub mod model;
