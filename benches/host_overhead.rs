@@ -17,21 +17,15 @@ fn main() {
     }
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_nsmatrix"));
-    let scenarios: Vec<PathBuf> = {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(repo.join("scenarios"))
-            .expect("scenarios/")
-            .flatten()
-            .map(|e| e.path())
-            // Only scenarios whose tree the shell can check with diff -r, like the harness does.
-            .filter(|p| {
-                p.join("patch.txt").exists()
-                    && p.join("expected").is_dir()
-                    && !p.join("scenario.toml").exists()
-            })
-            .collect();
-        v.sort();
-        v
-    };
+    // Scenarios whose outcome the shell can check with diff -r, as the harness does: the patch
+    // applies (exit 0), nothing leaves the workspace, and there is an expected/ tree.
+    let scenarios: Vec<PathBuf> = nsmatrix::scenario::load_set(&repo.join("scenarios"))
+        .expect("scenarios/ loads")
+        .into_iter()
+        .filter(|s| s.meta.exit_code == 0 && s.meta.confinement.is_none() && s.dir.join("expected").is_dir())
+        .map(|s| s.dir)
+        .collect();
+    assert!(!scenarios.is_empty(), "no scenario to measure");
     let tmp = tempfile::Builder::new()
         .prefix("nsmatrix-bench")
         .tempdir_in("/var/tmp")
