@@ -7,7 +7,7 @@
 //! and its output is attached before it starts, so no line is lost. docker-init is PID 1 and
 //! reaps what the sandboxes leave behind.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,19 +17,19 @@ use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, UploadToContainerOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
 
 use super::client::{DockerBackend, LABEL_BATCH, LABEL_OWNER, LABEL_RUN, Owner, error_chain};
 use super::place::{PLACE_DIR, Placement, WORK_MOUNT};
 use super::profile::{Seccomp, SecuritySettings, security_settings};
-use crate::agent::protocol::{AgentEvent, BatchSpec};
+use super::stream::{AgentReader, BatchLog};
+use crate::agent::protocol::BatchSpec;
 use crate::backend::{BackendEvent, BatchCtx, BatchError, Stage};
 use crate::matrix::model::{Environment, ImageSource};
 
 /// Past a cell's own timeout, how long the agent gets to report it before the harness kills
 /// the container (the agent enforces cell timeouts itself; this catches a hung agent).
-const CELL_GRACE: Duration = Duration::from_secs(10);
-const STDERR_TAIL: usize = 20;
+pub(super) const CELL_GRACE: Duration = Duration::from_secs(10);
+pub(super) const STDERR_TAIL: usize = 20;
 
 impl DockerBackend {
     /// Run one batch in a fresh container and stream the agent's events to `ctx`. The
@@ -159,10 +159,13 @@ impl DockerBackend {
             .attach_container(&id, Some(attach_opts))
             .await
             .map_err(|e| fail(Stage::Start, "attach to the container", &error_chain(&e)))?;
-        self.docker
-            .start_container(&id, None)
-            .await
-            .map_err(|e| fail(Stage::Start, "start the container", &error_chain(&e)))?;
+        self.docker.start_container(&id, None).await.map_err(|e| {
+            fail(
+                Stage::Start,
+                "start the container",
+                &start_hint(error_chain(&e)),
+            )
+        })?;
 
         let mut reader = AgentReader::new(ctx, stages, timeouts);
         let mut output = attached.output;
@@ -194,7 +197,7 @@ impl DockerBackend {
         let code = self.exit_code(&id).await;
         log.line(&format!("nsmatrix: agent exited with {code:?}"))
             .await;
-        if reader.done {
+        if reader.done() {
             return Ok(());
         }
         Err(BatchError::new(
@@ -318,6 +321,18 @@ fn container_body(
     }
 }
 
+/// Say what an engine error at start means when it is not obvious.
+fn start_hint(message: String) -> String {
+    if message.contains("unable to apply caps") {
+        // Seen with --privileged where dockerd itself runs without CAP_SYS_RESOURCE in its
+        // bounding set: runc cannot grant what it does not hold.
+        return format!(
+            "{message} (the engine's own capability bounding set lacks a capability this profile grants, e.g. --privileged on a host without CAP_SYS_RESOURCE; such a profile cannot run on this engine)"
+        );
+    }
+    message
+}
+
 async fn read_seccomp(path: &std::path::Path) -> Result<String, String> {
     let text = tokio::fs::read_to_string(path)
         .await
@@ -378,7 +393,7 @@ impl Drop for ContainerSlot {
 }
 
 /// Sends stage start/finish events and knows which stage is current.
-struct Stages<'a> {
+pub(super) struct Stages<'a> {
     ctx: &'a BatchCtx,
     current: Mutex<Option<(Stage, Instant)>>,
 }
@@ -391,7 +406,7 @@ impl<'a> Stages<'a> {
         }
     }
 
-    fn start(&self, stage: Stage) {
+    pub(super) fn start(&self, stage: Stage) {
         *self.current.lock().expect("stage lock") = Some((stage, Instant::now()));
         self.ctx.send(BackendEvent::StageStarted {
             batch: self.ctx.batch_id.clone(),
@@ -399,7 +414,7 @@ impl<'a> Stages<'a> {
         });
     }
 
-    fn finish(&self, stage: Stage) {
+    pub(super) fn finish(&self, stage: Stage) {
         let mut cur = self.current.lock().expect("stage lock");
         if let Some((s, t)) = *cur
             && s == stage
@@ -425,161 +440,6 @@ impl<'a> Stages<'a> {
             .lock()
             .expect("stage lock")
             .map_or(Stage::Run, |(s, _)| s)
-    }
-}
-
-/// Splits the agent's stdout into lines, forwards protocol lines, logs the rest, and tracks
-/// which cells are running and until when.
-struct AgentReader<'a, 's> {
-    ctx: &'a BatchCtx,
-    stages: &'a Stages<'s>,
-    timeouts: HashMap<String, Duration>,
-    running: HashMap<String, Instant>,
-    partial: Vec<u8>,
-    stderr_partial: Vec<u8>,
-    stderr_tail: VecDeque<String>,
-    done: bool,
-}
-
-impl<'a, 's> AgentReader<'a, 's> {
-    fn new(ctx: &'a BatchCtx, stages: &'a Stages<'s>, timeouts: HashMap<String, Duration>) -> Self {
-        AgentReader {
-            ctx,
-            stages,
-            timeouts,
-            running: HashMap::new(),
-            partial: Vec::new(),
-            stderr_partial: Vec::new(),
-            stderr_tail: VecDeque::new(),
-            done: false,
-        }
-    }
-
-    async fn stdout(&mut self, chunk: &[u8], log: &mut BatchLog) {
-        self.partial.extend_from_slice(chunk);
-        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=pos).collect();
-            self.line(&String::from_utf8_lossy(&line[..pos]), log).await;
-        }
-    }
-
-    async fn stderr(&mut self, chunk: &[u8], log: &mut BatchLog) {
-        self.stderr_partial.extend_from_slice(chunk);
-        while let Some(pos) = self.stderr_partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.stderr_partial.drain(..=pos).collect();
-            self.stderr_line(String::from_utf8_lossy(&line[..pos]).into_owned(), log)
-                .await;
-        }
-    }
-
-    async fn stderr_line(&mut self, line: String, log: &mut BatchLog) {
-        log.line(&format!("stderr: {line}")).await;
-        if self.stderr_tail.len() == STDERR_TAIL {
-            self.stderr_tail.pop_front();
-        }
-        self.stderr_tail.push_back(line);
-    }
-
-    async fn flush(&mut self, log: &mut BatchLog) {
-        if !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
-            self.line(&String::from_utf8_lossy(&rest), log).await;
-        }
-        if !self.stderr_partial.is_empty() {
-            let rest = std::mem::take(&mut self.stderr_partial);
-            self.stderr_line(String::from_utf8_lossy(&rest).into_owned(), log)
-                .await;
-        }
-    }
-
-    async fn line(&mut self, line: &str, log: &mut BatchLog) {
-        let event = match AgentEvent::parse_line(line) {
-            None => {
-                log.line(&format!("stdout: {line}")).await;
-                return;
-            }
-            Some(Err(e)) => {
-                log.line(&format!("stdout (bad protocol line: {e}): {line}"))
-                    .await;
-                return;
-            }
-            Some(Ok(ev)) => ev,
-        };
-        match &event {
-            AgentEvent::Hello { .. } => {
-                self.stages.finish(Stage::Start);
-                self.stages.start(Stage::Run);
-            }
-            AgentEvent::CellStarted { id } => {
-                let limit = self
-                    .timeouts
-                    .get(id)
-                    .copied()
-                    .unwrap_or(Duration::from_secs(60));
-                self.running
-                    .insert(id.clone(), Instant::now() + limit + CELL_GRACE);
-            }
-            AgentEvent::CellFinished(rec) => {
-                self.running.remove(&rec.id);
-            }
-            AgentEvent::Log { message } => log.line(&format!("agent: {message}")).await,
-            AgentEvent::BatchDone { .. } => self.done = true,
-        }
-        self.ctx.agent_event(event);
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        self.running.values().min().copied()
-    }
-
-    fn overdue(&self) -> Option<(String, Duration)> {
-        let (id, _) = self.running.iter().min_by_key(|(_, d)| **d)?;
-        Some((
-            id.clone(),
-            self.timeouts.get(id).copied().unwrap_or_default(),
-        ))
-    }
-
-    fn stderr_tail(&self) -> String {
-        self.stderr_tail
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-/// `<log_dir>/agent.log`: the agent's non-protocol output, its stderr, and nsmatrix's notes.
-/// Logging never fails a batch: a log that cannot be written is dropped.
-struct BatchLog {
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
-}
-
-impl BatchLog {
-    async fn open(ctx: &BatchCtx) -> Self {
-        let _ = tokio::fs::create_dir_all(&ctx.log_dir).await;
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(ctx.log_dir.join("agent.log"))
-            .await
-            .ok()
-            .map(tokio::io::BufWriter::new);
-        BatchLog { file }
-    }
-
-    async fn line(&mut self, line: &str) {
-        if let Some(f) = &mut self.file
-            && (f.write_all(line.as_bytes()).await.is_err() || f.write_all(b"\n").await.is_err())
-        {
-            self.file = None;
-        }
-    }
-
-    async fn flush(&mut self) {
-        if let Some(f) = &mut self.file {
-            let _ = f.flush().await;
-        }
     }
 }
 

@@ -7,6 +7,7 @@ mod client;
 mod images;
 mod place;
 mod profile;
+mod stream;
 
 pub use client::{DockerBackend, EngineInfo, LABEL_RUN, connect};
 pub use images::{ImageInfo, Progress};
