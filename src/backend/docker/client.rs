@@ -2,7 +2,6 @@
 //! what it creates with its owner, and sweeps leftovers of runs that were killed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -38,8 +37,6 @@ pub struct EngineInfo {
 pub struct DockerBackend {
     pub(super) docker: Docker,
     pub(super) engine: EngineInfo,
-    /// Serialises image imports and builds of this process (concurrent batches on one image).
-    pub(super) image_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Connect to `$DOCKER_HOST` or the local socket and negotiate the API version. Never panics
@@ -100,11 +97,7 @@ pub async fn connect() -> Result<DockerBackend, Unavailable> {
         kernel: v.kernel_version.unwrap_or_default(),
         os: v.os.unwrap_or_default(),
     };
-    Ok(DockerBackend {
-        docker,
-        engine,
-        image_lock: Arc::default(),
-    })
+    Ok(DockerBackend { docker, engine })
 }
 
 impl DockerBackend {
