@@ -68,9 +68,17 @@ fn load_cells(matrix: &Path, filters: &[String]) -> Result<(Matrix, Vec<Cell>), 
         eprintln!("{e}");
         exit::BAD_INPUT
     })?;
-    let cells: Vec<Cell> = m.cells.iter().filter(|c| filter.matches(c)).cloned().collect();
+    let cells: Vec<Cell> = m
+        .cells
+        .iter()
+        .filter(|c| filter.matches(c))
+        .cloned()
+        .collect();
     if cells.is_empty() {
-        eprintln!("nsmatrix: no cell of {} matches the filters {filters:?}", matrix.display());
+        eprintln!(
+            "nsmatrix: no cell of {} matches the filters {filters:?}",
+            matrix.display()
+        );
         return Err(exit::BAD_INPUT);
     }
     Ok((m, cells))
@@ -83,7 +91,10 @@ pub fn run(a: RunArgs) -> u8 {
         Err(code) => return code,
     };
     let run_name = crate::report::run_name_now();
-    let out_dir = a.out.clone().unwrap_or_else(|| PathBuf::from("reports").join(&run_name));
+    let out_dir = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("reports").join(&run_name));
     let opts = schedule::RunOptions {
         jobs: a.jobs.unwrap_or_else(default_jobs),
         fail_fast: a.fail_fast,
@@ -91,7 +102,10 @@ pub fn run(a: RunArgs) -> u8 {
         out_dir: out_dir.clone(),
         run_name,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nsmatrix: failed to start the runtime: {e}");
@@ -120,13 +134,22 @@ pub fn run(a: RunArgs) -> u8 {
         results.duration_ms as f64 / 1000.0,
         summary.join(", ")
     );
-    println!("nsmatrix: reports in {}/ (report.md, junit.xml, results.json, results.jsonl, logs/)", out_dir.display());
+    println!(
+        "nsmatrix: reports in {}/ (report.md, junit.xml, results.json, results.jsonl, logs/)",
+        out_dir.display()
+    );
     let code = results.exit_code();
-    if results.interrupted.is_some() && code == exit::OK { exit::ERRORS } else { code }
+    if results.interrupted.is_some() && code == exit::OK {
+        exit::ERRORS
+    } else {
+        code
+    }
 }
 
 fn default_jobs() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 
 /// `nsmatrix list`.
@@ -135,19 +158,128 @@ pub fn list(a: ListArgs) -> u8 {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let backends = schedule::Backends::probe(&m);
+    let backends = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(schedule::Backends::probe(&m, &cells)),
+        Err(e) => {
+            eprintln!("nsmatrix: failed to start the runtime: {e}");
+            return exit::ERRORS;
+        }
+    };
     for c in &cells {
         let expect = match &c.expect {
             crate::matrix::model::Expectation::Pass => "expect pass".to_string(),
-            crate::matrix::model::Expectation::Fail { signature, .. } => format!("expect fail {signature}"),
+            crate::matrix::model::Expectation::Fail { signature, .. } => {
+                format!("expect fail {signature}")
+            }
         };
-        match c.skip.clone().or_else(|| backends.unavailable(c.env.backend).map(|u| u.to_string())) {
+        match c
+            .skip
+            .clone()
+            .or_else(|| backends.unavailable(c.env.backend).map(|u| u.to_string()))
+        {
             Some(reason) => println!("{}\t{expect}\tSKIP: {reason}", c.id),
             None => println!("{}\t{expect}", c.id),
         }
     }
     eprintln!("{} cells ({} in the matrix)", cells.len(), m.cells.len());
     exit::OK
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(
+    about = "Build, list or prune the Docker images nsmatrix makes without a registry",
+    long_about = "Images are built from vm-images/: a Debian root filesystem made with debootstrap \
+                  (cached under the cache directory), imported into the engine, then the \
+                  Dockerfiles of vm-images/docker/ on top. Each image is tagged with a hash of \
+                  its recipe and rebuilt only when the recipe changes. `run` builds what it \
+                  needs by itself; this command does it ahead of time.",
+    after_help = "Examples:\n  nsmatrix images build\n  nsmatrix images build bookworm-suid --force\n  nsmatrix images list\n  nsmatrix images prune"
+)]
+pub struct ImagesArgs {
+    #[command(subcommand)]
+    pub action: ImagesAction,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ImagesAction {
+    /// Build the named catalog images (all when none is named).
+    Build {
+        names: Vec<String>,
+        /// Rebuild even when an image of the same recipe exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the images nsmatrix made and whether each matches its current recipe.
+    List,
+    /// Remove images whose recipe changed (all of nsmatrix's images with --all).
+    Prune {
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// `nsmatrix images`.
+pub fn images(a: ImagesArgs) -> u8 {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nsmatrix: failed to start the runtime: {e}");
+            return exit::ERRORS;
+        }
+    };
+    rt.block_on(async {
+        let d = match crate::backend::docker::connect().await {
+            Ok(d) => d,
+            Err(u) => {
+                eprintln!("nsmatrix images: {u}");
+                return exit::ERRORS;
+            }
+        };
+        let r = match a.action {
+            ImagesAction::Build { names, force } => {
+                let mut say = |l: &str| println!("{l}");
+                d.build_images(&names, force, &mut say).await.map(|tags| {
+                    for t in tags {
+                        println!("built {t}");
+                    }
+                })
+            }
+            ImagesAction::List => d.list_images().await.map(|list| {
+                for i in list {
+                    println!(
+                        "{:<16} {:<40} {:>8.1} MB  {}",
+                        i.name,
+                        i.tag,
+                        i.size_bytes as f64 / 1e6,
+                        if i.current {
+                            "current"
+                        } else {
+                            "stale (recipe changed)"
+                        }
+                    );
+                }
+            }),
+            ImagesAction::Prune { all } => d.prune_images(all).await.map(|removed| {
+                for r in &removed {
+                    println!("removed {r}");
+                }
+                println!("{} image(s) removed", removed.len());
+            }),
+        };
+        match r {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("nsmatrix images: {e:#}");
+                exit::ERRORS
+            }
+        }
+    })
 }
 
 /// `nsmatrix doctor`.
@@ -183,7 +315,9 @@ fn read_batch(path: &Path) -> anyhow::Result<crate::agent::protocol::BatchSpec> 
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
         s
     } else {
-        std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?
+        std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read {}", path.display()))?
     };
-    serde_json::from_str(&text).with_context(|| format!("{}: not a valid batch spec", path.display()))
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a valid batch spec", path.display()))
 }

@@ -8,11 +8,23 @@ pub fn report() -> Vec<(String, String)> {
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut add = |k: &str, v: String| rows.push((k.to_string(), v));
     let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string());
-    add("kernel", read("/proc/sys/kernel/osrelease").unwrap_or_else(|_| "?".into()));
+    add(
+        "kernel",
+        read("/proc/sys/kernel/osrelease").unwrap_or_else(|_| "?".into()),
+    );
     for (k, p) in [
-        ("user.max_user_namespaces", "/proc/sys/user/max_user_namespaces"),
-        ("kernel.unprivileged_userns_clone", "/proc/sys/kernel/unprivileged_userns_clone"),
-        ("kernel.apparmor_restrict_unprivileged_userns", "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
+        (
+            "user.max_user_namespaces",
+            "/proc/sys/user/max_user_namespaces",
+        ),
+        (
+            "kernel.unprivileged_userns_clone",
+            "/proc/sys/kernel/unprivileged_userns_clone",
+        ),
+        (
+            "kernel.apparmor_restrict_unprivileged_userns",
+            "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+        ),
     ] {
         add(k, read(p).unwrap_or_else(|_| "absent".into()));
     }
@@ -38,11 +50,18 @@ pub fn report() -> Vec<(String, String)> {
                     m.mode() & 0o4000 != 0 && m.uid() == 0
                 })
                 .unwrap_or(false);
-            add("bwrap", format!("{} ({version}; setuid: {setuid})", p.display()));
+            add(
+                "bwrap",
+                format!("{} ({version}; setuid: {setuid})", p.display()),
+            );
         }
-        Err(e) => add("bwrap", format!("missing: {e} (fix: apt-get install bubblewrap)")),
+        Err(e) => add(
+            "bwrap",
+            format!("missing: {e} (fix: apt-get install bubblewrap)"),
+        ),
     }
-    let docker_sock = std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
+    let docker_sock =
+        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
     let sock_path = docker_sock.strip_prefix("unix://").unwrap_or(&docker_sock);
     add(
         "docker",
@@ -55,7 +74,11 @@ pub fn report() -> Vec<(String, String)> {
     add(
         "qemu",
         match Command::new("qemu-system-x86_64").arg("--version").output() {
-            Ok(o) => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("?").to_string(),
+            Ok(o) => String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("?")
+                .to_string(),
             Err(_) => "missing (fix: apt-get install qemu-system-x86)".into(),
         },
     );
@@ -67,6 +90,9 @@ pub fn report() -> Vec<(String, String)> {
             "absent: guests run under TCG".into()
         },
     );
-    add("cache", crate::artifacts::cache::cache_dir().display().to_string());
+    add(
+        "cache",
+        crate::artifacts::cache::cache_dir().display().to_string(),
+    );
     rows
 }

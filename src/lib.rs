@@ -15,5 +15,5 @@ pub mod matrix;
 pub mod progress;
 pub mod report;
 pub mod sandbox;
-pub mod schedule;
 pub mod scenario;
+pub mod schedule;

@@ -32,6 +32,7 @@ enum Command {
     Run(cli::RunArgs),
     List(cli::ListArgs),
     Doctor(cli::DoctorArgs),
+    Images(cli::ImagesArgs),
     /// Apply a patch the way Codex's apply_patch does (PATCH as argument or on stdin).
     #[command(
         name = "apply-patch",
@@ -54,7 +55,10 @@ enum Command {
 fn main() -> ExitCode {
     let mut args = std::env::args_os();
     let argv0 = args.next().unwrap_or_default();
-    if Path::new(&argv0).file_name().is_some_and(|n| n == "apply_patch") {
+    if Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n == "apply_patch")
+    {
         let rest: Vec<OsString> = args.collect();
         return ExitCode::from(apply_patch_main(&rest));
     }
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cli::run(a),
         Command::List(a) => cli::list(a),
         Command::Doctor(a) => cli::doctor(a),
+        Command::Images(a) => cli::images(a),
         Command::ApplyPatch { args } => apply_patch_main(&args),
         Command::Agent { batch } => cli::agent(&batch),
     };

@@ -18,7 +18,11 @@ pub enum Mode {
 
 /// Bars only on an interactive terminal outside CI and without `--quiet`.
 pub fn mode(is_terminal: bool, is_ci: bool, quiet: bool) -> Mode {
-    if is_terminal && !is_ci && !quiet { Mode::Bars } else { Mode::Lines }
+    if is_terminal && !is_ci && !quiet {
+        Mode::Bars
+    } else {
+        Mode::Lines
+    }
 }
 
 pub fn detect_mode(quiet: bool) -> Mode {
@@ -42,12 +46,20 @@ impl Progress {
         });
         let overall = multi.add(ProgressBar::new(total as u64));
         overall.set_style(
-            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} cells  {msg}  [{elapsed_precise}, eta {eta}]")
-                .expect("valid template")
-                .progress_chars("█▉▊▋▌▍▎▏ "),
+            ProgressStyle::with_template(
+                "{bar:30.cyan/blue} {pos}/{len} cells  {msg}  [{elapsed_precise}, eta {eta}]",
+            )
+            .expect("valid template")
+            .progress_chars("█▉▊▋▌▍▎▏ "),
         );
         overall.enable_steady_tick(Duration::from_millis(250));
-        Progress { mode, multi, overall, batches: BTreeMap::new(), counts: BTreeMap::new() }
+        Progress {
+            mode,
+            multi,
+            overall,
+            batches: BTreeMap::new(),
+            counts: BTreeMap::new(),
+        }
     }
 
     /// A line printed above the bars (or plainly).
@@ -66,7 +78,10 @@ impl Progress {
         }
         let bar = self.batches.entry(batch.to_string()).or_insert_with(|| {
             let b = self.multi.add(ProgressBar::new_spinner());
-            b.set_style(ProgressStyle::with_template("  {spinner} {prefix}: {msg} ({elapsed})").expect("valid template"));
+            b.set_style(
+                ProgressStyle::with_template("  {spinner} {prefix}: {msg} ({elapsed})")
+                    .expect("valid template"),
+            );
             b.set_prefix(batch.to_string());
             b.enable_steady_tick(Duration::from_millis(120));
             b
@@ -83,10 +98,19 @@ impl Progress {
 
     pub fn cell(&mut self, r: &CellResult) {
         *self.counts.entry(r.status).or_default() += 1;
-        let sig = r.signature.as_deref().map(|s| format!("  [{s}]")).unwrap_or_default();
+        let sig = r
+            .signature
+            .as_deref()
+            .map(|s| format!("  [{s}]"))
+            .unwrap_or_default();
         let show = self.mode == Mode::Lines || !r.status.is_ok();
         if show {
-            self.println(&format!("{:<5} {:>6}ms  {}{sig}", r.status.as_str(), r.duration_ms, r.id));
+            self.println(&format!(
+                "{:<5} {:>6}ms  {}{sig}",
+                r.status.as_str(),
+                r.duration_ms,
+                r.id
+            ));
         }
         if let Some(b) = self.batches.get(&r.environment) {
             b.set_message(format!("{} {}", r.status.as_str(), r.scenario));
@@ -98,7 +122,12 @@ impl Progress {
     pub fn summary(&self) -> String {
         Status::ALL
             .iter()
-            .filter_map(|s| self.counts.get(s).filter(|n| **n > 0).map(|n| format!("{} {n}", s.as_str())))
+            .filter_map(|s| {
+                self.counts
+                    .get(s)
+                    .filter(|n| **n > 0)
+                    .map(|n| format!("{} {n}", s.as_str()))
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }

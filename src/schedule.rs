@@ -12,7 +12,10 @@ use anyhow::{Context, Result};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::protocol::{AgentEvent, BatchSpec, CellRecord, CellSpec, Outcome, PROTOCOL_VERSION};
+use crate::agent::protocol::{
+    AgentEvent, BatchSpec, CellRecord, CellSpec, Outcome, PROTOCOL_VERSION,
+};
+use crate::backend::docker::DockerBackend;
 use crate::backend::host::HostBackend;
 use crate::backend::{BackendEvent, BatchCtx, BatchError, Unavailable};
 use crate::matrix::model::{BackendKind, Cell, Environment, Matrix};
@@ -30,22 +33,34 @@ pub struct RunOptions {
 /// The backends of this run, probed once.
 pub struct Backends {
     host: Result<Arc<HostBackend>, Unavailable>,
+    docker: Result<DockerBackend, Unavailable>,
 }
 
 impl Backends {
-    pub fn probe(matrix: &Matrix) -> Self {
-        let host = HostBackend::probe().map(|()| Arc::new(HostBackend { work_root: matrix.settings.host_work_dir.clone() }));
-        Backends { host }
+    /// Probe only the backends the cells use (no Docker connection for a host-only run).
+    pub async fn probe(matrix: &Matrix, cells: &[Cell]) -> Self {
+        let uses = |k: BackendKind| cells.iter().any(|c| c.env.backend == k);
+        let host = HostBackend::probe().map(|()| {
+            Arc::new(HostBackend {
+                work_root: matrix.settings.host_work_dir.clone(),
+            })
+        });
+        let docker = if uses(BackendKind::Docker) {
+            crate::backend::docker::connect().await
+        } else {
+            Err(Unavailable {
+                reason: "not used by this run".into(),
+                fix: String::new(),
+            })
+        };
+        Backends { host, docker }
     }
 
     /// Why a backend cannot run cells here, if it cannot.
     pub fn unavailable(&self, kind: BackendKind) -> Option<Unavailable> {
         match kind {
             BackendKind::Host => self.host.as_ref().err().cloned(),
-            BackendKind::Docker => Some(Unavailable {
-                reason: "this nsmatrix build has no docker backend yet".into(),
-                fix: "update nsmatrix".into(),
-            }),
+            BackendKind::Docker => self.docker.as_ref().err().cloned(),
             BackendKind::Qemu => Some(Unavailable {
                 reason: "this nsmatrix build has no qemu backend yet".into(),
                 fix: "update nsmatrix".into(),
@@ -57,7 +72,10 @@ impl Backends {
 /// Messages to the dispatcher.
 enum Msg {
     Backend(BackendEvent),
-    BatchEnded { batch: String, result: Result<(), BatchError> },
+    BatchEnded {
+        batch: String,
+        result: Result<(), BatchError>,
+    },
 }
 
 struct BatchState {
@@ -78,20 +96,31 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     let jsonl_path = opts.out_dir.join("results.jsonl");
     let mut jsonl = std::fs::File::create(&jsonl_path)
         .with_context(|| format!("failed to create {}", jsonl_path.display()))?;
-    let backends = Backends::probe(matrix);
+    let backends = Backends::probe(matrix, &cells).await;
+    if let Ok(d) = &backends.docker {
+        // Containers of earlier runs that were killed before they could clean up.
+        match d.sweep().await {
+            Ok(0) => {}
+            Ok(n) => eprintln!("nsmatrix: removed {n} leftover container(s) of earlier runs"),
+            Err(e) => eprintln!("nsmatrix: failed to sweep leftover containers: {e:#}"),
+        }
+    }
     let run_id = format!("{}-{}", opts.run_name, std::process::id());
     let agent_bin = std::env::current_exe().context("failed to find the nsmatrix binary")?;
 
     let mut progress = Progress::new(opts.mode, cells.len());
     let mut results: Vec<CellResult> = Vec::new();
-    let mut record = |r: CellResult, progress: &mut Progress, results: &mut Vec<CellResult>| -> Result<()> {
-        let line = serde_json::to_string(&r).expect("results serialise");
-        // One line per cell, flushed at once: a crash loses nothing already measured.
-        writeln!(jsonl, "{line}").and_then(|_| jsonl.flush()).context("failed to append to results.jsonl")?;
-        progress.cell(&r);
-        results.push(r);
-        Ok(())
-    };
+    let mut record =
+        |r: CellResult, progress: &mut Progress, results: &mut Vec<CellResult>| -> Result<()> {
+            let line = serde_json::to_string(&r).expect("results serialise");
+            // One line per cell, flushed at once: a crash loses nothing already measured.
+            writeln!(jsonl, "{line}")
+                .and_then(|_| jsonl.flush())
+                .context("failed to append to results.jsonl")?;
+            progress.cell(&r);
+            results.push(r);
+            Ok(())
+        };
 
     // Cells that cannot run here: SKIP with the reason and the fix.
     let mut by_env: Vec<(Environment, Vec<Cell>)> = Vec::new();
@@ -99,15 +128,30 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     let mut announced = HashSet::new();
     for cell in cells {
         if let Some(reason) = &cell.skip {
-            let r = not_run(&cell, Outcome::Skipped { reason: reason.clone() }, 0);
+            let r = not_run(
+                &cell,
+                Outcome::Skipped {
+                    reason: reason.clone(),
+                },
+                0,
+            );
             record(r, &mut progress, &mut results)?;
             continue;
         }
         if let Some(u) = backends.unavailable(cell.env.backend) {
             if announced.insert(cell.env.backend) {
-                progress.println(&format!("nsmatrix: skipping {} cells: {u}", cell.env.backend.as_str()));
+                progress.println(&format!(
+                    "nsmatrix: skipping {} cells: {u}",
+                    cell.env.backend.as_str()
+                ));
             }
-            let r = not_run(&cell, Outcome::Skipped { reason: u.to_string() }, 0);
+            let r = not_run(
+                &cell,
+                Outcome::Skipped {
+                    reason: u.to_string(),
+                },
+                0,
+            );
             record(r, &mut progress, &mut results)?;
             continue;
         }
@@ -121,7 +165,10 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     let host_run_dir = match &backends.host {
         Ok(h) if by_env.iter().any(|(e, _)| e.backend == BackendKind::Host) => {
             h.sweep();
-            Some(h.claim(&run_id).context("failed to create the host run directory")?)
+            Some(
+                h.claim(&run_id)
+                    .context("failed to create the host run directory")?,
+            )
         }
         _ => None,
     };
@@ -161,8 +208,24 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     for (env, cells) in by_env {
         let batch = env.id.clone();
         launcher.launch(&batch, &env, &cells);
-        infos.insert(env.id.clone(), BatchInfo { environment: env.id.clone(), backend: env.backend.as_str().into(), ..Default::default() });
-        states.insert(batch, BatchState { env, cells, attempt: 1, reported: HashSet::new(), errors: Vec::new() });
+        infos.insert(
+            env.id.clone(),
+            BatchInfo {
+                environment: env.id.clone(),
+                backend: env.backend.as_str().into(),
+                ..Default::default()
+            },
+        );
+        states.insert(
+            batch,
+            BatchState {
+                env,
+                cells,
+                attempt: 1,
+                reported: HashSet::new(),
+                errors: Vec::new(),
+            },
+        );
     }
     let mut outstanding = states.len();
     let mut interrupted: Option<String> = None;
@@ -196,36 +259,52 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
                 stage_started.insert((batch.clone(), stage.as_str()), Instant::now());
                 progress.batch_stage(&batch, stage.as_str());
             }
-            Msg::Backend(BackendEvent::StageFinished { batch, stage, elapsed }) => {
+            Msg::Backend(BackendEvent::StageFinished {
+                batch,
+                stage,
+                elapsed,
+            }) => {
                 if let Some(st) = states.get(&batch)
                     && let Some(info) = infos.get_mut(&st.env.id)
                 {
-                    *info.stage_ms.entry(stage.as_str().to_string()).or_default() += elapsed.as_millis() as u64;
+                    *info.stage_ms.entry(stage.as_str().to_string()).or_default() +=
+                        elapsed.as_millis() as u64;
                 }
             }
             Msg::Backend(BackendEvent::Agent { batch, event }) => {
-                let Some(st) = states.get_mut(&batch) else { continue };
+                let Some(st) = states.get_mut(&batch) else {
+                    continue;
+                };
                 match event {
                     AgentEvent::Hello { facts, .. } => {
                         if let Some(info) = infos.get_mut(&st.env.id) {
                             info.facts = facts;
                         }
                     }
-                    AgentEvent::CellStarted { id } => progress.batch_stage(&batch, &format!("running {id}")),
+                    AgentEvent::CellStarted { id } => {
+                        progress.batch_stage(&batch, &format!("running {id}"))
+                    }
                     AgentEvent::CellFinished(rec) => {
                         let Some(cell) = st.cells.iter().find(|c| c.id == rec.id).cloned() else {
-                            progress.println(&format!("nsmatrix: batch {batch} reported an unknown cell {}", rec.id));
+                            progress.println(&format!(
+                                "nsmatrix: batch {batch} reported an unknown cell {}",
+                                rec.id
+                            ));
                             continue;
                         };
                         if !st.reported.insert(rec.id.clone()) {
                             continue;
                         }
-                        if matches!(rec.outcome, Outcome::Error { .. }) && st.attempt <= retries && !cancel.is_cancelled() {
+                        if matches!(rec.outcome, Outcome::Error { .. })
+                            && st.attempt <= retries
+                            && !cancel.is_cancelled()
+                        {
                             st.errors.push((cell, rec));
                             continue;
                         }
                         let r = judge(&cell, &rec, st.attempt);
-                        let unexpected = !r.status.is_ok() && r.status != crate::report::Status::Error;
+                        let unexpected =
+                            !r.status.is_ok() && r.status != crate::report::Status::Error;
                         record(r, &mut progress, &mut results)?;
                         if unexpected && opts.fail_fast && !cancel.is_cancelled() {
                             progress.println("nsmatrix: --fail-fast: stopping after the first unexpected failure");
@@ -239,7 +318,9 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
             Msg::BatchEnded { batch, result } => {
                 outstanding -= 1;
                 progress.batch_done(&batch);
-                let Some(mut st) = states.remove(&batch) else { continue };
+                let Some(mut st) = states.remove(&batch) else {
+                    continue;
+                };
                 if let (Err(e), Some(info)) = (&result, infos.get_mut(&st.env.id)) {
                     info.error = Some(e.to_string());
                 }
@@ -268,9 +349,22 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
                     let retry_cells: Vec<Cell> = failed.into_iter().map(|(c, _)| c).collect();
                     let attempt = st.attempt + 1;
                     let id = format!("{}.retry{}", st.env.id, attempt - 1);
-                    progress.println(&format!("nsmatrix: retrying {} cell(s) of {} after ERROR (attempt {attempt})", retry_cells.len(), st.env.id));
+                    progress.println(&format!(
+                        "nsmatrix: retrying {} cell(s) of {} after ERROR (attempt {attempt})",
+                        retry_cells.len(),
+                        st.env.id
+                    ));
                     launcher.launch(&id, &st.env, &retry_cells);
-                    states.insert(id, BatchState { env: st.env, cells: retry_cells, attempt, reported: HashSet::new(), errors: Vec::new() });
+                    states.insert(
+                        id,
+                        BatchState {
+                            env: st.env,
+                            cells: retry_cells,
+                            attempt,
+                            reported: HashSet::new(),
+                            errors: Vec::new(),
+                        },
+                    );
                     outstanding += 1;
                 } else {
                     for (cell, rec) in failed {
@@ -331,7 +425,11 @@ impl Launcher {
         let spec = BatchSpec {
             version: PROTOCOL_VERSION,
             batch_id: batch.to_string(),
-            work_dir: self.host_run_dir.clone().unwrap_or_else(|| PathBuf::from("/nsmatrix-work")).join(batch),
+            work_dir: self
+                .host_run_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/nsmatrix-work"))
+                .join(batch),
             uid: env.uid,
             gid: env.uid,
             restrictions: match env.backend {
@@ -386,12 +484,30 @@ impl Launcher {
     }
 }
 
-async fn run_on(backends: &Backends, env: &Environment, spec: BatchSpec, ctx: &BatchCtx) -> Result<(), BatchError> {
+async fn run_on(
+    backends: &Backends,
+    env: &Environment,
+    spec: BatchSpec,
+    ctx: &BatchCtx,
+) -> Result<(), BatchError> {
     match env.backend {
         BackendKind::Host => match &backends.host {
             Ok(h) => h.run_batch(env, spec, ctx).await,
-            Err(u) => Err(BatchError::new(crate::backend::Stage::Provision, u.to_string())),
+            Err(u) => Err(BatchError::new(
+                crate::backend::Stage::Provision,
+                u.to_string(),
+            )),
         },
-        other => Err(BatchError::new(crate::backend::Stage::Provision, format!("no {} backend", other.as_str()))),
+        BackendKind::Docker => match &backends.docker {
+            Ok(d) => d.run_batch(env, spec, ctx).await,
+            Err(u) => Err(BatchError::new(
+                crate::backend::Stage::Provision,
+                u.to_string(),
+            )),
+        },
+        other => Err(BatchError::new(
+            crate::backend::Stage::Provision,
+            format!("no {} backend", other.as_str()),
+        )),
     }
 }

@@ -56,7 +56,8 @@ fn stopping() -> bool {
 pub fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
     install_signal_handlers();
     let mut emit = |ev: AgentEvent| -> Result<()> {
-        out.write_all(ev.to_line().as_bytes()).context("failed to write an agent event")?;
+        out.write_all(ev.to_line().as_bytes())
+            .context("failed to write an agent event")?;
         out.flush().context("failed to flush agent events")
     };
     emit(AgentEvent::Hello {
@@ -65,7 +66,10 @@ pub fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
         facts: environment_facts(),
     })?;
     if spec.version != PROTOCOL_VERSION {
-        anyhow::bail!("batch spec version {} is not {PROTOCOL_VERSION}", spec.version);
+        anyhow::bail!(
+            "batch spec version {} is not {PROTOCOL_VERSION}",
+            spec.version
+        );
     }
     let work = WorkDir::create(&spec.work_dir)?;
     let missing_sysctls = apply_sysctls(&spec.sysctls, &mut emit)?;
@@ -80,15 +84,26 @@ pub fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
         if stopping() {
             break;
         }
-        emit(AgentEvent::CellStarted { id: cell.id.clone() })?;
+        emit(AgentEvent::CellStarted {
+            id: cell.id.clone(),
+        })?;
         let ctx = CellCtx {
             spec,
             cell,
             dir: work.path.join("cells").join(i.to_string()),
             apply_patch: &apply_patch,
         };
-        let rec = if let Some(s) = cell.needs_sysctls.iter().find(|s| missing_sysctls.contains(*s)) {
-            record(cell, Outcome::Skipped { reason: format!("this kernel has no sysctl {s}") })
+        let rec = if let Some(s) = cell
+            .needs_sysctls
+            .iter()
+            .find(|s| missing_sysctls.contains(*s))
+        {
+            record(
+                cell,
+                Outcome::Skipped {
+                    reason: format!("this kernel has no sysctl {s}"),
+                },
+            )
         } else {
             run_cell(&ctx, &mut preparer)
         };
@@ -100,7 +115,9 @@ pub fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
     }
     drop(work);
     if stopping() {
-        emit(AgentEvent::Log { message: "agent: interrupted; stopped after cleaning up".into() })?;
+        emit(AgentEvent::Log {
+            message: "agent: interrupted; stopped after cleaning up".into(),
+        })?;
         anyhow::bail!("interrupted");
     }
     emit(AgentEvent::BatchDone { cells: done })
@@ -117,7 +134,9 @@ impl WorkDir {
         fs::create_dir_all(path).with_context(|| format!("failed to create {}", path.display()))?;
         // Traversable by the cell's uid (its workspaces are inside), listable by root only.
         fs::set_permissions(path, fs::Permissions::from_mode(0o711))?;
-        Ok(WorkDir { path: path.to_path_buf() })
+        Ok(WorkDir {
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -142,12 +161,16 @@ fn apply_sysctls(
     for (k, v) in sysctls {
         let path = Path::new("/proc/sys").join(k.replace('.', "/"));
         if !path.exists() {
-            emit(AgentEvent::Log { message: format!("sysctl {k} does not exist on this kernel") })?;
+            emit(AgentEvent::Log {
+                message: format!("sysctl {k} does not exist on this kernel"),
+            })?;
             missing.insert(k.clone());
             continue;
         }
         fs::write(&path, v).with_context(|| format!("failed to set sysctl {k}={v}"))?;
-        emit(AgentEvent::Log { message: format!("sysctl {k}={v}") })?;
+        emit(AgentEvent::Log {
+            message: format!("sysctl {k}={v}"),
+        })?;
     }
     Ok(missing)
 }
@@ -162,9 +185,15 @@ pub fn environment_facts() -> BTreeMap<String, String> {
     if let Some(v) = read("/proc/version") {
         f.insert("kernel.version".into(), v);
     }
-    for k in ["user/max_user_namespaces", "kernel/unprivileged_userns_clone"] {
+    for k in [
+        "user/max_user_namespaces",
+        "kernel/unprivileged_userns_clone",
+    ] {
         let key = k.replace('/', ".");
-        f.insert(key, read(&format!("/proc/sys/{k}")).unwrap_or_else(|| "absent".into()));
+        f.insert(
+            key,
+            read(&format!("/proc/sys/{k}")).unwrap_or_else(|| "absent".into()),
+        );
     }
     if let Some(status) = read("/proc/self/status") {
         for line in status.lines() {
@@ -199,21 +228,31 @@ fn record(cell: &CellSpec, outcome: Outcome) -> CellRecord {
 }
 
 fn error(cell: &CellSpec, stage: &str, e: impl std::fmt::Display) -> CellRecord {
-    record(cell, Outcome::Error { stage: stage.into(), message: e.to_string() })
+    record(
+        cell,
+        Outcome::Error {
+            stage: stage.into(),
+            message: e.to_string(),
+        },
+    )
 }
 
 fn run_cell(ctx: &CellCtx, preparer: &mut subject::Preparer) -> CellRecord {
     let start = Instant::now();
     let mut rec = match ctx.cell.subject.clone() {
-        SubjectSpec::Bwrap { build, setuid, argv } => {
-            match prepare_and_run_bwrap(ctx, preparer, &build, setuid, argv) {
-                Ok(r) => r,
-                Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
-            }
-        }
+        SubjectSpec::Bwrap {
+            build,
+            setuid,
+            argv,
+        } => match prepare_and_run_bwrap(ctx, preparer, &build, setuid, argv) {
+            Ok(r) => r,
+            Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
+        },
         SubjectSpec::Codex { .. } => record(
             ctx.cell,
-            Outcome::Skipped { reason: "codex subjects are not supported by this agent yet".into() },
+            Outcome::Skipped {
+                reason: "codex subjects are not supported by this agent yet".into(),
+            },
         ),
     };
     rec.duration_ms = start.elapsed().as_millis() as u64;
@@ -239,7 +278,8 @@ fn lay_out(ctx: &CellCtx, sc: &Scenario) -> Result<Layout> {
     let outside_dir = ctx.dir.join("outside");
     fs::create_dir_all(&ws).with_context(|| format!("failed to create {}", ws.display()))?;
     fs::create_dir_all(&outside_dir)?;
-    sc.materialise(&ws).with_context(|| format!("failed to lay out scenario {}", sc.name))?;
+    sc.materialise(&ws)
+        .with_context(|| format!("failed to lay out scenario {}", sc.name))?;
     let sentinel = outside_dir.join("sentinel.txt");
     fs::write(&sentinel, SENTINEL_TEXT)?;
     chown_tree(&ctx.dir, uid, gid)?;
@@ -254,7 +294,13 @@ fn lay_out(ctx: &CellCtx, sc: &Scenario) -> Result<Layout> {
         }
     }
     let before_outside = list_outside(&ctx.dir);
-    Ok(Layout { ws, sentinel, outside_dir, absolute_targets, before_outside })
+    Ok(Layout {
+        ws,
+        sentinel,
+        outside_dir,
+        absolute_targets,
+        before_outside,
+    })
 }
 
 fn remove_any(p: &Path) {
@@ -272,7 +318,11 @@ fn list_outside(cell_dir: &Path) -> BTreeSet<String> {
         let Ok(rd) = fs::read_dir(dir) else { return };
         for e in rd.flatten() {
             let p = e.path();
-            let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().into_owned();
+            let rel = p
+                .strip_prefix(root)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .into_owned();
             if rel == "ws" {
                 continue;
             }
@@ -312,7 +362,10 @@ fn prepare_and_run_bwrap(
         Err(e) if e.is_missing() => {
             return Ok(record(
                 cell,
-                Outcome::Failed { signature: "bwrap-missing".into(), message: e.to_string() },
+                Outcome::Failed {
+                    signature: "bwrap-missing".into(),
+                    message: e.to_string(),
+                },
             ));
         }
         Err(e) => return Err(anyhow::Error::new(e).context("failed to prepare the subject")),
@@ -320,18 +373,28 @@ fn prepare_and_run_bwrap(
     let layout = lay_out(ctx, &sc)?;
     let patch = fs::read_to_string(sc.patch_path())
         .with_context(|| format!("failed to read {}", sc.patch_path().display()))?;
-    let command = [ctx.apply_patch.as_os_str().to_os_string(), OsString::from(patch)];
+    let command = [
+        ctx.apply_patch.as_os_str().to_os_string(),
+        OsString::from(patch),
+    ];
     let args = argv::build(profile, bw.features, &layout.ws, &command);
 
     let nnp = ctx.spec.restrictions.no_new_privileges || agent_has_nnp();
-    let setuid_effective = bw.setuid_bit && !nnp && ctx.spec.uid != 0 && !subject::is_nosuid(&bw.path);
+    let setuid_effective =
+        bw.setuid_bit && !nnp && ctx.spec.uid != 0 && !subject::is_nosuid(&bw.path);
     let mut details = BTreeMap::new();
     details.insert("bwrap.path".into(), bw.path.display().to_string());
     details.insert("bwrap.version".into(), bw.version.clone());
     details.insert("bwrap.setuid-bit".into(), bw.setuid_bit.to_string());
-    details.insert("bwrap.setuid-effective".into(), setuid_effective.to_string());
+    details.insert(
+        "bwrap.setuid-effective".into(),
+        setuid_effective.to_string(),
+    );
     details.insert("no-new-privileges".into(), nnp.to_string());
-    details.insert("argv".into(), shell_words(&bw.path, &args[..args.len() - 1]) + " PATCH");
+    details.insert(
+        "argv".into(),
+        shell_words(&bw.path, &args[..args.len() - 1]) + " PATCH",
+    );
 
     let run = run_sandboxed(ctx, &bw.path, &args, &layout.ws)?;
     let ws_str = layout.ws.display().to_string();
@@ -345,7 +408,13 @@ fn prepare_and_run_bwrap(
         stderr_tail: tail(&norm(&run.stderr)),
         details,
     };
-    rec.outcome = judge(&sc, &layout, &run, &norm, bw.setuid_bit && nnp && ctx.spec.uid != 0);
+    rec.outcome = judge(
+        &sc,
+        &layout,
+        &run,
+        &norm,
+        bw.setuid_bit && nnp && ctx.spec.uid != 0,
+    );
     for t in &layout.absolute_targets {
         remove_any(t);
     }
@@ -354,7 +423,10 @@ fn prepare_and_run_bwrap(
 
 fn agent_has_nnp() -> bool {
     fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("NoNewPrivs:") && l.trim_end().ends_with('1')))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("NoNewPrivs:") && l.trim_end().ends_with('1'))
+        })
         .unwrap_or(false)
 }
 
@@ -374,7 +446,10 @@ fn run_sandboxed(ctx: &CellCtx, bwrap: &Path, args: &[OsString], ws: &Path) -> R
     cmd.args(args)
         .current_dir(ws)
         .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
         .env("HOME", ws)
         .env("LANG", "C.UTF-8")
         .stdin(Stdio::null())
@@ -382,7 +457,9 @@ fn run_sandboxed(ctx: &CellCtx, bwrap: &Path, args: &[OsString], ws: &Path) -> R
         .stderr(fs::File::create(&err_path)?)
         .process_group(0);
     prepared.apply_to(&mut cmd);
-    let child = cmd.spawn().with_context(|| format!("failed to start {}", bwrap.display()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("failed to start {}", bwrap.display()))?;
     let (status, timed_out) = wait_timeout(child, Duration::from_millis(ctx.cell.timeout_ms))?;
     if stopping() && status.is_none() {
         anyhow::bail!("interrupted");
@@ -403,7 +480,10 @@ fn run_sandboxed(ctx: &CellCtx, bwrap: &Path, args: &[OsString], ws: &Path) -> R
 
 /// Wait for the child's process group with a deadline, waking up on signals. On timeout or
 /// interruption the whole group is killed.
-fn wait_timeout(mut child: Child, timeout: Duration) -> io::Result<(Option<std::process::ExitStatus>, bool)> {
+fn wait_timeout(
+    mut child: Child,
+    timeout: Duration,
+) -> io::Result<(Option<std::process::ExitStatus>, bool)> {
     let deadline = Instant::now() + timeout;
     let pid = child.id() as libc::pid_t;
     // pidfd_open (Linux 5.3+) lets us sleep until the child exits; older kernels poll.
@@ -426,7 +506,11 @@ fn wait_timeout(mut child: Child, timeout: Duration) -> io::Result<(Option<std::
         }
         let left = (deadline - now).as_millis().min(1000) as libc::c_int;
         if pidfd >= 0 {
-            let mut pfd = libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             unsafe { libc::poll(&mut pfd, 1, left.max(1)) };
         } else {
             std::thread::sleep(Duration::from_millis(2));
@@ -442,11 +526,20 @@ fn judge(
     norm: &dyn Fn(&str) -> String,
     setuid_ignored_by_nnp: bool,
 ) -> Outcome {
-    let fail = |sig: &str, message: String| Outcome::Failed { signature: sig.into(), message };
+    let fail = |sig: &str, message: String| Outcome::Failed {
+        signature: sig.into(),
+        message,
+    };
     // 1. Confinement: the sentinel and everything outside the workspace must be as before.
     let sentinel_now = fs::read_to_string(&layout.sentinel).ok();
     if sentinel_now.as_deref() != Some(SENTINEL_TEXT) {
-        return fail("sandbox-escape", format!("the sentinel {} was changed or removed", layout.sentinel.display()));
+        return fail(
+            "sandbox-escape",
+            format!(
+                "the sentinel {} was changed or removed",
+                layout.sentinel.display()
+            ),
+        );
     }
     let after = list_outside(layout.outside_dir.parent().unwrap_or(&layout.outside_dir));
     let created: Vec<_> = after
@@ -454,16 +547,30 @@ fn judge(
         .filter(|p| !matches!(p.as_str(), "stdout" | "stderr"))
         .collect();
     if !created.is_empty() {
-        return fail("sandbox-escape", format!("files appeared outside the workspace: {created:?}"));
+        return fail(
+            "sandbox-escape",
+            format!("files appeared outside the workspace: {created:?}"),
+        );
     }
-    if let Some(p) = layout.absolute_targets.iter().find(|p| fs::symlink_metadata(p).is_ok()) {
-        return fail("sandbox-escape", format!("{} was written outside the workspace", p.display()));
+    if let Some(p) = layout
+        .absolute_targets
+        .iter()
+        .find(|p| fs::symlink_metadata(p).is_ok())
+    {
+        return fail(
+            "sandbox-escape",
+            format!("{} was written outside the workspace", p.display()),
+        );
     }
     // 2. The sandbox front end itself failed (bwrap's messages).
     if let Some(sig) = signature::classify(&run.stderr) {
-        let msg = first_line_matching(&run.stderr, "bwrap").unwrap_or_else(|| run.stderr.trim().to_string());
+        let msg = first_line_matching(&run.stderr, "bwrap")
+            .unwrap_or_else(|| run.stderr.trim().to_string());
         if setuid_ignored_by_nnp && sig.name.starts_with("userns-") {
-            return fail("setuid-ignored-nnp", format!("{msg} (setuid bit ignored under no-new-privileges)"));
+            return fail(
+                "setuid-ignored-nnp",
+                format!("{msg} (setuid bit ignored under no-new-privileges)"),
+            );
         }
         return fail(sig.name, msg);
     }
@@ -471,7 +578,13 @@ fn judge(
         return fail("timeout", "killed after the cell's timeout".into());
     }
     if let Some(sig) = run.signal {
-        return fail("unknown", format!("killed by signal {sig}; stderr: {}", tail(run.stderr.trim())));
+        return fail(
+            "unknown",
+            format!(
+                "killed by signal {sig}; stderr: {}",
+                tail(run.stderr.trim())
+            ),
+        );
     }
     // 3. apply_patch's exit code.
     let want = match &sc.meta.confinement {
@@ -495,16 +608,25 @@ fn judge(
     }
     // 4. Output, for ordinary scenarios (confined ones print the sandbox's own errno text).
     if sc.meta.confinement.is_none() {
-        for (name, text, expect) in [("stdout", &run.stdout, &sc.meta.stdout), ("stderr", &run.stderr, &sc.meta.stderr)] {
+        for (name, text, expect) in [
+            ("stdout", &run.stdout, &sc.meta.stdout),
+            ("stderr", &run.stderr, &sc.meta.stderr),
+        ] {
             if let Some(e) = expect {
                 let got = norm(text);
                 if let Some(exact) = &e.exact
                     && &got != exact
                 {
-                    return fail("output-mismatch", format!("{name} is {got:?}, expected {exact:?}"));
+                    return fail(
+                        "output-mismatch",
+                        format!("{name} is {got:?}, expected {exact:?}"),
+                    );
                 }
                 if let Some(missing) = e.contains.iter().find(|c| !got.contains(c.as_str())) {
-                    return fail("output-mismatch", format!("{name} lacks {missing:?}: {got:?}"));
+                    return fail(
+                        "output-mismatch",
+                        format!("{name} lacks {missing:?}: {got:?}"),
+                    );
                 }
             }
         }
@@ -544,7 +666,9 @@ fn compare_or_empty(expected: &Path, actual: &Path) -> Result<(), scenario::Tree
 }
 
 fn first_line_matching(text: &str, needle: &str) -> Option<String> {
-    text.lines().find(|l| l.contains(needle)).map(|l| l.trim().to_string())
+    text.lines()
+        .find(|l| l.contains(needle))
+        .map(|l| l.trim().to_string())
 }
 
 /// The last [`TAIL_BYTES`] of `s`, cut at a char boundary.
@@ -588,6 +712,9 @@ mod tests {
         fs::create_dir_all(d.path().join("outside")).unwrap();
         fs::write(d.path().join("outside/sentinel.txt"), "x").unwrap();
         let l = list_outside(d.path());
-        assert_eq!(l.into_iter().collect::<Vec<_>>(), vec!["outside", "outside/sentinel.txt"]);
+        assert_eq!(
+            l.into_iter().collect::<Vec<_>>(),
+            vec!["outside", "outside/sentinel.txt"]
+        );
     }
 }

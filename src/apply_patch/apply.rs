@@ -41,7 +41,11 @@ impl Affected {
     /// Codex's summary: all additions, then modifications, then deletions.
     pub fn summary(&self) -> String {
         let mut s = String::from("Success. Updated the following files:\n");
-        for (tag, paths) in [("A", &self.added), ("M", &self.modified), ("D", &self.deleted)] {
+        for (tag, paths) in [
+            ("A", &self.added),
+            ("M", &self.modified),
+            ("D", &self.deleted),
+        ] {
             for p in paths {
                 s.push_str(&format!("{tag} {}\n", p.display()));
             }
@@ -192,7 +196,11 @@ pub(crate) fn updated_contents(abs: &Path, chunks: &[Chunk]) -> Result<String, A
 
 type Replacement = (usize, usize, Vec<String>);
 
-fn replacements(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Replacement>, ApplyError> {
+fn replacements(
+    lines: &[String],
+    abs: &Path,
+    chunks: &[Chunk],
+) -> Result<Vec<Replacement>, ApplyError> {
     let mut out = Vec::new();
     let mut at = 0usize;
     for chunk in chunks {

@@ -47,7 +47,10 @@ pub fn run_cli(
         [one] => match one.to_str() {
             Some(s) => s.to_string(),
             None => {
-                let _ = writeln!(stderr, "Error: apply_patch requires a UTF-8 PATCH argument.");
+                let _ = writeln!(
+                    stderr,
+                    "Error: apply_patch requires a UTF-8 PATCH argument."
+                );
                 return EXIT_FAILURE;
             }
         },
@@ -59,7 +62,10 @@ pub fn run_cli(
     let cwd = match std::env::current_dir() {
         Ok(d) => d,
         Err(e) => {
-            let _ = writeln!(stderr, "Error: failed to determine the current directory: {e}");
+            let _ = writeln!(
+                stderr,
+                "Error: failed to determine the current directory: {e}"
+            );
             return EXIT_FAILURE;
         }
     };

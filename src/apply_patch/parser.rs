@@ -126,7 +126,9 @@ fn parse_hunk(lines: &[&str], line_no: usize) -> Result<(Hunk, usize), ParseErro
         let mut contents = String::new();
         let mut used = 1;
         for l in &lines[1..] {
-            let Some(text) = l.strip_prefix('+') else { break };
+            let Some(text) = l.strip_prefix('+') else {
+                break;
+            };
             contents.push_str(text);
             contents.push('\n');
             used += 1;

@@ -3,4 +3,5 @@
 
 pub mod cache;
 pub mod images;
+pub mod npm;
 pub mod rootfs;

@@ -37,7 +37,9 @@ impl HostBackend {
 
     /// The restrictions a host profile asks for.
     pub fn restrictions(profile: Option<&Profile>) -> Restrictions {
-        let Some(p) = profile else { return Restrictions::default() };
+        let Some(p) = profile else {
+            return Restrictions::default();
+        };
         Restrictions {
             seccomp_deny_userns: p.seccomp.as_deref() == Some("deny-userns"),
             no_new_privileges: p.no_new_privileges,
@@ -55,7 +57,9 @@ impl HostBackend {
     /// setuid copies behind otherwise).
     pub fn sweep(&self) -> Vec<PathBuf> {
         let mut removed = Vec::new();
-        let Ok(rd) = std::fs::read_dir(&self.work_root) else { return removed };
+        let Ok(rd) = std::fs::read_dir(&self.work_root) else {
+            return removed;
+        };
         for e in rd.flatten() {
             let dir = e.path();
             let alive = std::fs::read_to_string(dir.join("owner.pid"))
@@ -81,14 +85,25 @@ impl HostBackend {
         Ok(dir)
     }
 
-    pub async fn run_batch(&self, _env: &Environment, spec: BatchSpec, ctx: &BatchCtx) -> Result<(), BatchError> {
+    pub async fn run_batch(
+        &self,
+        _env: &Environment,
+        spec: BatchSpec,
+        ctx: &BatchCtx,
+    ) -> Result<(), BatchError> {
         let start = Instant::now();
-        ctx.send(BackendEvent::StageStarted { batch: ctx.batch_id.clone(), stage: Stage::Start });
-        let io_err = |what: &str, e: std::io::Error| BatchError::new(Stage::Start, format!("{what}: {e}"));
-        std::fs::create_dir_all(&ctx.log_dir).map_err(|e| io_err("failed to create the log directory", e))?;
+        ctx.send(BackendEvent::StageStarted {
+            batch: ctx.batch_id.clone(),
+            stage: Stage::Start,
+        });
+        let io_err =
+            |what: &str, e: std::io::Error| BatchError::new(Stage::Start, format!("{what}: {e}"));
+        std::fs::create_dir_all(&ctx.log_dir)
+            .map_err(|e| io_err("failed to create the log directory", e))?;
         let spec_path = ctx.log_dir.join("batch.json");
         let json = serde_json::to_vec_pretty(&spec).expect("batch spec serialises");
-        std::fs::write(&spec_path, json).map_err(|e| io_err("failed to write the batch spec", e))?;
+        std::fs::write(&spec_path, json)
+            .map_err(|e| io_err("failed to write the batch spec", e))?;
         let exe = spec.agent_bin.clone();
         let mut child = Command::new(&exe)
             .arg("agent")
@@ -100,10 +115,17 @@ impl HostBackend {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| io_err(&format!("failed to start {}", exe.display()), e))?;
-        ctx.send(BackendEvent::StageFinished { batch: ctx.batch_id.clone(), stage: Stage::Start, elapsed: start.elapsed() });
+        ctx.send(BackendEvent::StageFinished {
+            batch: ctx.batch_id.clone(),
+            stage: Stage::Start,
+            elapsed: start.elapsed(),
+        });
 
         let run_start = Instant::now();
-        ctx.send(BackendEvent::StageStarted { batch: ctx.batch_id.clone(), stage: Stage::Run });
+        ctx.send(BackendEvent::StageStarted {
+            batch: ctx.batch_id.clone(),
+            stage: Stage::Run,
+        });
         let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
         let stderr = child.stderr.take().expect("piped");
         let log_path = ctx.log_dir.join("agent.log");
@@ -111,7 +133,9 @@ impl HostBackend {
         let deadline = tokio::time::sleep(ctx.timeout);
         tokio::pin!(deadline);
         let mut finished = false;
-        let mut protocol_log = tokio::fs::File::create(ctx.log_dir.join("agent.jsonl")).await.ok();
+        let mut protocol_log = tokio::fs::File::create(ctx.log_dir.join("agent.jsonl"))
+            .await
+            .ok();
         let outcome: Result<(), BatchError> = loop {
             tokio::select! {
                 line = stdout.next_line() => match line {
@@ -141,10 +165,17 @@ impl HostBackend {
                 }
             }
         };
-        ctx.send(BackendEvent::StageFinished { batch: ctx.batch_id.clone(), stage: Stage::Run, elapsed: run_start.elapsed() });
+        ctx.send(BackendEvent::StageFinished {
+            batch: ctx.batch_id.clone(),
+            stage: Stage::Run,
+            elapsed: run_start.elapsed(),
+        });
 
         let td = Instant::now();
-        ctx.send(BackendEvent::StageStarted { batch: ctx.batch_id.clone(), stage: Stage::Teardown });
+        ctx.send(BackendEvent::StageStarted {
+            batch: ctx.batch_id.clone(),
+            stage: Stage::Teardown,
+        });
         let status = stop(&mut child, outcome.is_err()).await;
         let _ = stderr_task.await;
         // The agent removes its directory itself; this catches a killed agent's leftovers
@@ -152,13 +183,20 @@ impl HostBackend {
         if spec.work_dir.exists() {
             let _ = std::fs::remove_dir_all(&spec.work_dir);
         }
-        ctx.send(BackendEvent::StageFinished { batch: ctx.batch_id.clone(), stage: Stage::Teardown, elapsed: td.elapsed() });
+        ctx.send(BackendEvent::StageFinished {
+            batch: ctx.batch_id.clone(),
+            stage: Stage::Teardown,
+            elapsed: td.elapsed(),
+        });
         outcome?;
         if !finished {
             let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
             return Err(BatchError::new(
                 Stage::Run,
-                format!("the agent ended ({status}) before finishing the batch; its stderr: {}", crate::agent::tail(tail.trim())),
+                format!(
+                    "the agent ended ({status}) before finishing the batch; its stderr: {}",
+                    crate::agent::tail(tail.trim())
+                ),
             ));
         }
         Ok(())

@@ -16,7 +16,12 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(code: &'static str, span: Option<Range<usize>>, message: impl Into<String>) -> Self {
-        Diagnostic { code, span, message: message.into(), help: None }
+        Diagnostic {
+            code,
+            span,
+            message: message.into(),
+            help: None,
+        }
     }
 
     pub fn help(&mut self, h: impl Into<String>) -> &mut Self {
@@ -35,7 +40,11 @@ pub enum MatrixError {
         source: std::io::Error,
     },
     #[error("{}", render(.path, .text, .diagnostics))]
-    Invalid { path: PathBuf, text: String, diagnostics: Vec<Diagnostic> },
+    Invalid {
+        path: PathBuf,
+        text: String,
+        diagnostics: Vec<Diagnostic>,
+    },
 }
 
 /// 1-based line and column of a byte offset.
@@ -43,7 +52,11 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map(|i| before[i + 1..].chars().count()).unwrap_or(before.chars().count()) + 1;
+    let col = before
+        .rfind('\n')
+        .map(|i| before[i + 1..].chars().count())
+        .unwrap_or(before.chars().count())
+        + 1;
     (line, col)
 }
 
@@ -57,19 +70,36 @@ pub fn render(path: &Path, text: &str, diags: &[Diagnostic]) -> String {
         match &d.span {
             Some(sp) => {
                 let (line, col) = line_col(text, sp.start);
-                out.push_str(&format!("{}:{line}:{col}: error[{}]: {}", path.display(), d.code, d.message));
+                out.push_str(&format!(
+                    "{}:{line}:{col}: error[{}]: {}",
+                    path.display(),
+                    d.code,
+                    d.message
+                ));
                 if let Some(src) = text.lines().nth(line - 1) {
-                    out.push_str(&format!("\n  {line:>4} | {src}\n       | {}^", " ".repeat(col.saturating_sub(1))));
+                    out.push_str(&format!(
+                        "\n  {line:>4} | {src}\n       | {}^",
+                        " ".repeat(col.saturating_sub(1))
+                    ));
                 }
             }
-            None => out.push_str(&format!("{}: error[{}]: {}", path.display(), d.code, d.message)),
+            None => out.push_str(&format!(
+                "{}: error[{}]: {}",
+                path.display(),
+                d.code,
+                d.message
+            )),
         }
         if let Some(h) = &d.help {
             out.push_str(&format!("\n  help: {h}"));
         }
     }
     if diags.len() > 1 {
-        out.push_str(&format!("\n{} problems in {}; nothing was run", diags.len(), path.display()));
+        out.push_str(&format!(
+            "\n{} problems in {}; nothing was run",
+            diags.len(),
+            path.display()
+        ));
     }
     out
 }
@@ -94,7 +124,10 @@ mod tests {
         let mut d = Diagnostic::new("unknown-key", Some(7..12), "unknown key `bogus`");
         d.help("remove it");
         let r = render(Path::new("m.toml"), t, &[d]);
-        assert!(r.starts_with("m.toml:2:2: error[unknown-key]: unknown key `bogus`"), "{r}");
+        assert!(
+            r.starts_with("m.toml:2:2: error[unknown-key]: unknown key `bogus`"),
+            "{r}"
+        );
         assert!(r.contains("help: remove it"));
     }
 }

@@ -15,13 +15,18 @@ use super::raw::*;
 use crate::agent::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
 use crate::sandbox::{restrict, signature};
 
+/// Axis values with where each was written.
+type Values = Vec<(String, Option<Range<usize>>)>;
+
 /// One combination of axis values, with where each value was written.
 type Combo = BTreeMap<String, (String, Option<Range<usize>>)>;
 
 /// Load, validate and expand a matrix file.
 pub fn load(path: &Path) -> Result<Matrix, MatrixError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| MatrixError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| MatrixError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     load_str(path, &text)
 }
 
@@ -33,22 +38,33 @@ pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
         diagnostics,
     };
     let raw: RawMatrix = toml::from_str(text).map_err(|e| {
-        let help = if e.message().contains("unknown field") {
-            Some("check the spelling against the keys documented in docs/matrix.md")
-        } else {
-            None
-        };
-        let mut d = Diagnostic::new("syntax", e.span(), e.message().trim().to_string());
+        let unknown = e.message().contains("unknown field");
+        let help =
+            unknown.then_some("check the spelling against the keys documented in docs/matrix.md");
+        let code = if unknown { "unknown-key" } else { "syntax" };
+        let mut d = Diagnostic::new(code, e.span(), e.message().trim().to_string());
         if let Some(h) = help {
             d.help(h);
         }
         invalid(vec![d])
     })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-    let mut v = Validator { diags: Vec::new(), raw: &raw, base };
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+    let mut v = Validator {
+        diags: Vec::new(),
+        raw: &raw,
+        base,
+    };
     let matrix = v.build(path);
-    if v.diags.is_empty() { Ok(matrix) } else { Err(invalid(v.diags)) }
+    if v.diags.is_empty() {
+        Ok(matrix)
+    } else {
+        Err(invalid(v.diags))
+    }
 }
 
 struct Validator<'a> {
@@ -74,7 +90,10 @@ fn scalar_text(v: &toml::Value) -> Option<String> {
 /// `90s`, `10m`, `1h`, `500ms`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
     let n: f64 = num.parse().ok()?;
     let secs = match unit.trim() {
         "" | "s" | "sec" | "secs" => n,
@@ -92,14 +111,37 @@ const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
 const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
 const CODEX_AXES: &[&str] = &["version"];
 /// Axes every cell has besides its environment's and subject's.
-const CELL_AXES: &[&str] = &["id", "backend", "environment", "subject", "kind", "set", "scenario"];
+const CELL_AXES: &[&str] = &[
+    "id",
+    "backend",
+    "environment",
+    "subject",
+    "kind",
+    "set",
+    "scenario",
+];
 
 fn all_axes() -> BTreeSet<&'static str> {
-    [HOST_AXES, DOCKER_AXES, QEMU_AXES, BWRAP_AXES, CODEX_AXES, CELL_AXES].concat().into_iter().collect()
+    [
+        HOST_AXES,
+        DOCKER_AXES,
+        QEMU_AXES,
+        BWRAP_AXES,
+        CODEX_AXES,
+        CELL_AXES,
+    ]
+    .concat()
+    .into_iter()
+    .collect()
 }
 
 impl Validator<'_> {
-    fn err(&mut self, code: &'static str, span: Option<Range<usize>>, msg: impl Into<String>) -> &mut Diagnostic {
+    fn err(
+        &mut self,
+        code: &'static str,
+        span: Option<Range<usize>>,
+        msg: impl Into<String>,
+    ) -> &mut Diagnostic {
         self.diags.push(Diagnostic::new(code, span, msg));
         self.diags.last_mut().expect("just pushed")
     }
@@ -107,18 +149,31 @@ impl Validator<'_> {
     /// A scalar or an array of scalars → values with their spans.
     fn values(&mut self, key: &str, v: &SValue) -> Vec<(String, Option<Range<usize>>)> {
         let out: Vec<_> = match v.get_ref() {
-            toml::Value::Array(items) => items.iter().filter_map(|i| scalar_text(i).map(|t| (t, span(v)))).collect(),
-            other => scalar_text(other).map(|t| vec![(t, span(v))]).unwrap_or_default(),
+            toml::Value::Array(items) => items
+                .iter()
+                .filter_map(|i| scalar_text(i).map(|t| (t, span(v))))
+                .collect(),
+            other => scalar_text(other)
+                .map(|t| vec![(t, span(v))])
+                .unwrap_or_default(),
         };
         let bad_type = match v.get_ref() {
             toml::Value::Array(items) => items.iter().any(|i| scalar_text(i).is_none()),
             other => scalar_text(other).is_none(),
         };
         if bad_type {
-            self.err("bad-axis-value", span(v), format!("`{key}` takes a string, number or boolean, or a list of them"));
+            self.err(
+                "bad-axis-value",
+                span(v),
+                format!("`{key}` takes a string, number or boolean, or a list of them"),
+            );
         } else if out.is_empty() {
-            self.err("empty-product", span(v), format!("`{key}` is an empty list: the product would be empty"))
-                .help("give at least one value or remove the key");
+            self.err(
+                "empty-product",
+                span(v),
+                format!("`{key}` is an empty list: the product would be empty"),
+            )
+            .help("give at least one value or remove the key");
         }
         out
     }
@@ -146,19 +201,32 @@ impl Validator<'_> {
             self.err("empty-product", None, "the matrix has no [[scenarios]] set");
         }
         let cells = self.cells(&envs, &subjects, &scenario_sets);
-        Matrix { path: path.to_path_buf(), settings, cells }
+        Matrix {
+            path: path.to_path_buf(),
+            settings,
+            cells,
+        }
     }
 
     fn settings(&mut self) -> Settings {
         let mut s = Settings::default();
-        let Some(r) = &self.raw.settings else { return s };
-        for (field, dst) in [(&r.cell_timeout, &mut s.cell_timeout), (&r.batch_timeout, &mut s.batch_timeout)] {
+        let Some(r) = &self.raw.settings else {
+            return s;
+        };
+        for (field, dst) in [
+            (&r.cell_timeout, &mut s.cell_timeout),
+            (&r.batch_timeout, &mut s.batch_timeout),
+        ] {
             if let Some(v) = field {
                 match parse_duration(v.get_ref()) {
                     Some(d) => *dst = d,
                     None => {
-                        self.err("bad-duration", span(v), format!("`{}` is not a duration", v.get_ref()))
-                            .help("write e.g. \"90s\", \"10m\", \"500ms\"");
+                        self.err(
+                            "bad-duration",
+                            span(v),
+                            format!("`{}` is not a duration", v.get_ref()),
+                        )
+                        .help("write e.g. \"90s\", \"10m\", \"500ms\"");
                     }
                 }
             }
@@ -179,27 +247,46 @@ impl Validator<'_> {
             let bounding_set = match &r.bounding_set {
                 None => None,
                 Some(v) => match v.get_ref() {
-                    toml::Value::String(s) if s == "docker-default" => {
-                        Some(restrict::DOCKER_DEFAULT_CAPS.iter().map(|c| c.to_string()).collect())
-                    }
+                    toml::Value::String(s) if s == "docker-default" => Some(
+                        restrict::DOCKER_DEFAULT_CAPS
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect(),
+                    ),
                     toml::Value::Array(_) => {
-                        let caps: Vec<String> = self.values("bounding-set", v).into_iter().map(|(c, _)| c).collect();
+                        let caps: Vec<String> = self
+                            .values("bounding-set", v)
+                            .into_iter()
+                            .map(|(c, _)| c)
+                            .collect();
                         for c in &caps {
                             if restrict::cap_number(c).is_none() {
-                                self.err("bad-capability", span(v), format!("unknown capability `{c}`"));
+                                self.err(
+                                    "bad-capability",
+                                    span(v),
+                                    format!("unknown capability `{c}`"),
+                                );
                             }
                         }
                         Some(caps)
                     }
                     _ => {
-                        self.err("bad-value", span(v), "`bounding-set` is \"docker-default\" or a list of capabilities");
+                        self.err(
+                            "bad-value",
+                            span(v),
+                            "`bounding-set` is \"docker-default\" or a list of capabilities",
+                        );
                         None
                     }
                 },
             };
             for c in r.cap_add.iter().chain(&r.cap_drop) {
                 if c != "ALL" && restrict::cap_number(c).is_none() {
-                    self.err("bad-capability", span(rp), format!("profile `{name}`: unknown capability `{c}`"));
+                    self.err(
+                        "bad-capability",
+                        span(rp),
+                        format!("profile `{name}`: unknown capability `{c}`"),
+                    );
                 }
             }
             let p = Profile {
@@ -217,14 +304,20 @@ impl Validator<'_> {
             };
             if let Some(sc) = &r.seccomp {
                 let v = sc.get_ref();
-                let ok = matches!(v.as_str(), "none" | "deny-userns" | "default" | "unconfined")
-                    || v.ends_with(".json");
+                let ok = matches!(
+                    v.as_str(),
+                    "none" | "deny-userns" | "default" | "unconfined"
+                ) || v.ends_with(".json");
                 if !ok {
                     self.err("bad-value", span(sc), format!("seccomp `{v}` is not none, deny-userns, default, unconfined or a .json file"));
                 } else if v.ends_with(".json") {
                     let p = self.base.join(v);
                     if !p.is_file() {
-                        self.err("missing-file", span(sc), format!("seccomp profile {} does not exist", p.display()));
+                        self.err(
+                            "missing-file",
+                            span(sc),
+                            format!("seccomp profile {} does not exist", p.display()),
+                        );
                     }
                 }
             }
@@ -240,14 +333,22 @@ impl Validator<'_> {
             let mut vals = BTreeMap::new();
             for (k, v) in set.get_ref() {
                 if k.starts_with('/') || !k.contains('.') {
-                    self.err("bad-sysctl", span(v), format!("sysctl `{k}` should be dotted, like user.max_user_namespaces"));
+                    self.err(
+                        "bad-sysctl",
+                        span(v),
+                        format!("sysctl `{k}` should be dotted, like user.max_user_namespaces"),
+                    );
                 }
                 match scalar_text(v.get_ref()) {
                     Some(t) => {
                         vals.insert(k.clone(), t);
                     }
                     None => {
-                        self.err("bad-sysctl", span(v), format!("sysctl `{k}` needs a scalar value"));
+                        self.err(
+                            "bad-sysctl",
+                            span(v),
+                            format!("sysctl `{k}` needs a scalar value"),
+                        );
                     }
                 }
             }
@@ -263,13 +364,21 @@ impl Validator<'_> {
             let r = s.get_ref();
             let name = r.name.get_ref().clone();
             if !seen.insert(name.clone()) {
-                self.err("duplicate-name", span(&r.name), format!("scenario set `{name}` is defined twice"));
+                self.err(
+                    "duplicate-name",
+                    span(&r.name),
+                    format!("scenario set `{name}` is defined twice"),
+                );
             }
             let dir = self.base.join(r.dir.get_ref());
             let loaded = match crate::scenario::load_set(&dir) {
                 Ok(l) => l,
                 Err(e) => {
-                    self.err("bad-scenarios", span(&r.dir), format!("failed to load scenarios from {}: {e}", dir.display()));
+                    self.err(
+                        "bad-scenarios",
+                        span(&r.dir),
+                        format!("failed to load scenarios from {}: {e}", dir.display()),
+                    );
                     continue;
                 }
             };
@@ -289,7 +398,14 @@ impl Validator<'_> {
                 })
                 .collect();
             if refs.is_empty() {
-                self.err("empty-product", span(s), format!("scenario set `{name}` selects no scenario in {}", dir.display()));
+                self.err(
+                    "empty-product",
+                    span(s),
+                    format!(
+                        "scenario set `{name}` selects no scenario in {}",
+                        dir.display()
+                    ),
+                );
             }
             out.push((name, refs));
         }
@@ -300,7 +416,7 @@ impl Validator<'_> {
     fn expand(
         &mut self,
         what: &str,
-        axes: Vec<(&'static str, Vec<(String, Option<Range<usize>>)>)>,
+        axes: Vec<(&'static str, Values)>,
         exclude: &[Spanned<Selector>],
         include: &[Spanned<Selector>],
     ) -> Vec<Combo> {
@@ -321,18 +437,29 @@ impl Validator<'_> {
             for (k, v) in sel.get_ref() {
                 if !allowed.contains(k.as_str()) {
                     self.err("unknown-axis", span(v), format!("{what} has no axis `{k}`"))
-                        .help(format!("its axes are: {}", allowed.iter().copied().collect::<Vec<_>>().join(", ")));
+                        .help(format!(
+                            "its axes are: {}",
+                            allowed.iter().copied().collect::<Vec<_>>().join(", ")
+                        ));
                 }
             }
         }
-        combos.retain(|c| !exclude.iter().any(|e| selector_matches(e.get_ref(), &|k| c.get(k).map(|v| v.0.clone()))));
+        combos.retain(|c| {
+            !exclude
+                .iter()
+                .any(|e| selector_matches(e.get_ref(), &|k| c.get(k).map(|v| v.0.clone())))
+        });
         // GitHub Actions' include: an entry that matches an existing combination on all of
         // its keys adds nothing new; otherwise it adds a combination of its own, whose axes
         // not named take the single value the axis has (naming them is required otherwise).
         for inc in include {
             let sel = inc.get_ref();
             let matches_existing = combos.iter().any(|c| {
-                sel.iter().all(|(k, v)| c.get(k).map(|x| Some(&x.0) == scalar_text(v.get_ref()).as_ref()).unwrap_or(false))
+                sel.iter().all(|(k, v)| {
+                    c.get(k)
+                        .map(|x| Some(&x.0) == scalar_text(v.get_ref()).as_ref())
+                        .unwrap_or(false)
+                })
             });
             if matches_existing {
                 continue;
@@ -345,14 +472,24 @@ impl Validator<'_> {
                             c.insert(k.to_string(), (t, span(v)));
                         }
                         None => {
-                            self.err("bad-axis-value", span(v), format!("include value for `{k}` must be a scalar"));
+                            self.err(
+                                "bad-axis-value",
+                                span(v),
+                                format!("include value for `{k}` must be a scalar"),
+                            );
                         }
                     }
                 } else if vals.len() == 1 {
                     c.insert(k.to_string(), vals[0].clone());
                 } else {
-                    self.err("incomplete-include", span(inc), format!("this include adds a new {what} combination but does not say its `{k}`"))
-                        .help(format!("`{k}` has several values; name one"));
+                    self.err(
+                        "incomplete-include",
+                        span(inc),
+                        format!(
+                            "this include adds a new {what} combination but does not say its `{k}`"
+                        ),
+                    )
+                    .help(format!("`{k}` has several values; name one"));
                 }
             }
             if c.len() == axes.len() {
@@ -375,7 +512,12 @@ impl Validator<'_> {
             "docker" => BackendKind::Docker,
             "qemu" => BackendKind::Qemu,
             other => {
-                self.err("bad-value", span(&r.backend), format!("unknown backend `{other}`")).help("use host, docker or qemu");
+                self.err(
+                    "bad-value",
+                    span(&r.backend),
+                    format!("unknown backend `{other}`"),
+                )
+                .help("use host, docker or qemu");
                 return Vec::new();
             }
         };
@@ -396,8 +538,12 @@ impl Validator<'_> {
         for (k, v) in given {
             match (v, allowed.contains(&k)) {
                 (Some(v), false) => {
-                    self.err("unknown-axis", span(v), format!("a {} environment has no axis `{k}`", backend.as_str()))
-                        .help(format!("its axes are: {}", allowed.join(", ")));
+                    self.err(
+                        "unknown-axis",
+                        span(v),
+                        format!("a {} environment has no axis `{k}`", backend.as_str()),
+                    )
+                    .help(format!("its axes are: {}", allowed.join(", ")));
                 }
                 (Some(v), true) => {
                     let vals = self.values(k, v);
@@ -415,7 +561,11 @@ impl Validator<'_> {
                     match default {
                         Some(d) => axes.push((k, vec![(d.to_string(), None)])),
                         None => {
-                            self.err("missing-axis", span(&r.name), format!("environment `{name}` ({}) needs `{k}`", backend.as_str()));
+                            self.err(
+                                "missing-axis",
+                                span(&r.name),
+                                format!("environment `{name}` ({}) needs `{k}`", backend.as_str()),
+                            );
                         }
                     }
                 }
@@ -425,9 +575,18 @@ impl Validator<'_> {
         if axes.len() != allowed.len() {
             return Vec::new();
         }
-        let combos = self.expand(&format!("environment `{name}`"), axes, &r.exclude, &r.include);
+        let combos = self.expand(
+            &format!("environment `{name}`"),
+            axes,
+            &r.exclude,
+            &r.include,
+        );
         if combos.is_empty() {
-            self.err("empty-product", span(e), format!("environment `{name}` expands to nothing (everything excluded)"));
+            self.err(
+                "empty-product",
+                span(e),
+                format!("environment `{name}` expands to nothing (everything excluded)"),
+            );
         }
         let varying = varying_axes(&combos);
         let mut out = Vec::new();
@@ -437,7 +596,11 @@ impl Validator<'_> {
             let uid = match val("uid").parse::<u32>() {
                 Ok(u) => u,
                 Err(_) => {
-                    self.err("bad-axis-value", sp("uid"), format!("uid `{}` is not a number", val("uid")));
+                    self.err(
+                        "bad-axis-value",
+                        sp("uid"),
+                        format!("uid `{}` is not a number", val("uid")),
+                    );
                     continue;
                 }
             };
@@ -445,7 +608,11 @@ impl Validator<'_> {
                 "true" => true,
                 "false" | "" => false,
                 other => {
-                    self.err("bad-axis-value", sp("read-only"), format!("read-only `{other}` is not true or false"));
+                    self.err(
+                        "bad-axis-value",
+                        sp("read-only"),
+                        format!("read-only `{other}` is not true or false"),
+                    );
                     false
                 }
             };
@@ -456,11 +623,24 @@ impl Validator<'_> {
                         self.check_profile_for(backend, p, sp("profile"));
                         Some(p.clone())
                     }
-                    None if pname == "none" && backend == BackendKind::Host => Some(Profile { name: "none".into(), ..Default::default() }),
-                    None if pname == "default" && backend == BackendKind::Docker => Some(Profile { name: "default".into(), ..Default::default() }),
+                    None if pname == "none" && backend == BackendKind::Host => Some(Profile {
+                        name: "none".into(),
+                        ..Default::default()
+                    }),
+                    None if pname == "default" && backend == BackendKind::Docker => Some(Profile {
+                        name: "default".into(),
+                        ..Default::default()
+                    }),
                     None => {
-                        self.err("bad-axis-value", sp("profile"), format!("no profile named `{pname}`"))
-                            .help(format!("define [profile.{pname}] or use one of: {}", profiles.keys().cloned().collect::<Vec<_>>().join(", ")));
+                        self.err(
+                            "bad-axis-value",
+                            sp("profile"),
+                            format!("no profile named `{pname}`"),
+                        )
+                        .help(format!(
+                            "define [profile.{pname}] or use one of: {}",
+                            profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ));
                         None
                     }
                 }
@@ -472,20 +652,42 @@ impl Validator<'_> {
                 && backend == BackendKind::Docker
                 && !self.raw.image.contains_key(img)
             {
-                self.err("bad-axis-value", sp("image"), format!("no image named `{img}`"))
-                    .help(format!("define [image.{img}] with a recipe or a reference"));
+                self.err(
+                    "bad-axis-value",
+                    sp("image"),
+                    format!("no image named `{img}`"),
+                )
+                .help(format!("define [image.{img}] with a recipe or a reference"));
             }
             let image_source = match (backend, &image) {
-                (BackendKind::Docker | BackendKind::Qemu, Some(img)) => match self.raw.image.get(img).map(|i| i.get_ref()) {
-                    Some(RawImage { reference: Some(r), recipe: None, .. }) => Some(ImageSource::Reference(r.clone())),
-                    Some(RawImage { recipe: Some(r), reference: None, .. }) => Some(ImageSource::Recipe(r.clone())),
-                    Some(_) => {
-                        self.err("bad-image", sp("image"), format!("image `{img}` needs exactly one of `recipe` or `reference`"));
-                        None
+                (BackendKind::Docker | BackendKind::Qemu, Some(img)) => {
+                    match self.raw.image.get(img).map(|i| i.get_ref()) {
+                        Some(RawImage {
+                            reference: Some(r),
+                            recipe: None,
+                            ..
+                        }) => Some(ImageSource::Reference(r.clone())),
+                        Some(RawImage {
+                            recipe: Some(r),
+                            reference: None,
+                            ..
+                        }) => Some(ImageSource::Recipe(r.clone())),
+                        Some(_) => {
+                            self.err(
+                                "bad-image",
+                                sp("image"),
+                                format!(
+                                    "image `{img}` needs exactly one of `recipe` or `reference`"
+                                ),
+                            );
+                            None
+                        }
+                        // QEMU images may name a root filesystem recipe directly.
+                        None => {
+                            (backend == BackendKind::Qemu).then(|| ImageSource::Recipe(img.clone()))
+                        }
                     }
-                    // QEMU images may name a root filesystem recipe directly.
-                    None => (backend == BackendKind::Qemu).then(|| ImageSource::Recipe(img.clone())),
-                },
+                }
                 _ => None,
             };
             let (sysctl_set, sysctls) = if allowed.contains(&"sysctl") {
@@ -493,8 +695,12 @@ impl Validator<'_> {
                 match sysctl_sets.get(&s) {
                     Some(v) => (Some(s), v.clone()),
                     None => {
-                        self.err("bad-axis-value", sp("sysctl"), format!("no sysctl set named `{s}`"))
-                            .help(format!("define [sysctl-set.{s}]"));
+                        self.err(
+                            "bad-axis-value",
+                            sp("sysctl"),
+                            format!("no sysctl set named `{s}`"),
+                        )
+                        .help(format!("define [sysctl-set.{s}]"));
                         (None, BTreeMap::new())
                     }
                 }
@@ -508,7 +714,8 @@ impl Validator<'_> {
                     id.push_str(&axis_label(k, &val(k)));
                 }
             }
-            let mut axes: BTreeMap<String, String> = c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+            let mut axes: BTreeMap<String, String> =
+                c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
             axes.insert("backend".into(), backend.as_str().into());
             axes.insert("environment".into(), name.clone());
             out.push(Environment {
@@ -537,17 +744,29 @@ impl Validator<'_> {
                     || p.privileged
                     || p.systempaths_unconfined
                     || !p.security_opt.is_empty()
-                    || p.seccomp.as_deref().is_some_and(|s| s != "none" && s != "deny-userns");
+                    || p.seccomp
+                        .as_deref()
+                        .is_some_and(|s| s != "none" && s != "deny-userns");
                 if docker_only {
                     self.err("profile-backend", sp.clone(), format!("profile `{}` uses settings only a docker environment has", p.name))
                         .help("a host profile may set seccomp = \"deny-userns\", no-new-privileges, bounding-set, userns-limit");
                 }
                 if p.seccomp.as_deref() == Some("deny-userns") && p.userns_limit.is_some() {
-                    self.err("profile-backend", sp, format!("profile `{}`: seccomp deny-userns and userns-limit cannot combine", p.name));
+                    self.err(
+                        "profile-backend",
+                        sp,
+                        format!(
+                            "profile `{}`: seccomp deny-userns and userns-limit cannot combine",
+                            p.name
+                        ),
+                    );
                 }
             }
             BackendKind::Docker => {
-                if p.bounding_set.is_some() || p.userns_limit.is_some() || p.seccomp.as_deref() == Some("deny-userns") {
+                if p.bounding_set.is_some()
+                    || p.userns_limit.is_some()
+                    || p.seccomp.as_deref() == Some("deny-userns")
+                {
                     self.err("profile-backend", sp, format!("profile `{}` uses settings only the host backend has", p.name))
                         .help("a docker profile uses seccomp (default/unconfined/file.json), cap-add, cap-drop, no-new-privileges, privileged, systempaths-unconfined, security-opt");
                 }
@@ -564,18 +783,31 @@ impl Validator<'_> {
             "bwrap" => BWRAP_AXES,
             "codex" => CODEX_AXES,
             other => {
-                self.err("bad-value", span(&r.kind), format!("unknown subject kind `{other}`")).help("use bwrap or codex");
+                self.err(
+                    "bad-value",
+                    span(&r.kind),
+                    format!("unknown subject kind `{other}`"),
+                )
+                .help("use bwrap or codex");
                 return Vec::new();
             }
         };
-        let given: [(&'static str, &Option<SValue>); 4] =
-            [("build", &r.build), ("setuid", &r.setuid), ("argv", &r.argv), ("version", &r.version)];
+        let given: [(&'static str, &Option<SValue>); 4] = [
+            ("build", &r.build),
+            ("setuid", &r.setuid),
+            ("argv", &r.argv),
+            ("version", &r.version),
+        ];
         let mut axes = Vec::new();
         for (k, v) in given {
             match (v, allowed.contains(&k)) {
                 (Some(v), false) => {
-                    self.err("unknown-axis", span(v), format!("a {kind} subject has no axis `{k}`"))
-                        .help(format!("its axes are: {}", allowed.join(", ")));
+                    self.err(
+                        "unknown-axis",
+                        span(v),
+                        format!("a {kind} subject has no axis `{k}`"),
+                    )
+                    .help(format!("its axes are: {}", allowed.join(", ")));
                 }
                 (Some(v), true) => {
                     let vals = self.values(k, v);
@@ -591,7 +823,11 @@ impl Validator<'_> {
                     match d {
                         Some(d) => axes.push((k, vec![(d.to_string(), None)])),
                         None => {
-                            self.err("missing-axis", span(&r.name), format!("subject `{name}` ({kind}) needs `{k}`"));
+                            self.err(
+                                "missing-axis",
+                                span(&r.name),
+                                format!("subject `{name}` ({kind}) needs `{k}`"),
+                            );
                         }
                     }
                 }
@@ -603,7 +839,11 @@ impl Validator<'_> {
         }
         let combos = self.expand(&format!("subject `{name}`"), axes, &r.exclude, &r.include);
         if combos.is_empty() {
-            self.err("empty-product", span(s), format!("subject `{name}` expands to nothing"));
+            self.err(
+                "empty-product",
+                span(s),
+                format!("subject `{name}` expands to nothing"),
+            );
         }
         let mut out = Vec::new();
         for c in combos {
@@ -612,14 +852,22 @@ impl Validator<'_> {
             let (id, spec) = if kind == "bwrap" {
                 let build = val("build");
                 if build != "system" && !build.starts_with('/') {
-                    self.err("bad-axis-value", sp("build"), format!("build `{build}` is neither `system` nor an absolute path"));
+                    self.err(
+                        "bad-axis-value",
+                        sp("build"),
+                        format!("build `{build}` is neither `system` nor an absolute path"),
+                    );
                 }
                 let setuid = match val("setuid").as_str() {
                     "true" => SetuidMode::Force,
                     "false" => SetuidMode::Never,
                     "as-is" => SetuidMode::AsIs,
                     other => {
-                        self.err("bad-axis-value", sp("setuid"), format!("setuid `{other}` is not true, false or \"as-is\""));
+                        self.err(
+                            "bad-axis-value",
+                            sp("setuid"),
+                            format!("setuid `{other}` is not true, false or \"as-is\""),
+                        );
                         SetuidMode::AsIs
                     }
                 };
@@ -627,37 +875,72 @@ impl Validator<'_> {
                     "codex" => ArgvProfile::Codex,
                     "codex-legacy" => ArgvProfile::CodexLegacy,
                     other => {
-                        self.err("bad-axis-value", sp("argv"), format!("argv profile `{other}` is unknown"))
-                            .help("use codex or codex-legacy");
+                        self.err(
+                            "bad-axis-value",
+                            sp("argv"),
+                            format!("argv profile `{other}` is unknown"),
+                        )
+                        .help("use codex or codex-legacy");
                         ArgvProfile::Codex
                     }
                 };
-                let build_label = if build == "system" { build.clone() } else { sanitize(&build) };
+                let build_label = if build == "system" {
+                    build.clone()
+                } else {
+                    sanitize(&build)
+                };
                 let suid = match setuid {
                     SetuidMode::Force => "+setuid",
                     SetuidMode::Never => "",
                     SetuidMode::AsIs => "+as-is",
                 };
-                (format!("{name}-{build_label}{suid}+{}", argv.as_str()), SubjectSpec::Bwrap { build, setuid, argv })
+                (
+                    format!("{name}-{build_label}{suid}+{}", argv.as_str()),
+                    SubjectSpec::Bwrap {
+                        build,
+                        setuid,
+                        argv,
+                    },
+                )
             } else {
                 let version = val("version");
-                (format!("{name}-{version}"), SubjectSpec::Codex { version, codex_bin: PathBuf::new() })
+                (
+                    format!("{name}-{version}"),
+                    SubjectSpec::Codex {
+                        version,
+                        codex_bin: PathBuf::new(),
+                    },
+                )
             };
-            let mut axes: BTreeMap<String, String> = c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+            let mut axes: BTreeMap<String, String> =
+                c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
             axes.insert("subject".into(), name.clone());
             axes.insert("kind".into(), kind.into());
-            out.push(Subject { id, name: name.clone(), axes, spec });
+            out.push(Subject {
+                id,
+                name: name.clone(),
+                axes,
+                spec,
+            });
         }
         out
     }
 
-    fn cells(&mut self, envs: &[Environment], subjects: &[Subject], sets: &[(String, Vec<ScenarioRef>)]) -> Vec<Cell> {
+    fn cells(
+        &mut self,
+        envs: &[Environment],
+        subjects: &[Subject],
+        sets: &[(String, Vec<ScenarioRef>)],
+    ) -> Vec<Cell> {
         let known = all_axes();
         for ex in &self.raw.exclude {
             for (k, v) in ex.get_ref() {
                 if !known.contains(k.as_str()) {
                     self.err("unknown-axis", span(v), format!("no axis `{k}`"))
-                        .help(format!("axes are: {}", known.iter().copied().collect::<Vec<_>>().join(", ")));
+                        .help(format!(
+                            "axes are: {}",
+                            known.iter().copied().collect::<Vec<_>>().join(", ")
+                        ));
                 }
             }
         }
@@ -672,10 +955,20 @@ impl Validator<'_> {
             let expect = match (&r.fail, r.pass) {
                 (Some(sig), None) | (Some(sig), Some(false)) => {
                     if signature::by_name(sig.get_ref()).is_none() {
-                        self.err("unknown-signature", span(sig), format!("no signature named `{}`", sig.get_ref()))
-                            .help(format!("known: {}", signature::names().collect::<Vec<_>>().join(", ")));
+                        self.err(
+                            "unknown-signature",
+                            span(sig),
+                            format!("no signature named `{}`", sig.get_ref()),
+                        )
+                        .help(format!(
+                            "known: {}",
+                            signature::names().collect::<Vec<_>>().join(", ")
+                        ));
                     }
-                    Expectation::Fail { signature: sig.get_ref().clone(), reason: r.reason.clone() }
+                    Expectation::Fail {
+                        signature: sig.get_ref().clone(),
+                        reason: r.reason.clone(),
+                    }
                 }
                 (None, Some(true)) => Expectation::Pass,
                 _ => {
@@ -698,7 +991,12 @@ impl Validator<'_> {
                         axes.insert("scenario".into(), sc.name.clone());
                         axes.insert("id".into(), id.clone());
                         let get = |k: &str| axes.get(k).cloned();
-                        if self.raw.exclude.iter().any(|e| selector_matches(e.get_ref(), &get)) {
+                        if self
+                            .raw
+                            .exclude
+                            .iter()
+                            .any(|e| selector_matches(e.get_ref(), &get))
+                        {
                             continue;
                         }
                         let expect = rules
@@ -724,22 +1022,44 @@ impl Validator<'_> {
         }
         for (id, n) in ids {
             if n > 1 {
-                self.err("duplicate-id", None, format!("{n} cells have the id `{id}`"))
-                    .help("give the environments or subjects distinct names");
+                self.err(
+                    "duplicate-id",
+                    None,
+                    format!("{n} cells have the id `{id}`"),
+                )
+                .help("give the environments or subjects distinct names");
             }
         }
-        let env_names: Vec<_> = self.raw.environment.iter().map(|e| e.get_ref().name.clone()).collect();
+        let env_names: Vec<_> = self
+            .raw
+            .environment
+            .iter()
+            .map(|e| e.get_ref().name.clone())
+            .collect();
         let mut seen = BTreeSet::new();
         for n in env_names {
             if !seen.insert(n.get_ref().clone()) {
-                self.err("duplicate-id", span(&n), format!("environment name `{}` is used twice", n.get_ref()));
+                self.err(
+                    "duplicate-id",
+                    span(&n),
+                    format!("environment name `{}` is used twice", n.get_ref()),
+                );
             }
         }
-        let subj_names: Vec<_> = self.raw.subject.iter().map(|s| s.get_ref().name.clone()).collect();
+        let subj_names: Vec<_> = self
+            .raw
+            .subject
+            .iter()
+            .map(|s| s.get_ref().name.clone())
+            .collect();
         let mut seen = BTreeSet::new();
         for n in subj_names {
             if !seen.insert(n.get_ref().clone()) {
-                self.err("duplicate-id", span(&n), format!("subject name `{}` is used twice", n.get_ref()));
+                self.err(
+                    "duplicate-id",
+                    span(&n),
+                    format!("subject name `{}` is used twice", n.get_ref()),
+                );
             }
         }
         if cells.is_empty() && self.diags.is_empty() {
@@ -754,7 +1074,10 @@ fn varying_axes(combos: &[Combo]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     if let Some(first) = combos.first() {
         for k in first.keys() {
-            if combos.iter().any(|c| c.get(k).map(|v| &v.0) != first.get(k).map(|v| &v.0)) {
+            if combos
+                .iter()
+                .any(|c| c.get(k).map(|v| &v.0) != first.get(k).map(|v| &v.0))
+            {
                 out.insert(k.clone());
             }
         }
@@ -765,7 +1088,13 @@ fn varying_axes(combos: &[Combo]) -> BTreeSet<String> {
 fn axis_label(k: &str, v: &str) -> String {
     match k {
         "uid" => format!("uid{v}"),
-        "read-only" => if v == "true" { "ro".into() } else { "rw".into() },
+        "read-only" => {
+            if v == "true" {
+                "ro".into()
+            } else {
+                "rw".into()
+            }
+        }
         _ => sanitize(v),
     }
 }
@@ -787,8 +1116,10 @@ fn glob_eq(pattern: &str, value: &str) -> bool {
     if pattern == value {
         return true;
     }
-    if pattern.contains(['*', '?', '[']) {
-        return Glob::new(pattern).map(|g| g.compile_matcher().is_match(value)).unwrap_or(false);
+    if pattern.contains(['*', '?', '[', '{']) {
+        return Glob::new(pattern)
+            .map(|g| g.compile_matcher().is_match(value))
+            .unwrap_or(false);
     }
     false
 }
@@ -826,7 +1157,12 @@ impl Filter {
 
     pub fn matches(&self, cell: &Cell) -> bool {
         self.exprs.iter().all(|(k, v)| match k {
-            None => glob_eq(v, &cell.id) || Glob::new(v).map(|g| g.compile_matcher().is_match(&cell.id)).unwrap_or(false),
+            None => {
+                glob_eq(v, &cell.id)
+                    || Glob::new(v)
+                        .map(|g| g.compile_matcher().is_match(&cell.id))
+                        .unwrap_or(false)
+            }
             Some(k) if k == "id" => glob_eq(v, &cell.id),
             Some(k) => cell.axes.get(k).is_some_and(|have| glob_eq(v, have)),
         })

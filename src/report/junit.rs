@@ -38,7 +38,10 @@ pub fn render(run: &RunResults) -> String {
 }
 
 fn testcase(c: &CellResult) -> TestCase {
-    let name = c.id.strip_prefix(&format!("{}/", c.environment)).unwrap_or(&c.id).to_string();
+    let name =
+        c.id.strip_prefix(&format!("{}/", c.environment))
+            .unwrap_or(&c.id)
+            .to_string();
     let status = match c.status {
         Status::Pass | Status::Xfail => TestCaseStatus::success(),
         Status::Fail | Status::Xpass => {

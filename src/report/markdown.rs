@@ -16,16 +16,28 @@ pub fn render(run: &RunResults) -> String {
         run.matrix,
         run.started,
         run.duration_ms as f64 / 1000.0,
-        run.host.get("kernel.osrelease").map(String::as_str).unwrap_or("?"),
-        run.interrupted.as_ref().map(|r| format!(" **The run was stopped early: {r}.**")).unwrap_or_default()
+        run.host
+            .get("kernel.osrelease")
+            .map(String::as_str)
+            .unwrap_or("?"),
+        run.interrupted
+            .as_ref()
+            .map(|r| format!(" **The run was stopped early: {r}.**"))
+            .unwrap_or_default()
     );
-    let _ = writeln!(md, "| cells | {} |", Status::ALL.map(|s| s.as_str()).join(" | "));
+    let _ = writeln!(
+        md,
+        "| cells | {} |",
+        Status::ALL.map(|s| s.as_str()).join(" | ")
+    );
     let _ = writeln!(md, "|---|{}|", Status::ALL.map(|_| "---").join("|"));
     let _ = writeln!(
         md,
         "| {} | {} |\n",
         run.cells.len(),
-        Status::ALL.map(|s| counts.get(&s).copied().unwrap_or(0).to_string()).join(" | ")
+        Status::ALL
+            .map(|s| counts.get(&s).copied().unwrap_or(0).to_string())
+            .join(" | ")
     );
     let _ = writeln!(
         md,
@@ -52,12 +64,31 @@ pub fn render(run: &RunResults) -> String {
             }
         }
         let _ = writeln!(md, "## Scenario set `{set}`\n");
-        let _ = writeln!(md, "| environment | {} |", subjects.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(" | "));
-        let _ = writeln!(md, "|---|{}|", subjects.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+        let _ = writeln!(
+            md,
+            "| environment | {} |",
+            subjects
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(
+            md,
+            "|---|{}|",
+            subjects.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+        );
         for env in &envs {
             let row: Vec<String> = subjects
                 .iter()
-                .map(|s| grid_cell(cells.iter().filter(|c| c.environment == *env && c.subject == *s).copied()))
+                .map(|s| {
+                    grid_cell(
+                        cells
+                            .iter()
+                            .filter(|c| c.environment == *env && c.subject == *s)
+                            .copied(),
+                    )
+                })
                 .collect();
             let _ = writeln!(md, "| `{env}` | {} |", row.join(" | "));
         }
@@ -70,12 +101,21 @@ pub fn render(run: &RunResults) -> String {
         for c in bad {
             let _ = writeln!(md, "### {} `{}`\n", c.status.as_str(), c.id);
             let _ = writeln!(md, "- expected: {}", expectation_text(c));
-            let _ = writeln!(md, "- observed: `{}` — {}", c.observed, one_line(&c.message));
+            let _ = writeln!(
+                md,
+                "- observed: `{}` — {}",
+                c.observed,
+                one_line(&c.message)
+            );
             if let Some(r) = &c.remedy {
                 let _ = writeln!(md, "- remedy: {r}");
             }
             if !c.stderr_tail.trim().is_empty() {
-                let _ = writeln!(md, "\n```text\n{}\n```", last_lines(&c.stderr_tail, 8).replace("```", "`​``"));
+                let _ = writeln!(
+                    md,
+                    "\n```text\n{}\n```",
+                    last_lines(&c.stderr_tail, 8).replace("```", "`\u{200B}``")
+                );
             }
             md.push('\n');
         }
@@ -83,7 +123,10 @@ pub fn render(run: &RunResults) -> String {
 
     let mut xfail: BTreeMap<&str, Vec<&CellResult>> = BTreeMap::new();
     for c in run.cells.iter().filter(|c| c.status == Status::Xfail) {
-        xfail.entry(c.signature.as_deref().unwrap_or("?")).or_default().push(c);
+        xfail
+            .entry(c.signature.as_deref().unwrap_or("?"))
+            .or_default()
+            .push(c);
     }
     if !xfail.is_empty() {
         let _ = writeln!(md, "## Expected failures, by signature\n");
@@ -98,14 +141,21 @@ pub fn render(run: &RunResults) -> String {
                 md,
                 "| `{sig}` | {} | {} | {} |",
                 cs.len(),
-                envs.iter().map(|e| format!("`{e}`")).collect::<Vec<_>>().join(", "),
+                envs.iter()
+                    .map(|e| format!("`{e}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 crate::sandbox::signature::remedy(sig)
             );
         }
         md.push('\n');
     }
 
-    let skipped: Vec<&CellResult> = run.cells.iter().filter(|c| c.status == Status::Skip).collect();
+    let skipped: Vec<&CellResult> = run
+        .cells
+        .iter()
+        .filter(|c| c.status == Status::Skip)
+        .collect();
     if !skipped.is_empty() {
         let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
         for c in skipped {
@@ -135,8 +185,15 @@ fn grid_cell<'a>(cells: impl Iterator<Item = &'a CellResult>) -> String {
         }
         ms += c.duration_ms;
     }
-    let parts: Vec<String> = by.iter().map(|(s, n)| format!("{} {n}", s.mark())).collect();
-    let sig = sigs.iter().max_by_key(|(_, n)| **n).map(|(s, _)| format!(" `{s}`")).unwrap_or_default();
+    let parts: Vec<String> = by
+        .iter()
+        .map(|(s, n)| format!("{} {n}", s.mark()))
+        .collect();
+    let sig = sigs
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(s, _)| format!(" `{s}`"))
+        .unwrap_or_default();
     format!("{}{sig} ({:.2} s)", parts.join(" "), ms as f64 / 1000.0)
 }
 
@@ -152,7 +209,11 @@ fn expectation_text(c: &CellResult) -> String {
 
 fn one_line(s: &str) -> String {
     let s = s.replace('\n', " ⏎ ");
-    if s.chars().count() > 400 { format!("{}…", s.chars().take(400).collect::<String>()) } else { s }
+    if s.chars().count() > 400 {
+        format!("{}…", s.chars().take(400).collect::<String>())
+    } else {
+        s
+    }
 }
 
 fn last_lines(s: &str, n: usize) -> String {

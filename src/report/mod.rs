@@ -17,7 +17,10 @@ pub fn write_all(run: &RunResults, dir: &Path) -> Result<()> {
         let p = dir.join(name);
         std::fs::write(&p, text).with_context(|| format!("failed to write {}", p.display()))
     };
-    w("results.json", serde_json::to_string_pretty(run).expect("results serialise") + "\n")?;
+    w(
+        "results.json",
+        serde_json::to_string_pretty(run).expect("results serialise") + "\n",
+    )?;
     w("junit.xml", junit::render(run))?;
     w("report.md", markdown::render(run))?;
     Ok(())
@@ -36,7 +39,11 @@ pub fn timestamp_utc() -> String {
 /// A run name from the time: `20261126-173238`.
 pub fn run_name_now() -> String {
     let t = timestamp_utc();
-    format!("{}-{}", t[..10].replace('-', ""), t[11..19].replace(':', ""))
+    format!(
+        "{}-{}",
+        t[..10].replace('-', ""),
+        t[11..19].replace(':', "")
+    )
 }
 
 /// Unix seconds → (year, month, day, hour, minute, second), proleptic Gregorian, UTC.
@@ -53,7 +60,14 @@ fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, (rem / 3600) as u32, (rem % 3600 / 60) as u32, (rem % 60) as u32)
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        (rem % 3600 / 60) as u32,
+        (rem % 60) as u32,
+    )
 }
 
 #[cfg(test)]

@@ -25,8 +25,14 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 6] =
-        [Status::Pass, Status::Fail, Status::Xfail, Status::Xpass, Status::Error, Status::Skip];
+    pub const ALL: [Status; 6] = [
+        Status::Pass,
+        Status::Fail,
+        Status::Xfail,
+        Status::Xpass,
+        Status::Error,
+        Status::Skip,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -99,20 +105,30 @@ pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
         },
         Outcome::Failed { signature, message } => {
             let status = match &cell.expect {
-                Expectation::Fail { signature: want, .. } if want == signature => Status::Xfail,
+                Expectation::Fail {
+                    signature: want, ..
+                } if want == signature => Status::Xfail,
                 _ => Status::Fail,
             };
             let msg = match (&cell.expect, status) {
-                (Expectation::Fail { signature: want, .. }, Status::Fail) => {
+                (
+                    Expectation::Fail {
+                        signature: want, ..
+                    },
+                    Status::Fail,
+                ) => {
                     format!("expected {want}, got {signature}: {message}")
                 }
                 _ => message.clone(),
             };
             (status, signature.clone(), Some(signature.clone()), msg)
         }
-        Outcome::Error { stage, message } => {
-            (Status::Error, "error".into(), None, format!("{stage}: {message}"))
-        }
+        Outcome::Error { stage, message } => (
+            Status::Error,
+            "error".into(),
+            None,
+            format!("{stage}: {message}"),
+        ),
         Outcome::Skipped { reason } => (Status::Skip, "skip".into(), None, reason.clone()),
     };
     let remedy = signature

@@ -14,7 +14,9 @@ pub struct BwrapFeatures {
 
 impl BwrapFeatures {
     pub fn from_help(help: &str) -> Self {
-        BwrapFeatures { argv0: help.contains("--argv0") }
+        BwrapFeatures {
+            argv0: help.contains("--argv0"),
+        }
     }
 }
 
@@ -73,7 +75,10 @@ mod tests {
     use super::*;
 
     fn s(v: &[OsString]) -> String {
-        v.iter().map(|x| x.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        v.iter()
+            .map(|x| x.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -81,13 +86,23 @@ mod tests {
         let cmd = [OsString::from("/x/apply_patch"), OsString::from("PATCH")];
         let ws = Path::new("/nonexistent-ws");
         assert_eq!(
-            s(&build(ArgvProfile::Codex, BwrapFeatures { argv0: true }, ws, &cmd)),
+            s(&build(
+                ArgvProfile::Codex,
+                BwrapFeatures { argv0: true },
+                ws,
+                &cmd
+            )),
             "--new-session --die-with-parent --ro-bind / / --dev /dev --bind /nonexistent-ws \
              /nonexistent-ws --unshare-user --unshare-pid --unshare-net --proc /proc --chdir \
              /nonexistent-ws --argv0 apply_patch -- /x/apply_patch PATCH"
         );
         assert_eq!(
-            s(&build(ArgvProfile::CodexLegacy, BwrapFeatures::default(), ws, &cmd)),
+            s(&build(
+                ArgvProfile::CodexLegacy,
+                BwrapFeatures::default(),
+                ws,
+                &cmd
+            )),
             "--new-session --die-with-parent --ro-bind / / --dev-bind /dev/null /dev/null --bind \
              /nonexistent-ws /nonexistent-ws --unshare-pid --unshare-net --proc /proc --chdir \
              /nonexistent-ws -- /x/apply_patch PATCH"
@@ -98,7 +113,12 @@ mod tests {
     fn git_dir_is_read_only() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join(".git")).unwrap();
-        let argv = s(&build(ArgvProfile::Codex, BwrapFeatures::default(), d.path(), &[]));
+        let argv = s(&build(
+            ArgvProfile::Codex,
+            BwrapFeatures::default(),
+            d.path(),
+            &[],
+        ));
         let g = d.path().join(".git");
         assert!(argv.contains(&format!("--ro-bind {} {}", g.display(), g.display())));
     }

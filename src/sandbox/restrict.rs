@@ -14,18 +14,65 @@ use crate::agent::protocol::Restrictions;
 
 /// Capability names in kernel order (`CAP_CHOWN` = 0 ...).
 const CAP_NAMES: &[&str] = &[
-    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
-    "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
-    "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
-    "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
-    "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
-    "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore",
+    "chown",
+    "dac_override",
+    "dac_read_search",
+    "fowner",
+    "fsetid",
+    "kill",
+    "setgid",
+    "setuid",
+    "setpcap",
+    "linux_immutable",
+    "net_bind_service",
+    "net_broadcast",
+    "net_admin",
+    "net_raw",
+    "ipc_lock",
+    "ipc_owner",
+    "sys_module",
+    "sys_rawio",
+    "sys_chroot",
+    "sys_ptrace",
+    "sys_pacct",
+    "sys_admin",
+    "sys_boot",
+    "sys_nice",
+    "sys_resource",
+    "sys_time",
+    "sys_tty_config",
+    "mknod",
+    "lease",
+    "audit_write",
+    "audit_control",
+    "setfcap",
+    "mac_override",
+    "mac_admin",
+    "syslog",
+    "wake_alarm",
+    "block_suspend",
+    "audit_read",
+    "perfmon",
+    "bpf",
+    "checkpoint_restore",
 ];
 
 /// Docker's default capability set (moby's `DefaultCapabilities`).
 pub const DOCKER_DEFAULT_CAPS: &[&str] = &[
-    "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
-    "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
 ];
 
 /// `CAP_SYS_ADMIN` or `sys_admin` → 21.
@@ -99,9 +146,18 @@ impl Prepared {
         // Installed while still root: with CAP_SYS_ADMIN no no-new-privileges is needed, which
         // would otherwise hide the setuid bit and change what is being measured.
         if let Some(prog) = &self.seccomp {
-            let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut _ };
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_ptr() as *mut _,
+            };
             check(unsafe {
-                libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &fprog as *const _, 0, 0)
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &fprog as *const _,
+                    0,
+                    0,
+                )
             })?;
         }
         if self.uid != 0 || self.gid != 0 {
@@ -111,6 +167,9 @@ impl Prepared {
             check(unsafe { libc::setresuid(self.uid, self.uid, self.uid) })?;
         }
         if let Some(limit) = &self.userns_limit {
+            // Changing uid made us non-dumpable, which leaves /proc/self/* owned by root: the
+            // maps below could not be written.
+            check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })?;
             check(unsafe { libc::unshare(libc::CLONE_NEWUSER) })?;
             write_file(c"/proc/self/setgroups", c"deny")?;
             write_file(c"/proc/self/uid_map", &self.uid_map)?;
@@ -125,7 +184,11 @@ impl Prepared {
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn write_file(path: &std::ffi::CStr, data: &std::ffi::CStr) -> io::Result<()> {
@@ -163,17 +226,28 @@ const NR_CLONE3: u32 = 435;
 /// without CAP_SYS_ADMIN, restricted to the user-namespace question.
 pub fn deny_userns_filter() -> Vec<libc::sock_filter> {
     use libc::{
-        BPF_ABS, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W, EPERM, ENOSYS,
+        BPF_ABS, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W, ENOSYS, EPERM,
         SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO,
     };
-    let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
     const ARCH: u32 = 4;
     const NR: u32 = 0;
     const ARG0_LO: u32 = 16;
     vec![
         /* 0 */ stmt(BPF_LD | BPF_W | BPF_ABS, ARCH),
-        /* 1 */ jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 6), // other arch: allow
+        /* 1 */
+        jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 6), // other arch: allow
         /* 2 */ stmt(BPF_LD | BPF_W | BPF_ABS, NR),
         /* 3 */ jump(BPF_JMP | BPF_JEQ | BPF_K, NR_CLONE3, 6, 0),
         /* 4 */ jump(BPF_JMP | BPF_JEQ | BPF_K, NR_CLONE, 1, 0),
@@ -215,16 +289,32 @@ mod tests {
         }
         // instruction 1's false branch (other arch) must be ALLOW, 3's true branch ENOSYS.
         assert_eq!(f[1 + 1 + 6].k, libc::SECCOMP_RET_ALLOW);
-        assert_eq!(f[3 + 1 + 6].k, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
+        assert_eq!(
+            f[3 + 1 + 6].k,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
         assert_eq!(f[7 + 1 + 1].k, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32);
     }
 
     #[test]
     fn conflicting_restrictions_are_refused() {
-        let r = Restrictions { seccomp_deny_userns: true, userns_limit: Some(0), ..Default::default() };
-        assert!(matches!(Prepared::new(&r, 1000, 1000), Err(RestrictError::Conflict)));
-        let r = Restrictions { bounding_set: Some(vec!["bogus".into()]), ..Default::default() };
-        assert!(matches!(Prepared::new(&r, 1000, 1000), Err(RestrictError::UnknownCap(_))));
+        let r = Restrictions {
+            seccomp_deny_userns: true,
+            userns_limit: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Prepared::new(&r, 1000, 1000),
+            Err(RestrictError::Conflict)
+        ));
+        let r = Restrictions {
+            bounding_set: Some(vec!["bogus".into()]),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Prepared::new(&r, 1000, 1000),
+            Err(RestrictError::UnknownCap(_))
+        ));
     }
 
     /// The filter, installed for real in a child, denies exactly user namespaces.
@@ -234,7 +324,10 @@ mod tests {
             eprintln!("SKIP filter_denies_userns_for_real: needs root (CAP_SYS_ADMIN)");
             return;
         }
-        let r = Restrictions { seccomp_deny_userns: true, ..Default::default() };
+        let r = Restrictions {
+            seccomp_deny_userns: true,
+            ..Default::default()
+        };
         let mut cmd = Command::new("unshare");
         cmd.args(["-U", "true"]);
         Prepared::new(&r, 0, 0).unwrap().apply_to(&mut cmd);
@@ -244,6 +337,9 @@ mod tests {
         let mut cmd = Command::new("unshare");
         cmd.args(["-m", "true"]);
         Prepared::new(&r, 0, 0).unwrap().apply_to(&mut cmd);
-        assert!(cmd.status().unwrap().success(), "a mount namespace stays allowed");
+        assert!(
+            cmd.status().unwrap().success(),
+            "a mount namespace stays allowed"
+        );
     }
 }

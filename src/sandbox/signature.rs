@@ -14,7 +14,9 @@ impl Pattern {
     fn matches(self, text: &str) -> bool {
         match self {
             Pattern::Contains(s) => text.contains(s),
-            Pattern::Both(a, b) => text.find(a).is_some_and(|i| text[i + a.len()..].contains(b)),
+            Pattern::Both(a, b) => text
+                .find(a)
+                .is_some_and(|i| text[i + a.len()..].contains(b)),
         }
     }
 }
@@ -67,7 +69,7 @@ static TABLE: &[Signature] = &[
         mechanism: "clone(CLONE_NEWUSER) gives EPERM: a seccomp filter (Docker's default profile), kernel.unprivileged_userns_clone=0, or no CAP_SYS_ADMIN for a privileged path",
         remedy: "run the container with seccomp=unconfined (plus the capabilities bwrap needs), set kernel.unprivileged_userns_clone=1, or make bwrap setuid where seccomp allows it",
         patterns: &[
-            Contains("No permissions to create"),
+            Contains("No permissions to creat"),
             Both("Creating new namespace failed", "Operation not permitted"),
             Both("unshare", "Operation not permitted"),
             Both("clone", "Operation not permitted"),
@@ -77,7 +79,10 @@ static TABLE: &[Signature] = &[
         name: "capset-denied",
         mechanism: "setuid bwrap cannot keep the capabilities it needs: the bounding set lacks one of SYS_ADMIN, NET_ADMIN, SYS_PTRACE, SETUID, SETGID, SYS_CHROOT",
         remedy: "add the missing capabilities to the container (e.g. cap_add NET_ADMIN next to SYS_ADMIN), or use an unprivileged bwrap where user namespaces are allowed",
-        patterns: &[Contains("capset failed"), Contains("Unexpected capabilities")],
+        patterns: &[
+            Contains("capset failed"),
+            Contains("Unexpected capabilities"),
+        ],
     },
     Signature {
         name: "proc-mount-denied",
@@ -91,7 +96,16 @@ static TABLE: &[Signature] = &[
         remedy: "allow the program in AppArmor (an unconfined profile for bwrap) or set kernel.apparmor_restrict_unprivileged_userns=0",
         patterns: &[
             Contains("setting up uid map"),
+            Contains("setting up gid map"),
+        ],
+    },
+    Signature {
+        name: "net-setup-denied",
+        mechanism: "bwrap could not bring up loopback in its new network namespace: no CAP_NET_ADMIN there (root in a container without NET_ADMIN, running bwrap in privileged mode), or an AppArmor userns restriction",
+        remedy: "add NET_ADMIN to the container (cap_add), or let bwrap run unprivileged with a user namespace of its own",
+        patterns: &[
             Contains("Failed RTM_NEWADDR"),
+            Contains("Failed RTM_NEWLINK"),
             Contains("loopback: Failed"),
         ],
     },
@@ -101,6 +115,7 @@ static TABLE: &[Signature] = &[
         remedy: "check the container's mount propagation and security profile (AppArmor/SELinux)",
         patterns: &[
             Both("Can't", "mount"),
+            Contains("Can't mkdir parents"),
             Contains("Failed to make / slave"),
             Contains("Failed to mount tmpfs"),
         ],
@@ -187,7 +202,10 @@ pub fn classify(stderr: &str) -> Option<&'static Signature> {
         })
         .collect();
     for line in relevant {
-        if let Some(sig) = TABLE.iter().find(|s| s.patterns.iter().any(|p| p.matches(line))) {
+        if let Some(sig) = TABLE
+            .iter()
+            .find(|s| s.patterns.iter().any(|p| p.matches(line)))
+        {
             return Some(sig);
         }
     }
@@ -220,7 +238,10 @@ mod tests {
     #[test]
     fn bwrap_messages_by_build_and_mechanism() {
         let cases = [
-            ("bwrap: Creating new namespace failed: Operation not permitted", "userns-denied"),
+            (
+                "bwrap: Creating new namespace failed: Operation not permitted",
+                "userns-denied",
+            ),
             (
                 "bwrap: No permissions to creating new namespace, likely because the kernel does not allow non-privileged user namespaces. On e.g. debian this can be enabled with 'sysctl kernel.unprivileged_userns_clone=1'.",
                 "userns-denied",
@@ -233,17 +254,38 @@ mod tests {
                 "bwrap: Creating new namespace failed, likely because the kernel does not support user namespaces.  bwrap must be installed setuid on such systems.",
                 "userns-unsupported",
             ),
-            ("bwrap: Creating new namespace failed: Invalid argument", "userns-unsupported"),
+            (
+                "bwrap: Creating new namespace failed: Invalid argument",
+                "userns-unsupported",
+            ),
             (
                 "bwrap: Creating new namespace failed: nesting depth or /proc/sys/user/max_*_namespaces exceeded (ENOSPC)",
                 "userns-limit",
             ),
-            ("bwrap: Creating new namespace failed: No space left on device", "userns-limit"),
-            ("bwrap: capset failed: Operation not permitted", "capset-denied"),
-            ("bwrap: Can't mount proc on /newroot/proc: Operation not permitted", "proc-mount-denied"),
-            ("bwrap: setting up uid map: Permission denied", "uid-map-denied"),
-            ("bwrap: loopback: Failed RTM_NEWADDR: Operation not permitted", "uid-map-denied"),
-            ("bwrap: setuid use of bubblewrap is not supported", "setuid-refused"),
+            (
+                "bwrap: Creating new namespace failed: No space left on device",
+                "userns-limit",
+            ),
+            (
+                "bwrap: capset failed: Operation not permitted",
+                "capset-denied",
+            ),
+            (
+                "bwrap: Can't mount proc on /newroot/proc: Operation not permitted",
+                "proc-mount-denied",
+            ),
+            (
+                "bwrap: setting up uid map: Permission denied",
+                "uid-map-denied",
+            ),
+            (
+                "bwrap: loopback: Failed RTM_NEWADDR: No child processes",
+                "net-setup-denied",
+            ),
+            (
+                "bwrap: setuid use of bubblewrap is not supported",
+                "setuid-refused",
+            ),
             ("bwrap: Unknown option --argv0", "bwrap-option-unsupported"),
         ];
         for (text, want) in cases {
@@ -253,8 +295,14 @@ mod tests {
 
     #[test]
     fn apply_patch_messages_are_not_sandbox_failures() {
-        assert_eq!(name("Invalid patch: The first line of the patch must be '*** Begin Patch'"), None);
-        assert_eq!(name("Failed to find expected lines in a.txt:\nOperation not permitted"), None);
+        assert_eq!(
+            name("Invalid patch: The first line of the patch must be '*** Begin Patch'"),
+            None
+        );
+        assert_eq!(
+            name("Failed to find expected lines in a.txt:\nOperation not permitted"),
+            None
+        );
         assert_eq!(name(""), None);
     }
 

@@ -43,7 +43,10 @@ impl SubjectError {
     /// Whether this is the subject's own absence (a cell FAIL with `bwrap-missing`) rather than
     /// the harness failing (ERROR).
     pub fn is_missing(&self) -> bool {
-        matches!(self, SubjectError::Missing(_) | SubjectError::NoSuchBuild(_))
+        matches!(
+            self,
+            SubjectError::Missing(_) | SubjectError::NoSuchBuild(_)
+        )
     }
 }
 
@@ -55,7 +58,10 @@ pub struct Preparer {
 
 impl Preparer {
     pub fn new(dir: PathBuf) -> Self {
-        Preparer { dir, done: HashMap::new() }
+        Preparer {
+            dir,
+            done: HashMap::new(),
+        }
     }
 
     pub fn bwrap(&mut self, build: &str, mode: SetuidMode) -> Result<PreparedBwrap, SubjectError> {
@@ -77,13 +83,22 @@ impl Preparer {
             source: e,
         })?;
         let setuid_bit = meta.mode() & 0o4000 != 0 && meta.uid() == 0;
-        let p = PreparedBwrap { path, version, features, setuid_bit };
+        let p = PreparedBwrap {
+            path,
+            version,
+            features,
+            setuid_bit,
+        };
         self.done.insert(key, p.clone());
         Ok(p)
     }
 
     fn copy(&self, src: &Path, mode: u32, what: &'static str) -> Result<PathBuf, SubjectError> {
-        let err = |e| SubjectError::Copy { mode: what, src: src.to_path_buf(), source: e };
+        let err = |e| SubjectError::Copy {
+            mode: what,
+            src: src.to_path_buf(),
+            source: e,
+        };
         let dir = self.dir.join(what);
         fs::create_dir_all(&dir).map_err(err)?;
         // Only root may create the copy; everyone may run it.
@@ -102,8 +117,9 @@ impl Preparer {
 /// `system` → the first `bwrap` on PATH (as Codex picks it); otherwise the given path.
 pub fn resolve_build(build: &str) -> Result<PathBuf, SubjectError> {
     if build == "system" {
-        let path = std::env::var("PATH")
-            .unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        let path = std::env::var("PATH").unwrap_or_else(|_| {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+        });
         return path
             .split(':')
             .filter(|d| !d.is_empty())
@@ -112,7 +128,11 @@ pub fn resolve_build(build: &str) -> Result<PathBuf, SubjectError> {
             .ok_or(SubjectError::Missing(path));
     }
     let p = PathBuf::from(build);
-    if p.is_file() { Ok(p) } else { Err(SubjectError::NoSuchBuild(p)) }
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(SubjectError::NoSuchBuild(p))
+    }
 }
 
 fn run_text(bin: &Path, arg: &str) -> String {
@@ -128,7 +148,9 @@ fn run_text(bin: &Path, arg: &str) -> String {
 
 /// Whether `dir` is on a mount with `nosuid`.
 pub fn is_nosuid(dir: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid C string and a zeroed out-parameter.
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
@@ -141,8 +163,15 @@ mod tests {
 
     #[test]
     fn missing_builds() {
-        assert!(matches!(resolve_build("/nonexistent/bwrap"), Err(SubjectError::NoSuchBuild(_))));
-        assert!(resolve_build("/nonexistent/bwrap").unwrap_err().is_missing());
+        assert!(matches!(
+            resolve_build("/nonexistent/bwrap"),
+            Err(SubjectError::NoSuchBuild(_))
+        ));
+        assert!(
+            resolve_build("/nonexistent/bwrap")
+                .unwrap_err()
+                .is_missing()
+        );
     }
 
     #[test]

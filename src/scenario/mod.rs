@@ -311,7 +311,11 @@ fn describe(e: &Entry, a: &Entry) -> String {
     match (e, a) {
         (Entry::File(x), Entry::File(y)) => first_line_diff(x, y),
         (Entry::Link(x), Entry::Link(y)) => {
-            format!("symlink to {} expected, found symlink to {}", x.display(), y.display())
+            format!(
+                "symlink to {} expected, found symlink to {}",
+                x.display(),
+                y.display()
+            )
         }
         (Entry::Link(x), _) => format!("symlink to {} expected, found a file", x.display()),
         (_, Entry::Link(y)) => format!("a file expected, found symlink to {}", y.display()),
