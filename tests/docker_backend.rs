@@ -11,7 +11,7 @@ use nsmatrix::agent::protocol::{
     AgentEvent, ArgvProfile, BatchSpec, CellRecord, CellSpec, Outcome, PROTOCOL_VERSION,
     SetuidMode, SubjectSpec,
 };
-use nsmatrix::backend::docker::{DockerBackend, builtin_profiles, connect};
+use nsmatrix::backend::docker::{AgentPlacement, DockerBackend, builtin_profiles, connect};
 use nsmatrix::backend::{BackendEvent, BatchCtx, BatchError, Stage};
 use nsmatrix::matrix::model::{BackendKind, Environment, ImageSource};
 use tokio_util::sync::CancellationToken;
@@ -525,6 +525,8 @@ async fn measure_profiles_images_uids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busybox_only_image_runs_the_placed_static_agent() {
     let Some(d) = engine().await else { return };
+    // The upload path (what a remote engine gets): the agent travels in the tar.
+    let d = d.with_agent_placement(AgentPlacement::Upload);
     let tmp = tempfile::tempdir().unwrap();
     let sc = scenario(tmp.path());
     // A tree with /bin/busybox and /bin/sh only, busybox taken from the cached Debian rootfs.

@@ -123,27 +123,47 @@ impl DockerBackend {
             .map(|c| (c.id.clone(), Duration::from_millis(c.timeout_ms)))
             .collect();
 
-        let body = container_body(
-            image,
-            &sec,
-            seccomp_json,
-            &placement,
-            &ctx.run_id,
-            &ctx.batch_id,
-        );
         log.line(&format!(
             "nsmatrix: image {image}, environment {}, security {sec:?}, uid {}",
             env.id, spec.uid
         ))
         .await;
-        let created = self
-            .docker
-            .create_container(None::<CreateContainerOptions>, body)
-            .await
-            .map_err(|e| fail(Stage::Start, "create the container", &error_chain(&e)))?;
+        let mut mount_agent = self.mount_agent();
+        let created = loop {
+            let body = container_body(
+                image,
+                &sec,
+                seccomp_json.clone(),
+                &placement,
+                mount_agent.then_some(placement.agent_host.as_path()),
+                &ctx.run_id,
+                &ctx.batch_id,
+            );
+            match self
+                .docker
+                .create_container(None::<CreateContainerOptions>, body)
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if mount_agent && error_chain(&e).contains("bind source path") => {
+                    log.line(&format!(
+                        "nsmatrix: the engine cannot bind-mount the agent ({}); uploading it",
+                        error_chain(&e)
+                    ))
+                    .await;
+                    mount_agent = false;
+                }
+                Err(e) => return Err(fail(Stage::Start, "create the container", &error_chain(&e))),
+            }
+        };
         slot.set(created.id.clone());
         let id = created.id;
         log.line(&format!("nsmatrix: container {id}")).await;
+        let placement = if mount_agent {
+            placement.without_agent_upload()
+        } else {
+            placement
+        };
 
         self.upload(&id, placement)
             .await
@@ -256,6 +276,7 @@ fn container_body(
     sec: &SecuritySettings,
     seccomp_json: Option<String>,
     placement: &Placement,
+    agent_bind: Option<&std::path::Path>,
     run_id: &str,
     batch_id: &str,
 ) -> ContainerCreateBody {
@@ -278,6 +299,21 @@ fn container_body(
     ]);
     if let Some(o) = Owner::current() {
         labels.insert(LABEL_OWNER.to_string(), o.label());
+    }
+    let mut mounts = vec![Mount {
+        target: Some(PLACE_DIR.into()),
+        typ: Some(MountType::VOLUME),
+        ..Default::default()
+    }];
+    if let Some(agent) = agent_bind {
+        // Nested inside the volume: the engine mounts the shallower path first.
+        mounts.push(Mount {
+            source: Some(agent.display().to_string()),
+            target: Some(placement.spec.agent_bin.display().to_string()),
+            typ: Some(MountType::BIND),
+            read_only: Some(true),
+            ..Default::default()
+        });
     }
     ContainerCreateBody {
         image: Some(image.to_string()),
@@ -307,11 +343,7 @@ fn container_body(
                 WORK_MOUNT.to_string(),
                 "rw,exec,suid,mode=0755".to_string(),
             )])),
-            mounts: Some(vec![Mount {
-                target: Some(PLACE_DIR.into()),
-                typ: Some(MountType::VOLUME),
-                ..Default::default()
-            }]),
+            mounts: Some(mounts),
             init: Some(true),
             // Scenarios need no network, and no veth pair makes a container start faster.
             network_mode: Some("none".into()),
@@ -473,6 +505,8 @@ impl std::io::Write for ChanWriter {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::backend::docker::profile::builtin_profiles;
 
@@ -487,7 +521,7 @@ mod tests {
         )
         .unwrap();
         let placement = Placement::plan(&spec);
-        let body = container_body("img", &sec, None, &placement, "run1", "b");
+        let body = container_body("img", &sec, None, &placement, None, "run1", "b");
         assert_eq!(body.user.as_deref(), Some("0:0"));
         assert_eq!(body.labels.as_ref().unwrap()[LABEL_RUN], "run1");
         assert_eq!(
@@ -523,5 +557,30 @@ mod tests {
         assert_eq!(h.readonly_paths, Some(vec![]));
 
         assert_eq!(body_for("privileged", false).privileged, Some(true));
+    }
+
+    #[test]
+    fn agent_bind_mount_nests_in_the_volume() {
+        let spec: BatchSpec = serde_json::from_str(
+            r#"{"version":1,"batch-id":"b","work-dir":"/w","uid":0,"gid":0,"agent-bin":"/h/nsmatrix","cells":[]}"#,
+        )
+        .unwrap();
+        let placement = Placement::plan(&spec).without_agent_upload();
+        assert!(placement.entries.is_empty());
+        let sec = SecuritySettings::default();
+        let body = container_body(
+            "img",
+            &sec,
+            None,
+            &placement,
+            Some(Path::new("/h/nsmatrix")),
+            "r",
+            "b",
+        );
+        let mounts = body.host_config.unwrap().mounts.unwrap();
+        assert_eq!(mounts[0].target.as_deref(), Some(PLACE_DIR));
+        assert_eq!(mounts[1].source.as_deref(), Some("/h/nsmatrix"));
+        assert_eq!(mounts[1].target.as_deref(), Some("/nsmatrix/bin/nsmatrix"));
+        assert_eq!(mounts[1].read_only, Some(true));
     }
 }
