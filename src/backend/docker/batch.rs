@@ -3,7 +3,8 @@
 //! Why not a long-lived container plus `exec`: the agent is the only process a batch needs,
 //! and an image may hold no shell or `sleep` to keep a container alive (busybox-only,
 //! distroless). So the container is created with the agent as its command (as root; the agent
-//! drops to the batch's uid itself), the files are uploaded into its volume before it starts,
+//! drops to the batch's uid itself), the agent is bind-mounted read-only (local engines) or
+//! uploaded, the scenarios and spec are uploaded into its volume before it starts,
 //! and its output is attached before it starts, so no line is lost. docker-init is PID 1 and
 //! reaps what the sandboxes leave behind.
 
