@@ -36,12 +36,15 @@ pub struct Placement {
     /// Absolute path of the spec inside the container.
     pub spec_path: String,
     pub entries: Vec<Entry>,
+    /// The agent binary on the host (also the first entry, unless bind-mounted instead).
+    pub agent_host: PathBuf,
 }
 
 impl Placement {
     /// Plan where everything goes; pure (no file is read).
     pub fn plan(spec: &BatchSpec) -> Placement {
         let mut spec = spec.clone();
+        let agent_host = spec.agent_bin.clone();
         let mut entries = vec![Entry::File {
             host: spec.agent_bin.clone(),
             rel: "bin/nsmatrix".into(),
@@ -82,7 +85,15 @@ impl Placement {
             spec,
             spec_path: format!("{PLACE_DIR}/batch.json"),
             entries,
+            agent_host,
         }
+    }
+
+    /// The same placement with the agent bind-mounted at `spec.agent_bin` instead of uploaded.
+    pub fn without_agent_upload(mut self) -> Placement {
+        let agent = self.agent_host.clone();
+        self.entries.retain(|e| !matches!(e, Entry::File { host, rel, .. } if *host == agent && rel == "bin/nsmatrix"));
+        self
     }
 
     /// Write the tar to upload at [`PLACE_DIR`]: every entry, then `batch.json`. Owners are
