@@ -2,3 +2,5 @@
 //! npm packages.
 
 pub mod cache;
+pub mod debian;
+pub mod kernels;

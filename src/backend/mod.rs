@@ -3,5 +3,6 @@
 
 mod events;
 pub mod host;
+pub mod qemu;
 
 pub use events::{BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
