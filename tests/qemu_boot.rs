@@ -100,7 +100,9 @@ async fn run(b: &QemuBackend, env: &Environment, spec: BatchSpec, timeout: Durat
         events: tx,
     };
     let t = std::time::Instant::now();
-    let result = b.run_batch(env, spec, &ctx).await;
+    let result = b.run_batch_timed(env, spec, &ctx).await;
+    eprintln!("timings: {:?}", result.as_ref().ok());
+    let result = result.map(|_| ());
     let elapsed = t.elapsed();
     drop(ctx);
     let mut events = Vec::new();

@@ -208,11 +208,15 @@ pub fn fetch(spec: &KernelSpec) -> Result<Kernel> {
     fs::copy(&vmlinuz, out.join("vmlinuz"))?;
     fs::copy(find("config-")?, out.join("config"))?;
     fs::copy(find("System.map-")?, out.join("System.map"))?;
-    let modules = copy_modules(
-        &x.join("lib/modules").join(&release),
-        &out.join("modules"),
-        GUEST_MODULES,
-    )?;
+    // trixie's packages are merged-/usr: usr/lib/modules.
+    let tree = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| x.join(d).join(&release))
+        .find(|p| p.is_dir());
+    let modules = match tree {
+        Some(t) => copy_modules(&t, &out.join("modules"), GUEST_MODULES)?,
+        None => Vec::new(),
+    };
     let origin = format!("{}@{}", pkg.name, pkg.version);
     finish(spec, &out, &dir, release, origin, modules, &tmp)
 }

@@ -44,8 +44,30 @@ const APPLETS: &[&str] = &[
 /// The guest's user for the sandbox (the batch's uid decides; these are the names).
 pub const GUEST_USER_UID: u32 = 1000;
 
-/// The base root file system of a suite: a directory in the cache.
-pub fn ensure_rootfs(suite: &str) -> Result<PathBuf> {
+/// The newest cached root file system of a suite, without asking the mirror.
+pub fn cached_rootfs(suite: &str) -> Option<PathBuf> {
+    let prefix = format!("rootfs-{suite}-");
+    let mut dirs: Vec<_> = fs::read_dir(cache_dir().join("guest"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .filter(|e| {
+            e.path().join("etc/passwd").exists()
+                && !e.file_name().to_string_lossy().contains(".tmp")
+        })
+        .collect();
+    dirs.sort_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    Some(dirs.last()?.path())
+}
+
+/// The base root file system of a suite: the cached one, else built from the mirror's newest
+/// packages (`refresh` rebuilds it when the mirror has newer ones).
+pub fn ensure_rootfs(suite: &str, refresh: bool) -> Result<PathBuf> {
+    if !refresh {
+        if let Some(d) = cached_rootfs(suite) {
+            return Ok(d);
+        }
+    }
     let index = Mirror::from_env().index(suite)?;
     let pkgs = index.closure(ROOTFS_PACKAGES, ROOTFS_EXCLUDE)?;
     let mut h = Sha256::new();
@@ -243,7 +265,7 @@ pub fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> Result<
     fs::copy(base, dest).with_context(|| format!("failed to copy {}", base.display()))?;
     let f = fs::OpenOptions::new().append(true).open(dest)?;
     let mut w = Cpio::new(BufWriter::new(f));
-    let agent = fs::read(&spec.agent_bin)
+    let agent = fs::read(stripped_agent(&spec.agent_bin)?)
         .with_context(|| format!("failed to read the agent {}", spec.agent_bin.display()))?;
     w.file(GUEST_AGENT.trim_start_matches('/'), 0o755, &agent)?;
     w.file(
@@ -260,6 +282,42 @@ pub fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> Result<
         .map_err(|e| e.into_error())?
         .sync_all()?;
     Ok(guest_spec)
+}
+
+/// A copy of the agent without debug info (cached by size and mtime): under TCG every byte of
+/// the initramfs costs boot time, and debug info can be half of the binary. Without `strip`
+/// the binary is used as it is.
+fn stripped_agent(agent: &Path) -> Result<PathBuf> {
+    let md = fs::metadata(agent)
+        .with_context(|| format!("failed to read the agent {}", agent.display()))?;
+    let mut h = Sha256::new();
+    h.update(agent.to_string_lossy().as_bytes());
+    h.update(md.len().to_le_bytes());
+    h.update(format!("{:?}", md.modified().ok()));
+    let out = cache_dir()
+        .join("guest")
+        .join(format!("agent-{}", &hex::encode(h.finalize())[..16]));
+    if out.exists() {
+        return Ok(out);
+    }
+    fs::create_dir_all(out.parent().unwrap_or(Path::new("/")))?;
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    match std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(agent)
+        .status()
+    {
+        Ok(s) if s.success() => {
+            fs::rename(&tmp, &out)?;
+            Ok(out)
+        }
+        _ => {
+            let _ = fs::remove_file(&tmp);
+            Ok(agent.to_path_buf())
+        }
+    }
 }
 
 /// A `newc` cpio writer; every entry is owned by root (setuid copies in the guest need it).

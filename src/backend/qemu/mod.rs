@@ -12,7 +12,8 @@ use anyhow::Context;
 
 pub use accel::test_boot;
 pub use guest::{
-    Cpio, GUEST_SCENARIOS, GUEST_WORK_DIR, ensure_base, ensure_rootfs, relocate, write_batch_initrd,
+    Cpio, GUEST_SCENARIOS, GUEST_WORK_DIR, cached_rootfs, ensure_base, ensure_rootfs, relocate,
+    write_batch_initrd,
 };
 pub use launcher::{Accel, Console, Ending, Launch, Watched, tail_of, watch};
 
@@ -96,7 +97,7 @@ impl QemuBackend {
                     .rootfs
                     .clone(),
             };
-            let rootfs = ensure_rootfs(&suite)?;
+            let rootfs = ensure_rootfs(&suite, false)?;
             let base = ensure_base(&kernel, &rootfs)?;
             Ok((kernel, base))
         })
