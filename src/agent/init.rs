@@ -96,7 +96,7 @@ fn run() -> Result<()> {
     }
     let mut port = open_port(RESULTS_PORT, Duration::from_secs(10))?;
     eprintln!("{READY_MARK}");
-    standin::run_batch(&spec, &mut port).context("the batch failed")?;
+    crate::agent::run_batch(&spec, &mut port).context("the batch failed")?;
     port.flush().ok();
     // Let the host drain the port before the guest disappears.
     // SAFETY: fsync on a valid fd.
@@ -325,95 +325,4 @@ fn which(name: &str) -> Result<PathBuf> {
         .map(|d| Path::new(d).join(name))
         .find(|p| p.exists())
         .ok_or_else(|| anyhow!("{name} not found on {PATH}"))
-}
-
-/// Until the agent core lands: write the sysctls, run each cell's bwrap once as the batch's uid
-/// with Codex's argv, and report the raw outcome. Replaced by `crate::agent::run_batch`.
-mod standin {
-    use std::collections::BTreeMap;
-    use std::io::Write;
-    use std::os::unix::process::CommandExt;
-
-    use crate::agent::protocol::*;
-
-    pub fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> anyhow::Result<()> {
-        let mut facts = BTreeMap::new();
-        facts.insert(
-            "uname".into(),
-            std::fs::read_to_string("/proc/version")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-        );
-        for (k, v) in &spec.sysctls {
-            let p = std::path::Path::new("/proc/sys").join(k.replace('.', "/"));
-            let r = std::fs::write(&p, v)
-                .map(|_| "ok".to_string())
-                .unwrap_or_else(|e| e.to_string());
-            facts.insert(format!("sysctl.{k}"), r);
-        }
-        out.write_all(
-            AgentEvent::Hello {
-                version: PROTOCOL_VERSION,
-                agent_version: "standin".into(),
-                facts,
-            }
-            .to_line()
-            .as_bytes(),
-        )?;
-        for c in &spec.cells {
-            out.write_all(
-                AgentEvent::CellStarted { id: c.id.clone() }
-                    .to_line()
-                    .as_bytes(),
-            )?;
-            let t = std::time::Instant::now();
-            let (uid, gid) = (spec.uid, spec.gid);
-            let o = std::process::Command::new("bwrap")
-                .args([
-                    "--new-session",
-                    "--die-with-parent",
-                    "--ro-bind",
-                    "/",
-                    "/",
-                    "--dev",
-                    "/dev",
-                    "--unshare-user",
-                    "--unshare-pid",
-                    "--proc",
-                    "/proc",
-                    "--",
-                    "/bin/true",
-                ])
-                .uid(uid)
-                .gid(gid)
-                .output()?;
-            let outcome = if o.status.success() {
-                Outcome::Passed
-            } else {
-                Outcome::Failed {
-                    signature: "unknown".into(),
-                    message: String::from_utf8_lossy(&o.stderr).into_owned(),
-                }
-            };
-            let rec = CellRecord {
-                id: c.id.clone(),
-                outcome,
-                exit_code: o.status.code(),
-                duration_ms: t.elapsed().as_millis() as u64,
-                stdout_tail: String::new(),
-                stderr_tail: String::from_utf8_lossy(&o.stderr).into_owned(),
-                details: BTreeMap::new(),
-            };
-            out.write_all(AgentEvent::CellFinished(rec).to_line().as_bytes())?;
-        }
-        out.write_all(
-            AgentEvent::BatchDone {
-                cells: spec.cells.len(),
-            }
-            .to_line()
-            .as_bytes(),
-        )?;
-        Ok(())
-    }
 }

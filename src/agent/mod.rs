@@ -1,4 +1,7 @@
 //! The agent: what runs inside an environment. A batch in, JSON lines out.
 
-pub mod protocol;
 pub mod init;
+pub mod protocol;
+mod run;
+
+pub use run::{environment_facts, run_batch, tail};

@@ -1,16 +1,12 @@
-//! A Codex-compatible `apply_patch`: parse the `*** Begin Patch` format and apply it under a
-//! root. (Being written.)
+//! A Codex-compatible `apply_patch`: [`run_cli`] is the command (argv[1] or stdin, applied
+//! under the current directory), [`parse`] the `*** Begin Patch` grammar and [`apply_hunks`]
+//! the file operations, each matching Codex CLI 0.171's results, messages and exit codes.
 
-use std::ffi::OsString;
-use std::io::{Read, Write};
+mod apply;
+mod cli;
+mod parser;
+mod seek;
 
-/// The `apply_patch` command line: `args` excludes argv[0]. Returns the exit code
-/// (0 ok, 1 failure, 2 usage), writing what Codex's writes to `stdout`/`stderr`.
-pub fn run_cli(
-    _args: &[OsString],
-    _stdin: &mut dyn Read,
-    _stdout: &mut dyn Write,
-    _stderr: &mut dyn Write,
-) -> i32 {
-    unimplemented!("apply_patch::run_cli")
-}
+pub use apply::{Affected, ApplyError, apply_hunks};
+pub use cli::{EXIT_FAILURE, EXIT_OK, EXIT_USAGE, apply_patch_text, run_cli};
+pub use parser::{Chunk, Hunk, ParseError, parse};

@@ -35,7 +35,8 @@ pub enum Checksum {
 impl Checksum {
     /// Hash a file and compare.
     pub fn verify_file(&self, path: &Path) -> Result<bool> {
-        let mut f = fs::File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
+        let mut f =
+            fs::File::open(path).with_context(|| format!("failed to open {}", path.display()))?;
         match self {
             Checksum::Sha256Hex(want) => {
                 let mut h = Sha256::new();
@@ -75,11 +76,15 @@ pub fn fetch_verified(url: &str, dest: &Path, sum: &Checksum) -> Result<PathBuf>
         if sum.verify_file(dest)? {
             return Ok(dest.to_path_buf());
         }
-        eprintln!("nsmatrix: cached {} does not match its checksum; fetching it again", dest.display());
+        eprintln!(
+            "nsmatrix: cached {} does not match its checksum; fetching it again",
+            dest.display()
+        );
         fs::remove_file(dest).ok();
     }
     if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
+        fs::create_dir_all(parent)
+            .with_context(|| format!("failed to create {}", parent.display()))?;
     }
     let tmp = dest.with_extension("partial");
     download(url, &tmp)?;
@@ -87,16 +92,20 @@ pub fn fetch_verified(url: &str, dest: &Path, sum: &Checksum) -> Result<PathBuf>
         fs::remove_file(&tmp).ok();
         bail!("download of {url} does not match its checksum {sum:?}");
     }
-    fs::rename(&tmp, dest).with_context(|| format!("failed to move download into {}", dest.display()))?;
+    fs::rename(&tmp, dest)
+        .with_context(|| format!("failed to move download into {}", dest.display()))?;
     Ok(dest.to_path_buf())
 }
 
 /// Plain download to a file (no verification): for indexes whose checksum is checked by the
 /// caller in another way.
 pub fn download(url: &str, dest: &Path) -> Result<()> {
-    let resp = ureq::get(url).call().with_context(|| format!("failed to fetch {url}"))?;
+    let resp = ureq::get(url)
+        .call()
+        .with_context(|| format!("failed to fetch {url}"))?;
     let mut body = resp.into_body().into_reader();
-    let mut out = fs::File::create(dest).with_context(|| format!("failed to create {}", dest.display()))?;
+    let mut out =
+        fs::File::create(dest).with_context(|| format!("failed to create {}", dest.display()))?;
     io::copy(&mut body, &mut out).with_context(|| format!("failed to download {url}"))?;
     out.flush()?;
     Ok(())

@@ -3,4 +3,7 @@
 
 pub mod cache;
 pub mod debian;
+pub mod images;
 pub mod kernels;
+pub mod npm;
+pub mod rootfs;

@@ -35,9 +35,19 @@ impl Stage {
 
 #[derive(Debug, Clone)]
 pub enum BackendEvent {
-    StageStarted { batch: String, stage: Stage },
-    StageFinished { batch: String, stage: Stage, elapsed: Duration },
-    Agent { batch: String, event: AgentEvent },
+    StageStarted {
+        batch: String,
+        stage: Stage,
+    },
+    StageFinished {
+        batch: String,
+        stage: Stage,
+        elapsed: Duration,
+    },
+    Agent {
+        batch: String,
+        event: AgentEvent,
+    },
 }
 
 /// Everything a backend needs to run one batch besides the batch itself.
@@ -60,7 +70,10 @@ impl BatchCtx {
     }
 
     pub fn agent_event(&self, event: AgentEvent) {
-        self.send(BackendEvent::Agent { batch: self.batch_id.clone(), event });
+        self.send(BackendEvent::Agent {
+            batch: self.batch_id.clone(),
+            event,
+        });
     }
 }
 
@@ -88,7 +101,10 @@ pub struct BatchError {
 
 impl BatchError {
     pub fn new(stage: Stage, message: impl Into<String>) -> Self {
-        BatchError { stage, message: message.into() }
+        BatchError {
+            stage,
+            message: message.into(),
+        }
     }
 }
 

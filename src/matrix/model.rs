@@ -67,6 +67,8 @@ pub struct Environment {
     /// Docker: the image name from `[image.NAME]` or a local image reference. QEMU: the root
     /// filesystem recipe.
     pub image: Option<String>,
+    /// Docker: where the image comes from (`[image.NAME]`).
+    pub image_source: Option<ImageSource>,
     /// Docker: mount the root filesystem read-only.
     pub read_only: bool,
     /// QEMU: the kernel's catalog name.
@@ -74,6 +76,16 @@ pub struct Environment {
     /// QEMU: the sysctl set's name and its values.
     pub sysctl_set: Option<String>,
     pub sysctls: BTreeMap<String, String>,
+}
+
+/// `[image.NAME]`: built here from a recipe, or any image already in the local engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageSource {
+    /// A recipe name under `vm-images/docker/` (built by `nsmatrix images build`).
+    Recipe(String),
+    /// An existing local image reference (`busybox:latest`).
+    Reference(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,667 @@
+//! [`DockerBackend::run_batch`]: one container per batch, the agent as its main process.
+//!
+//! Why not a long-lived container plus `exec`: the agent is the only process a batch needs,
+//! and an image may hold no shell or `sleep` to keep a container alive (busybox-only,
+//! distroless). So the container is created with the agent as its command (as root; the agent
+//! drops to the batch's uid itself), the files are uploaded into its volume before it starts,
+//! and its output is attached before it starts, so no line is lost. docker-init is PID 1 and
+//! reaps what the sandboxes leave behind.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bollard::container::LogOutput;
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, UploadToContainerOptions, WaitContainerOptions,
+};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::client::{DockerBackend, LABEL_BATCH, LABEL_OWNER, LABEL_RUN, Owner, error_chain};
+use super::place::{PLACE_DIR, Placement, WORK_MOUNT};
+use super::profile::{Seccomp, SecuritySettings, security_settings};
+use crate::agent::protocol::{AgentEvent, BatchSpec};
+use crate::backend::{BackendEvent, BatchCtx, BatchError, Stage};
+use crate::matrix::model::{Environment, ImageSource};
+
+/// Past a cell's own timeout, how long the agent gets to report it before the harness kills
+/// the container (the agent enforces cell timeouts itself; this catches a hung agent).
+const CELL_GRACE: Duration = Duration::from_secs(10);
+const STDERR_TAIL: usize = 20;
+
+impl DockerBackend {
+    /// Run one batch in a fresh container and stream the agent's events to `ctx`. The
+    /// container is removed on every path: success, failure, `ctx.timeout` (which covers start
+    /// and run, not the first build of an image), `ctx.cancel`, and this future being dropped.
+    pub async fn run_batch(
+        &self,
+        env: &Environment,
+        spec: BatchSpec,
+        ctx: &BatchCtx,
+    ) -> Result<(), BatchError> {
+        let stages = Stages::new(ctx);
+        stages.start(Stage::Provision);
+        let image = tokio::select! {
+            r = self.provision(env) => r?,
+            _ = ctx.cancel.cancelled() => return Err(BatchError::new(Stage::Provision, "cancelled")),
+        };
+        stages.finish(Stage::Provision);
+
+        let slot = ContainerSlot::new(self.clone());
+        let mut log = BatchLog::open(ctx).await;
+        stages.start(Stage::Start);
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            r = self.start_and_run(env, &image, spec, ctx, &slot, &stages, &mut log) => r,
+            _ = tokio::time::sleep(ctx.timeout) => Err(BatchError::new(
+                stages.current(),
+                format!("batch timed out after {:.0?}; its container was killed", started.elapsed()),
+            )),
+            _ = ctx.cancel.cancelled() => Err(BatchError::new(stages.current(), "cancelled")),
+        };
+        if let Err(e) = &outcome {
+            log.line(&format!("nsmatrix: {e}")).await;
+        }
+        stages.finish_current();
+        stages.start(Stage::Teardown);
+        let removed = slot.remove().await;
+        stages.finish(Stage::Teardown);
+        log.flush().await;
+        match (outcome, removed) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => Err(BatchError::new(Stage::Teardown, format!("{e:#}"))),
+            (Ok(()), Ok(())) => Ok(()),
+        }
+    }
+
+    async fn provision(&self, env: &Environment) -> Result<String, BatchError> {
+        let r = match (&env.image_source, env.image.as_deref()) {
+            (Some(ImageSource::Recipe(name)), _) => self.ensure_recipe_image(name).await,
+            (Some(ImageSource::Reference(r)), _) => self.ensure_local_image(r).await,
+            (None, Some(name)) => self.ensure_image(name).await,
+            (None, None) => {
+                return Err(BatchError::new(
+                    Stage::Provision,
+                    format!("environment {} names no image", env.id),
+                ));
+            }
+        };
+        r.map_err(|e| BatchError::new(Stage::Provision, format!("{e:#}")))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start_and_run(
+        &self,
+        env: &Environment,
+        image: &str,
+        spec: BatchSpec,
+        ctx: &BatchCtx,
+        slot: &ContainerSlot,
+        stages: &Stages<'_>,
+        log: &mut BatchLog,
+    ) -> Result<(), BatchError> {
+        let fail = |stage: Stage, what: &str, e: &dyn std::fmt::Display| {
+            BatchError::new(stage, format!("failed to {what}: {e}"))
+        };
+        let sec = security_settings(env.profile.as_ref(), env.read_only)
+            .map_err(|e| fail(Stage::Start, "map the security profile", &e))?;
+        let seccomp_json = match &sec.seccomp {
+            Seccomp::File(path) => Some(
+                read_seccomp(path)
+                    .await
+                    .map_err(|e| BatchError::new(Stage::Start, e))?,
+            ),
+            _ => None,
+        };
+        let placement = Placement::plan(&spec);
+        let timeouts: HashMap<String, Duration> = placement
+            .spec
+            .cells
+            .iter()
+            .map(|c| (c.id.clone(), Duration::from_millis(c.timeout_ms)))
+            .collect();
+
+        let body = container_body(
+            image,
+            &sec,
+            seccomp_json,
+            &placement,
+            &ctx.run_id,
+            &ctx.batch_id,
+        );
+        log.line(&format!(
+            "nsmatrix: image {image}, environment {}, security {sec:?}, uid {}",
+            env.id, spec.uid
+        ))
+        .await;
+        let created = self
+            .docker
+            .create_container(None::<CreateContainerOptions>, body)
+            .await
+            .map_err(|e| fail(Stage::Start, "create the container", &error_chain(&e)))?;
+        slot.set(created.id.clone());
+        let id = created.id;
+        log.line(&format!("nsmatrix: container {id}")).await;
+
+        self.upload(&id, placement)
+            .await
+            .map_err(|e| fail(Stage::Start, "place the agent and scenarios", &e))?;
+        let attach_opts = AttachContainerOptions {
+            stream: true,
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let attached = self
+            .docker
+            .attach_container(&id, Some(attach_opts))
+            .await
+            .map_err(|e| fail(Stage::Start, "attach to the container", &error_chain(&e)))?;
+        self.docker
+            .start_container(&id, None)
+            .await
+            .map_err(|e| fail(Stage::Start, "start the container", &error_chain(&e)))?;
+
+        let mut reader = AgentReader::new(ctx, stages, timeouts);
+        let mut output = attached.output;
+        loop {
+            let deadline = reader.next_deadline();
+            let item = tokio::select! {
+                item = output.next() => item,
+                _ = sleep_until_opt(deadline) => {
+                    let (cell, limit) = reader.overdue().expect("a deadline belongs to a cell");
+                    return Err(BatchError::new(Stage::Run, format!(
+                        "cell {cell} did not finish within its timeout ({limit:?}) plus {CELL_GRACE:?}; its container was killed")));
+                }
+            };
+            match item {
+                None => break,
+                Some(Ok(LogOutput::StdOut { message })) => reader.stdout(&message, log).await,
+                Some(Ok(LogOutput::StdErr { message })) => reader.stderr(&message, log).await,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    return Err(fail(
+                        stages.current(),
+                        "read the agent's output",
+                        &error_chain(&e),
+                    ));
+                }
+            }
+        }
+        reader.flush(log).await;
+        let code = self.exit_code(&id).await;
+        log.line(&format!("nsmatrix: agent exited with {code:?}"))
+            .await;
+        if reader.done {
+            return Ok(());
+        }
+        Err(BatchError::new(
+            stages.current(),
+            format!(
+                "the agent exited ({}) before the batch was done; stderr tail:\n{}",
+                code.map_or_else(|| "unknown status".to_string(), |c| format!("code {c}")),
+                reader.stderr_tail()
+            ),
+        ))
+    }
+
+    async fn upload(&self, id: &str, placement: Placement) -> anyhow::Result<()> {
+        // The tar is produced on a blocking thread and streamed: the agent binary (and a codex
+        // binary, ~300 MB) never sits in memory whole.
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
+        let producer = tokio::task::spawn_blocking(move || {
+            let w = ChanWriter {
+                tx: tx.clone(),
+                buf: Vec::with_capacity(CHUNK),
+            };
+            if let Err(e) = placement.write_tar(w) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        let body =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+            );
+        let opts = UploadToContainerOptions {
+            path: PLACE_DIR.into(),
+            ..Default::default()
+        };
+        let r = self
+            .docker
+            .upload_to_container(id, Some(opts), bollard::body_try_stream(body))
+            .await;
+        producer.await.ok();
+        r.map_err(|e| anyhow::anyhow!(error_chain(&e)))
+    }
+
+    async fn exit_code(&self, id: &str) -> Option<i64> {
+        let mut s = self.docker.wait_container(id, None::<WaitContainerOptions>);
+        match s.next().await? {
+            Ok(r) => Some(r.status_code),
+            Err(bollard::errors::Error::DockerContainerWaitError { code, .. }) => Some(code),
+            Err(_) => None,
+        }
+    }
+}
+
+/// The whole container configuration; everything but the security settings is fixed.
+fn container_body(
+    image: &str,
+    sec: &SecuritySettings,
+    seccomp_json: Option<String>,
+    placement: &Placement,
+    run_id: &str,
+    batch_id: &str,
+) -> ContainerCreateBody {
+    let mut security_opt = Vec::new();
+    match &sec.seccomp {
+        Seccomp::EngineDefault => {}
+        Seccomp::Unconfined => security_opt.push("seccomp=unconfined".to_string()),
+        Seccomp::File(_) => {
+            security_opt.push(format!("seccomp={}", seccomp_json.unwrap_or_default()))
+        }
+    }
+    if sec.no_new_privileges {
+        security_opt.push("no-new-privileges:true".into());
+    }
+    security_opt.extend(sec.security_opt.iter().cloned());
+    let unmasked = sec.unmask_system_paths.then(Vec::new);
+    let mut labels = HashMap::from([
+        (LABEL_RUN.to_string(), run_id.to_string()),
+        (LABEL_BATCH.to_string(), batch_id.to_string()),
+    ]);
+    if let Some(o) = Owner::current() {
+        labels.insert(LABEL_OWNER.to_string(), o.label());
+    }
+    ContainerCreateBody {
+        image: Some(image.to_string()),
+        // Root inside: the agent prepares setuid copies and drops to the batch's uid itself.
+        user: Some("0:0".into()),
+        entrypoint: Some(vec![
+            placement.spec.agent_bin.display().to_string(),
+            "agent".into(),
+            "--batch".into(),
+            placement.spec_path.clone(),
+        ]),
+        cmd: Some(vec![]),
+        working_dir: Some("/".into()),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        labels: Some(labels),
+        host_config: Some(HostConfig {
+            privileged: Some(sec.privileged),
+            cap_add: (!sec.cap_add.is_empty()).then(|| sec.cap_add.clone()),
+            cap_drop: (!sec.cap_drop.is_empty()).then(|| sec.cap_drop.clone()),
+            security_opt: (!security_opt.is_empty()).then_some(security_opt),
+            readonly_rootfs: Some(sec.read_only_rootfs),
+            masked_paths: unmasked.clone(),
+            readonly_paths: unmasked,
+            // Docker's tmpfs default is noexec,nosuid: the agent's setuid copies need both.
+            tmpfs: Some(HashMap::from([(
+                WORK_MOUNT.to_string(),
+                "rw,exec,suid,mode=0755".to_string(),
+            )])),
+            mounts: Some(vec![Mount {
+                target: Some(PLACE_DIR.into()),
+                typ: Some(MountType::VOLUME),
+                ..Default::default()
+            }]),
+            init: Some(true),
+            // Scenarios need no network, and no veth pair makes a container start faster.
+            network_mode: Some("none".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn read_seccomp(path: &std::path::Path) -> Result<String, String> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| format!("failed to read seccomp profile {}: {e}", path.display()))?;
+    serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|e| format!("seccomp profile {} is not JSON: {e}", path.display()))?;
+    Ok(text)
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The created container, removed explicitly by [`ContainerSlot::remove`], or in the
+/// background by `Drop` if the batch's future is dropped half-way.
+struct ContainerSlot {
+    backend: DockerBackend,
+    id: Arc<Mutex<Option<String>>>,
+}
+
+impl ContainerSlot {
+    fn new(backend: DockerBackend) -> Self {
+        ContainerSlot {
+            backend,
+            id: Arc::default(),
+        }
+    }
+
+    fn set(&self, id: String) {
+        *self.id.lock().expect("slot lock") = Some(id);
+    }
+
+    async fn remove(&self) -> anyhow::Result<()> {
+        let id = self.id.lock().expect("slot lock").take();
+        match id {
+            Some(id) => self.backend.remove_container(&id).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ContainerSlot {
+    fn drop(&mut self) {
+        let Some(id) = self.id.lock().ok().and_then(|mut g| g.take()) else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let backend = self.backend.clone();
+            rt.spawn(async move {
+                let _ = backend.remove_container(&id).await;
+            });
+        }
+        // No runtime: `sweep` on the next run removes it (it is labelled with its owner).
+    }
+}
+
+/// Sends stage start/finish events and knows which stage is current.
+struct Stages<'a> {
+    ctx: &'a BatchCtx,
+    current: Mutex<Option<(Stage, Instant)>>,
+}
+
+impl<'a> Stages<'a> {
+    fn new(ctx: &'a BatchCtx) -> Self {
+        Stages {
+            ctx,
+            current: Mutex::new(None),
+        }
+    }
+
+    fn start(&self, stage: Stage) {
+        *self.current.lock().expect("stage lock") = Some((stage, Instant::now()));
+        self.ctx.send(BackendEvent::StageStarted {
+            batch: self.ctx.batch_id.clone(),
+            stage,
+        });
+    }
+
+    fn finish(&self, stage: Stage) {
+        let mut cur = self.current.lock().expect("stage lock");
+        if let Some((s, t)) = *cur
+            && s == stage
+        {
+            *cur = None;
+            self.ctx.send(BackendEvent::StageFinished {
+                batch: self.ctx.batch_id.clone(),
+                stage,
+                elapsed: t.elapsed(),
+            });
+        }
+    }
+
+    fn finish_current(&self) {
+        let cur = *self.current.lock().expect("stage lock");
+        if let Some((s, _)) = cur {
+            self.finish(s);
+        }
+    }
+
+    fn current(&self) -> Stage {
+        self.current
+            .lock()
+            .expect("stage lock")
+            .map_or(Stage::Run, |(s, _)| s)
+    }
+}
+
+/// Splits the agent's stdout into lines, forwards protocol lines, logs the rest, and tracks
+/// which cells are running and until when.
+struct AgentReader<'a, 's> {
+    ctx: &'a BatchCtx,
+    stages: &'a Stages<'s>,
+    timeouts: HashMap<String, Duration>,
+    running: HashMap<String, Instant>,
+    partial: Vec<u8>,
+    stderr_partial: Vec<u8>,
+    stderr_tail: VecDeque<String>,
+    done: bool,
+}
+
+impl<'a, 's> AgentReader<'a, 's> {
+    fn new(ctx: &'a BatchCtx, stages: &'a Stages<'s>, timeouts: HashMap<String, Duration>) -> Self {
+        AgentReader {
+            ctx,
+            stages,
+            timeouts,
+            running: HashMap::new(),
+            partial: Vec::new(),
+            stderr_partial: Vec::new(),
+            stderr_tail: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    async fn stdout(&mut self, chunk: &[u8], log: &mut BatchLog) {
+        self.partial.extend_from_slice(chunk);
+        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=pos).collect();
+            self.line(&String::from_utf8_lossy(&line[..pos]), log).await;
+        }
+    }
+
+    async fn stderr(&mut self, chunk: &[u8], log: &mut BatchLog) {
+        self.stderr_partial.extend_from_slice(chunk);
+        while let Some(pos) = self.stderr_partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.stderr_partial.drain(..=pos).collect();
+            self.stderr_line(String::from_utf8_lossy(&line[..pos]).into_owned(), log)
+                .await;
+        }
+    }
+
+    async fn stderr_line(&mut self, line: String, log: &mut BatchLog) {
+        log.line(&format!("stderr: {line}")).await;
+        if self.stderr_tail.len() == STDERR_TAIL {
+            self.stderr_tail.pop_front();
+        }
+        self.stderr_tail.push_back(line);
+    }
+
+    async fn flush(&mut self, log: &mut BatchLog) {
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.line(&String::from_utf8_lossy(&rest), log).await;
+        }
+        if !self.stderr_partial.is_empty() {
+            let rest = std::mem::take(&mut self.stderr_partial);
+            self.stderr_line(String::from_utf8_lossy(&rest).into_owned(), log)
+                .await;
+        }
+    }
+
+    async fn line(&mut self, line: &str, log: &mut BatchLog) {
+        let event = match AgentEvent::parse_line(line) {
+            None => {
+                log.line(&format!("stdout: {line}")).await;
+                return;
+            }
+            Some(Err(e)) => {
+                log.line(&format!("stdout (bad protocol line: {e}): {line}"))
+                    .await;
+                return;
+            }
+            Some(Ok(ev)) => ev,
+        };
+        match &event {
+            AgentEvent::Hello { .. } => {
+                self.stages.finish(Stage::Start);
+                self.stages.start(Stage::Run);
+            }
+            AgentEvent::CellStarted { id } => {
+                let limit = self
+                    .timeouts
+                    .get(id)
+                    .copied()
+                    .unwrap_or(Duration::from_secs(60));
+                self.running
+                    .insert(id.clone(), Instant::now() + limit + CELL_GRACE);
+            }
+            AgentEvent::CellFinished(rec) => {
+                self.running.remove(&rec.id);
+            }
+            AgentEvent::Log { message } => log.line(&format!("agent: {message}")).await,
+            AgentEvent::BatchDone { .. } => self.done = true,
+        }
+        self.ctx.agent_event(event);
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.running.values().min().copied()
+    }
+
+    fn overdue(&self) -> Option<(String, Duration)> {
+        let (id, _) = self.running.iter().min_by_key(|(_, d)| **d)?;
+        Some((
+            id.clone(),
+            self.timeouts.get(id).copied().unwrap_or_default(),
+        ))
+    }
+
+    fn stderr_tail(&self) -> String {
+        self.stderr_tail
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// `<log_dir>/agent.log`: the agent's non-protocol output, its stderr, and nsmatrix's notes.
+/// Logging never fails a batch: a log that cannot be written is dropped.
+struct BatchLog {
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+}
+
+impl BatchLog {
+    async fn open(ctx: &BatchCtx) -> Self {
+        let _ = tokio::fs::create_dir_all(&ctx.log_dir).await;
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(ctx.log_dir.join("agent.log"))
+            .await
+            .ok()
+            .map(tokio::io::BufWriter::new);
+        BatchLog { file }
+    }
+
+    async fn line(&mut self, line: &str) {
+        if let Some(f) = &mut self.file
+            && (f.write_all(line.as_bytes()).await.is_err() || f.write_all(b"\n").await.is_err())
+        {
+            self.file = None;
+        }
+    }
+
+    async fn flush(&mut self) {
+        if let Some(f) = &mut self.file {
+            let _ = f.flush().await;
+        }
+    }
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// A blocking `Write` that sends 1 MiB chunks down a channel to an async upload.
+struct ChanWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChanWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(Ok(bytes::Bytes::from(chunk)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "upload ended early"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::docker::profile::builtin_profiles;
+
+    fn body_for(profile: &str, read_only: bool) -> HostConfig {
+        let p = builtin_profiles()
+            .into_iter()
+            .find(|p| p.name == profile)
+            .unwrap();
+        let sec = security_settings(Some(&p), read_only).unwrap();
+        let spec: BatchSpec = serde_json::from_str(
+            r#"{"version":1,"batch-id":"b","work-dir":"/w","uid":1000,"gid":1000,"agent-bin":"/a","cells":[]}"#,
+        )
+        .unwrap();
+        let placement = Placement::plan(&spec);
+        let body = container_body("img", &sec, None, &placement, "run1", "b");
+        assert_eq!(body.user.as_deref(), Some("0:0"));
+        assert_eq!(body.labels.as_ref().unwrap()[LABEL_RUN], "run1");
+        assert_eq!(
+            body.entrypoint.as_deref().unwrap(),
+            [
+                "/nsmatrix/bin/nsmatrix",
+                "agent",
+                "--batch",
+                "/nsmatrix/batch.json"
+            ]
+        );
+        body.host_config.unwrap()
+    }
+
+    #[test]
+    fn host_config_per_profile() {
+        let h = body_for("default", false);
+        assert_eq!(h.security_opt, None);
+        assert_eq!(h.privileged, Some(false));
+        assert_eq!(h.masked_paths, None);
+        assert!(h.tmpfs.unwrap()[WORK_MOUNT].contains("exec,suid"));
+
+        let h = body_for("holyclaude", true);
+        assert_eq!(h.security_opt.unwrap(), ["seccomp=unconfined"]);
+        assert_eq!(h.cap_add.unwrap(), ["SYS_ADMIN", "SYS_PTRACE"]);
+        assert_eq!(h.readonly_rootfs, Some(true));
+
+        let h = body_for("no-new-privileges", false);
+        assert_eq!(h.security_opt.unwrap(), ["no-new-privileges:true"]);
+
+        let h = body_for("systempaths-unconfined", false);
+        assert_eq!(h.masked_paths, Some(vec![]));
+        assert_eq!(h.readonly_paths, Some(vec![]));
+
+        assert_eq!(body_for("privileged", false).privileged, Some(true));
+    }
+}

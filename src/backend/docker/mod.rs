@@ -1,0 +1,14 @@
+//! The Docker backend: [`DockerBackend`] runs each batch in its own labelled container, builds
+//! nsmatrix's images without a registry and maps security profiles onto containers. Every
+//! bollard call of nsmatrix lives under this module; no bollard type leaves it.
+
+mod batch;
+mod client;
+mod images;
+mod place;
+mod profile;
+
+pub use client::{DockerBackend, EngineInfo, LABEL_RUN, connect};
+pub use images::{ImageInfo, Progress};
+pub use place::{PLACE_DIR, WORK_MOUNT};
+pub use profile::{ProfileError, Seccomp, SecuritySettings, builtin_profiles, security_settings};

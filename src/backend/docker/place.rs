@@ -1,0 +1,278 @@
+//! [`Placement`]: where a batch's files go inside its container, the batch spec rewritten to
+//! those paths, and the tar that carries them in.
+//!
+//! Layout inside the container: a fresh anonymous volume at [`PLACE_DIR`] (writable even on a
+//! read-only root filesystem, and uploadable before the container starts) holds the agent,
+//! the scenarios and the spec; a tmpfs mounted `exec,suid` at [`WORK_MOUNT`] is the agent's
+//! work dir, so its setuid copies of bwrap keep their bit.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::agent::protocol::{BatchSpec, SubjectSpec};
+
+pub const PLACE_DIR: &str = "/nsmatrix";
+pub const WORK_MOUNT: &str = "/nsmatrix-work";
+
+/// One thing to copy from the host, at a path relative to [`PLACE_DIR`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    File {
+        host: PathBuf,
+        rel: String,
+        mode: u32,
+    },
+    Dir {
+        host: PathBuf,
+        rel: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// The spec as the agent inside sees it.
+    pub spec: BatchSpec,
+    /// Absolute path of the spec inside the container.
+    pub spec_path: String,
+    pub entries: Vec<Entry>,
+}
+
+impl Placement {
+    /// Plan where everything goes; pure (no file is read).
+    pub fn plan(spec: &BatchSpec) -> Placement {
+        let mut spec = spec.clone();
+        let mut entries = vec![Entry::File {
+            host: spec.agent_bin.clone(),
+            rel: "bin/nsmatrix".into(),
+            mode: 0o755,
+        }];
+        spec.agent_bin = PathBuf::from(format!("{PLACE_DIR}/bin/nsmatrix"));
+        spec.work_dir = PathBuf::from(format!("{WORK_MOUNT}/batch"));
+
+        let mut scenarios: BTreeMap<PathBuf, String> = BTreeMap::new();
+        let mut codex: BTreeMap<PathBuf, String> = BTreeMap::new();
+        for cell in &mut spec.cells {
+            let n = scenarios.len();
+            let rel = scenarios
+                .entry(cell.scenario_dir.clone())
+                .or_insert_with(|| format!("scenarios/{n}-{}", base_name(&cell.scenario_dir)))
+                .clone();
+            cell.scenario_dir = PathBuf::from(format!("{PLACE_DIR}/{rel}"));
+            if let SubjectSpec::Codex { codex_bin, .. } = &mut cell.subject {
+                let n = codex.len();
+                let rel = codex
+                    .entry(codex_bin.clone())
+                    .or_insert_with(|| format!("codex/{n}/codex"))
+                    .clone();
+                *codex_bin = PathBuf::from(format!("{PLACE_DIR}/{rel}"));
+            }
+        }
+        entries.extend(
+            scenarios
+                .into_iter()
+                .map(|(host, rel)| Entry::Dir { host, rel }),
+        );
+        entries.extend(codex.into_iter().map(|(host, rel)| Entry::File {
+            host,
+            rel,
+            mode: 0o755,
+        }));
+        Placement {
+            spec,
+            spec_path: format!("{PLACE_DIR}/batch.json"),
+            entries,
+        }
+    }
+
+    /// Write the tar to upload at [`PLACE_DIR`]: every entry, then `batch.json`. Owners are
+    /// root and times are zero, so the upload does not depend on who owns the host's files.
+    pub fn write_tar(&self, w: impl Write) -> io::Result<()> {
+        let mut b = tar::Builder::new(w);
+        b.follow_symlinks(false);
+        b.mode(tar::HeaderMode::Deterministic);
+        let mut dirs_made = std::collections::BTreeSet::new();
+        for e in &self.entries {
+            let (host, rel) = match e {
+                Entry::File { host, rel, .. } | Entry::Dir { host, rel } => (host, rel),
+            };
+            // Parent directories first, so the engine creates them 0755 root-owned.
+            let mut parent = Path::new(rel).parent();
+            let mut parents = Vec::new();
+            while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+                parents.push(p.to_path_buf());
+                parent = p.parent();
+            }
+            for p in parents.into_iter().rev() {
+                if dirs_made.insert(p.clone()) {
+                    append_dir(&mut b, &p)?;
+                }
+            }
+            match e {
+                Entry::File { mode, .. } => {
+                    let mut f = std::fs::File::open(host).map_err(|err| with_path(err, host))?;
+                    let mut h = tar::Header::new_gnu();
+                    h.set_metadata_in_mode(&f.metadata()?, tar::HeaderMode::Deterministic);
+                    h.set_mode(*mode);
+                    b.append_data(&mut h, rel, &mut f)?;
+                }
+                Entry::Dir { .. } => {
+                    b.append_dir_all(rel, host)
+                        .map_err(|err| with_path(err, host))?;
+                }
+            }
+        }
+        let json = serde_json::to_vec_pretty(&self.spec).map_err(io::Error::other)?;
+        let mut h = tar::Header::new_gnu();
+        h.set_size(json.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, "batch.json", &json[..])?;
+        b.into_inner()?.flush()
+    }
+}
+
+fn append_dir(b: &mut tar::Builder<impl Write>, rel: &Path) -> io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_size(0);
+    h.set_mode(0o755);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append_data(&mut h, rel, io::empty())
+}
+
+fn with_path(err: io::Error, path: &Path) -> io::Error {
+    io::Error::new(err.kind(), format!("{}: {err}", path.display()))
+}
+
+fn base_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| "scenario".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::protocol::{ArgvProfile, CellSpec, SetuidMode};
+
+    fn cell(id: &str, dir: &Path, subject: SubjectSpec) -> CellSpec {
+        CellSpec {
+            id: id.into(),
+            subject,
+            scenario_dir: dir.to_path_buf(),
+            timeout_ms: 1000,
+            needs_sysctls: vec![],
+        }
+    }
+
+    fn bwrap() -> SubjectSpec {
+        SubjectSpec::Bwrap {
+            build: "system".into(),
+            setuid: SetuidMode::AsIs,
+            argv: ArgvProfile::Codex,
+        }
+    }
+
+    fn spec(agent: &Path, cells: Vec<CellSpec>) -> BatchSpec {
+        BatchSpec {
+            version: 1,
+            batch_id: "b".into(),
+            work_dir: "/host/work".into(),
+            uid: 1000,
+            gid: 1000,
+            restrictions: Default::default(),
+            sysctls: Default::default(),
+            agent_bin: agent.to_path_buf(),
+            cells,
+        }
+    }
+
+    #[test]
+    fn plan_rewrites_paths_and_dedups() {
+        let s = spec(
+            Path::new("/h/nsmatrix"),
+            vec![
+                cell("a", Path::new("/h/sc/add file"), bwrap()),
+                cell("b", Path::new("/h/sc/add file"), bwrap()),
+                cell(
+                    "c",
+                    Path::new("/h/sc/other"),
+                    SubjectSpec::Codex {
+                        version: "1".into(),
+                        codex_bin: "/h/codex".into(),
+                    },
+                ),
+            ],
+        );
+        let p = Placement::plan(&s);
+        assert_eq!(p.spec.agent_bin, Path::new("/nsmatrix/bin/nsmatrix"));
+        assert_eq!(p.spec.work_dir, Path::new("/nsmatrix-work/batch"));
+        assert_eq!(
+            p.spec.cells[0].scenario_dir,
+            Path::new("/nsmatrix/scenarios/0-add_file")
+        );
+        assert_eq!(p.spec.cells[1].scenario_dir, p.spec.cells[0].scenario_dir);
+        assert_eq!(
+            p.spec.cells[2].scenario_dir,
+            Path::new("/nsmatrix/scenarios/1-other")
+        );
+        assert!(matches!(&p.spec.cells[2].subject,
+            SubjectSpec::Codex { codex_bin, .. } if codex_bin == Path::new("/nsmatrix/codex/0/codex")));
+        assert_eq!(p.entries.len(), 4, "{:?}", p.entries);
+        // Everything else is untouched.
+        assert_eq!(
+            (p.spec.uid, p.spec.gid, &p.spec.batch_id),
+            (1000, 1000, &s.batch_id)
+        );
+    }
+
+    #[test]
+    fn tar_carries_agent_scenarios_and_spec() {
+        let d = tempfile::tempdir().unwrap();
+        let agent = d.path().join("agent");
+        std::fs::write(&agent, b"#!bin").unwrap();
+        let sc = d.path().join("sc1");
+        std::fs::create_dir_all(sc.join("before")).unwrap();
+        std::fs::write(sc.join("before/a.txt"), b"a").unwrap();
+        std::os::unix::fs::symlink("a.txt", sc.join("before/link")).unwrap();
+        let p = Placement::plan(&spec(&agent, vec![cell("a", &sc, bwrap())]));
+        let mut buf = Vec::new();
+        p.write_tar(&mut buf).unwrap();
+        let mut ar = tar::Archive::new(&buf[..]);
+        let mut seen = BTreeMap::new();
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            let path = e.path().unwrap().display().to_string();
+            seen.insert(path, (e.header().mode().unwrap(), e.header().entry_type()));
+        }
+        assert_eq!(seen["bin/nsmatrix"].0, 0o755);
+        assert!(seen.contains_key("bin"));
+        assert!(seen.contains_key("scenarios/0-sc1/before/a.txt"));
+        assert_eq!(
+            seen["scenarios/0-sc1/before/link"].1,
+            tar::EntryType::Symlink
+        );
+        assert!(seen.contains_key("batch.json"));
+    }
+
+    #[test]
+    fn missing_host_file_names_its_path() {
+        let p = Placement::plan(&spec(Path::new("/nonexistent/agent"), vec![]));
+        let err = p.write_tar(io::sink()).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/agent"), "{err}");
+    }
+}

@@ -1,0 +1,25 @@
+//! Exit codes, from one table (ARCHITECTURE.md), mapped in one function.
+
+use crate::report::Status;
+
+/// Every cell met its expectation.
+pub const OK: u8 = 0;
+/// Some cell FAILed or XPASSed.
+pub const FAILURES: u8 = 1;
+/// Bad input (matrix, scenario, arguments); nothing run.
+pub const BAD_INPUT: u8 = 2;
+/// No unexpected failure, but some cells ended in ERROR.
+pub const ERRORS: u8 = 3;
+
+/// The exit code of a run from its cells' statuses.
+pub fn for_statuses<'a>(statuses: impl IntoIterator<Item = &'a Status>) -> u8 {
+    let mut code = OK;
+    for s in statuses {
+        match s {
+            Status::Fail | Status::Xpass => return FAILURES,
+            Status::Error => code = ERRORS,
+            Status::Pass | Status::Xfail | Status::Skip => {}
+        }
+    }
+    code
+}

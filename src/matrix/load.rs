@@ -1,0 +1,1186 @@
+//! `matrix.toml` → [`Matrix`]: parse, validate (collecting every problem with its place),
+//! expand the axes, apply exclude/include and expect rules, and give every cell its id.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::Glob;
+use toml::Spanned;
+
+use super::diag::{Diagnostic, MatrixError};
+use super::model::*;
+use super::raw::*;
+use crate::agent::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
+use crate::sandbox::{restrict, signature};
+
+/// Axis values with where each was written.
+type Values = Vec<(String, Option<Range<usize>>)>;
+
+/// One combination of axis values, with where each value was written.
+type Combo = BTreeMap<String, (String, Option<Range<usize>>)>;
+
+/// Load, validate and expand a matrix file.
+pub fn load(path: &Path) -> Result<Matrix, MatrixError> {
+    let text = std::fs::read_to_string(path).map_err(|source| MatrixError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    load_str(path, &text)
+}
+
+/// As [`load`], from text (`path` names the file in messages and anchors relative paths).
+pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
+    let invalid = |diagnostics| MatrixError::Invalid {
+        path: path.to_path_buf(),
+        text: text.to_string(),
+        diagnostics,
+    };
+    let raw: RawMatrix = toml::from_str(text).map_err(|e| {
+        let unknown = e.message().contains("unknown field");
+        let help =
+            unknown.then_some("check the spelling against the keys documented in docs/matrix.md");
+        let code = if unknown { "unknown-key" } else { "syntax" };
+        let mut d = Diagnostic::new(code, e.span(), e.message().trim().to_string());
+        if let Some(h) = help {
+            d.help(h);
+        }
+        invalid(vec![d])
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        base
+    };
+    let mut v = Validator {
+        diags: Vec::new(),
+        raw: &raw,
+        base,
+    };
+    let matrix = v.build(path);
+    if v.diags.is_empty() {
+        Ok(matrix)
+    } else {
+        Err(invalid(v.diags))
+    }
+}
+
+struct Validator<'a> {
+    diags: Vec<Diagnostic>,
+    raw: &'a RawMatrix,
+    base: PathBuf,
+}
+
+fn span<T>(s: &Spanned<T>) -> Option<Range<usize>> {
+    Some(s.span())
+}
+
+/// Scalar → its text; arrays are handled by [`Validator::values`].
+fn scalar_text(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// `90s`, `10m`, `1h`, `500ms`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" | "mins" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    (secs > 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+const HOST_AXES: &[&str] = &["profile", "uid"];
+const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only"];
+const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
+const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
+const CODEX_AXES: &[&str] = &["version"];
+/// Axes every cell has besides its environment's and subject's.
+const CELL_AXES: &[&str] = &[
+    "id",
+    "backend",
+    "environment",
+    "subject",
+    "kind",
+    "set",
+    "scenario",
+];
+
+fn all_axes() -> BTreeSet<&'static str> {
+    [
+        HOST_AXES,
+        DOCKER_AXES,
+        QEMU_AXES,
+        BWRAP_AXES,
+        CODEX_AXES,
+        CELL_AXES,
+    ]
+    .concat()
+    .into_iter()
+    .collect()
+}
+
+impl Validator<'_> {
+    fn err(
+        &mut self,
+        code: &'static str,
+        span: Option<Range<usize>>,
+        msg: impl Into<String>,
+    ) -> &mut Diagnostic {
+        self.diags.push(Diagnostic::new(code, span, msg));
+        self.diags.last_mut().expect("just pushed")
+    }
+
+    /// A scalar or an array of scalars → values with their spans.
+    fn values(&mut self, key: &str, v: &SValue) -> Vec<(String, Option<Range<usize>>)> {
+        let out: Vec<_> = match v.get_ref() {
+            toml::Value::Array(items) => items
+                .iter()
+                .filter_map(|i| scalar_text(i).map(|t| (t, span(v))))
+                .collect(),
+            other => scalar_text(other)
+                .map(|t| vec![(t, span(v))])
+                .unwrap_or_default(),
+        };
+        let bad_type = match v.get_ref() {
+            toml::Value::Array(items) => items.iter().any(|i| scalar_text(i).is_none()),
+            other => scalar_text(other).is_none(),
+        };
+        if bad_type {
+            self.err(
+                "bad-axis-value",
+                span(v),
+                format!("`{key}` takes a string, number or boolean, or a list of them"),
+            );
+        } else if out.is_empty() {
+            self.err(
+                "empty-product",
+                span(v),
+                format!("`{key}` is an empty list: the product would be empty"),
+            )
+            .help("give at least one value or remove the key");
+        }
+        out
+    }
+
+    fn build(&mut self, path: &Path) -> Matrix {
+        let settings = self.settings();
+        let profiles = self.profiles();
+        let sysctl_sets = self.sysctl_sets();
+        let scenario_sets = self.scenario_sets();
+        let mut envs = Vec::new();
+        for e in &self.raw.environment {
+            envs.extend(self.environment(e, &profiles, &sysctl_sets));
+        }
+        let mut subjects = Vec::new();
+        for s in &self.raw.subject {
+            subjects.extend(self.subject(s));
+        }
+        if self.raw.environment.is_empty() {
+            self.err("empty-product", None, "the matrix has no [[environment]]");
+        }
+        if self.raw.subject.is_empty() {
+            self.err("empty-product", None, "the matrix has no [[subject]]");
+        }
+        if self.raw.scenarios.is_empty() {
+            self.err("empty-product", None, "the matrix has no [[scenarios]] set");
+        }
+        let cells = self.cells(&envs, &subjects, &scenario_sets);
+        Matrix {
+            path: path.to_path_buf(),
+            settings,
+            cells,
+        }
+    }
+
+    fn settings(&mut self) -> Settings {
+        let mut s = Settings::default();
+        let Some(r) = &self.raw.settings else {
+            return s;
+        };
+        for (field, dst) in [
+            (&r.cell_timeout, &mut s.cell_timeout),
+            (&r.batch_timeout, &mut s.batch_timeout),
+        ] {
+            if let Some(v) = field {
+                match parse_duration(v.get_ref()) {
+                    Some(d) => *dst = d,
+                    None => {
+                        self.err(
+                            "bad-duration",
+                            span(v),
+                            format!("`{}` is not a duration", v.get_ref()),
+                        )
+                        .help("write e.g. \"90s\", \"10m\", \"500ms\"");
+                    }
+                }
+            }
+        }
+        if let Some(n) = r.retries {
+            s.retries = n;
+        }
+        if let Some(d) = &r.host_work_dir {
+            s.host_work_dir = PathBuf::from(d);
+        }
+        s
+    }
+
+    fn profiles(&mut self) -> BTreeMap<String, (Profile, Range<usize>)> {
+        let mut out = BTreeMap::new();
+        for (name, rp) in &self.raw.profile {
+            let r = rp.get_ref();
+            let bounding_set = match &r.bounding_set {
+                None => None,
+                Some(v) => match v.get_ref() {
+                    toml::Value::String(s) if s == "docker-default" => Some(
+                        restrict::DOCKER_DEFAULT_CAPS
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect(),
+                    ),
+                    toml::Value::Array(_) => {
+                        let caps: Vec<String> = self
+                            .values("bounding-set", v)
+                            .into_iter()
+                            .map(|(c, _)| c)
+                            .collect();
+                        for c in &caps {
+                            if restrict::cap_number(c).is_none() {
+                                self.err(
+                                    "bad-capability",
+                                    span(v),
+                                    format!("unknown capability `{c}`"),
+                                );
+                            }
+                        }
+                        Some(caps)
+                    }
+                    _ => {
+                        self.err(
+                            "bad-value",
+                            span(v),
+                            "`bounding-set` is \"docker-default\" or a list of capabilities",
+                        );
+                        None
+                    }
+                },
+            };
+            for c in r.cap_add.iter().chain(&r.cap_drop) {
+                if c != "ALL" && restrict::cap_number(c).is_none() {
+                    self.err(
+                        "bad-capability",
+                        span(rp),
+                        format!("profile `{name}`: unknown capability `{c}`"),
+                    );
+                }
+            }
+            let p = Profile {
+                name: name.clone(),
+                seccomp: r.seccomp.as_ref().map(|s| s.get_ref().clone()),
+                cap_add: r.cap_add.clone(),
+                cap_drop: r.cap_drop.clone(),
+                no_new_privileges: r.no_new_privileges,
+                privileged: r.privileged,
+                systempaths_unconfined: r.systempaths_unconfined,
+                bounding_set,
+                userns_limit: r.userns_limit,
+                security_opt: r.security_opt.clone(),
+                description: r.description.clone(),
+            };
+            if let Some(sc) = &r.seccomp {
+                let v = sc.get_ref();
+                let ok = matches!(
+                    v.as_str(),
+                    "none" | "deny-userns" | "default" | "unconfined"
+                ) || v.ends_with(".json");
+                if !ok {
+                    self.err("bad-value", span(sc), format!("seccomp `{v}` is not none, deny-userns, default, unconfined or a .json file"));
+                } else if v.ends_with(".json") {
+                    let p = self.base.join(v);
+                    if !p.is_file() {
+                        self.err(
+                            "missing-file",
+                            span(sc),
+                            format!("seccomp profile {} does not exist", p.display()),
+                        );
+                    }
+                }
+            }
+            out.insert(name.clone(), (p, rp.span()));
+        }
+        out
+    }
+
+    fn sysctl_sets(&mut self) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        out.insert("default".to_string(), BTreeMap::new());
+        for (name, set) in &self.raw.sysctl_set {
+            let mut vals = BTreeMap::new();
+            for (k, v) in set.get_ref() {
+                if k.starts_with('/') || !k.contains('.') {
+                    self.err(
+                        "bad-sysctl",
+                        span(v),
+                        format!("sysctl `{k}` should be dotted, like user.max_user_namespaces"),
+                    );
+                }
+                match scalar_text(v.get_ref()) {
+                    Some(t) => {
+                        vals.insert(k.clone(), t);
+                    }
+                    None => {
+                        self.err(
+                            "bad-sysctl",
+                            span(v),
+                            format!("sysctl `{k}` needs a scalar value"),
+                        );
+                    }
+                }
+            }
+            out.insert(name.clone(), vals);
+        }
+        out
+    }
+
+    fn scenario_sets(&mut self) -> Vec<(String, Vec<ScenarioRef>)> {
+        let mut out = Vec::new();
+        let mut seen = BTreeSet::new();
+        for s in &self.raw.scenarios {
+            let r = s.get_ref();
+            let name = r.name.get_ref().clone();
+            if !seen.insert(name.clone()) {
+                self.err(
+                    "duplicate-name",
+                    span(&r.name),
+                    format!("scenario set `{name}` is defined twice"),
+                );
+            }
+            let dir = self.base.join(r.dir.get_ref());
+            let loaded = match crate::scenario::load_set(&dir) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.err(
+                        "bad-scenarios",
+                        span(&r.dir),
+                        format!("failed to load scenarios from {}: {e}", dir.display()),
+                    );
+                    continue;
+                }
+            };
+            let globs: Vec<_> = r
+                .only
+                .iter()
+                .flatten()
+                .filter_map(|g| Glob::new(g).ok().map(|g| g.compile_matcher()))
+                .collect();
+            let refs: Vec<ScenarioRef> = loaded
+                .into_iter()
+                .filter(|sc| globs.is_empty() || globs.iter().any(|g| g.is_match(&sc.name)))
+                .map(|sc| ScenarioRef {
+                    set: name.clone(),
+                    name: sc.name,
+                    dir: std::path::absolute(&sc.dir).unwrap_or(sc.dir),
+                })
+                .collect();
+            if refs.is_empty() {
+                self.err(
+                    "empty-product",
+                    span(s),
+                    format!(
+                        "scenario set `{name}` selects no scenario in {}",
+                        dir.display()
+                    ),
+                );
+            }
+            out.push((name, refs));
+        }
+        out
+    }
+
+    /// Cartesian product of the given axes, then the entry's exclude and include.
+    fn expand(
+        &mut self,
+        what: &str,
+        axes: Vec<(&'static str, Values)>,
+        exclude: &[Spanned<Selector>],
+        include: &[Spanned<Selector>],
+    ) -> Vec<Combo> {
+        let allowed: BTreeSet<&str> = axes.iter().map(|(k, _)| *k).collect();
+        let mut combos: Vec<Combo> = vec![Combo::new()];
+        for (k, vals) in &axes {
+            let mut next = Vec::new();
+            for c in &combos {
+                for (v, sp) in vals {
+                    let mut c2 = c.clone();
+                    c2.insert(k.to_string(), (v.clone(), sp.clone()));
+                    next.push(c2);
+                }
+            }
+            combos = next;
+        }
+        for sel in exclude.iter().chain(include) {
+            for (k, v) in sel.get_ref() {
+                if !allowed.contains(k.as_str()) {
+                    self.err("unknown-axis", span(v), format!("{what} has no axis `{k}`"))
+                        .help(format!(
+                            "its axes are: {}",
+                            allowed.iter().copied().collect::<Vec<_>>().join(", ")
+                        ));
+                }
+            }
+        }
+        combos.retain(|c| {
+            !exclude
+                .iter()
+                .any(|e| selector_matches(e.get_ref(), &|k| c.get(k).map(|v| v.0.clone())))
+        });
+        // GitHub Actions' include: an entry that matches an existing combination on all of
+        // its keys adds nothing new; otherwise it adds a combination of its own, whose axes
+        // not named take the single value the axis has (naming them is required otherwise).
+        for inc in include {
+            let sel = inc.get_ref();
+            let matches_existing = combos.iter().any(|c| {
+                sel.iter().all(|(k, v)| {
+                    c.get(k)
+                        .map(|x| Some(&x.0) == scalar_text(v.get_ref()).as_ref())
+                        .unwrap_or(false)
+                })
+            });
+            if matches_existing {
+                continue;
+            }
+            let mut c = Combo::new();
+            for (k, vals) in &axes {
+                if let Some(v) = sel.get(*k) {
+                    match scalar_text(v.get_ref()) {
+                        Some(t) => {
+                            c.insert(k.to_string(), (t, span(v)));
+                        }
+                        None => {
+                            self.err(
+                                "bad-axis-value",
+                                span(v),
+                                format!("include value for `{k}` must be a scalar"),
+                            );
+                        }
+                    }
+                } else if vals.len() == 1 {
+                    c.insert(k.to_string(), vals[0].clone());
+                } else {
+                    self.err(
+                        "incomplete-include",
+                        span(inc),
+                        format!(
+                            "this include adds a new {what} combination but does not say its `{k}`"
+                        ),
+                    )
+                    .help(format!("`{k}` has several values; name one"));
+                }
+            }
+            if c.len() == axes.len() {
+                combos.push(c);
+            }
+        }
+        combos
+    }
+
+    fn environment(
+        &mut self,
+        e: &Spanned<RawEnvironment>,
+        profiles: &BTreeMap<String, (Profile, Range<usize>)>,
+        sysctl_sets: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Vec<Environment> {
+        let r = e.get_ref();
+        let name = r.name.get_ref().clone();
+        let backend = match r.backend.get_ref().as_str() {
+            "host" => BackendKind::Host,
+            "docker" => BackendKind::Docker,
+            "qemu" => BackendKind::Qemu,
+            other => {
+                self.err(
+                    "bad-value",
+                    span(&r.backend),
+                    format!("unknown backend `{other}`"),
+                )
+                .help("use host, docker or qemu");
+                return Vec::new();
+            }
+        };
+        let allowed = match backend {
+            BackendKind::Host => HOST_AXES,
+            BackendKind::Docker => DOCKER_AXES,
+            BackendKind::Qemu => QEMU_AXES,
+        };
+        let given: [(&'static str, &Option<SValue>); 6] = [
+            ("profile", &r.profile),
+            ("uid", &r.uid),
+            ("image", &r.image),
+            ("read-only", &r.read_only),
+            ("kernel", &r.kernel),
+            ("sysctl", &r.sysctl),
+        ];
+        let mut axes = Vec::new();
+        for (k, v) in given {
+            match (v, allowed.contains(&k)) {
+                (Some(v), false) => {
+                    self.err(
+                        "unknown-axis",
+                        span(v),
+                        format!("a {} environment has no axis `{k}`", backend.as_str()),
+                    )
+                    .help(format!("its axes are: {}", allowed.join(", ")));
+                }
+                (Some(v), true) => {
+                    let vals = self.values(k, v);
+                    axes.push((k, vals));
+                }
+                (None, true) => {
+                    let default = match k {
+                        "uid" => Some("1000"),
+                        "read-only" => Some("false"),
+                        "sysctl" => Some("default"),
+                        "profile" if backend == BackendKind::Docker => Some("default"),
+                        "profile" => Some("none"),
+                        _ => None,
+                    };
+                    match default {
+                        Some(d) => axes.push((k, vec![(d.to_string(), None)])),
+                        None => {
+                            self.err(
+                                "missing-axis",
+                                span(&r.name),
+                                format!("environment `{name}` ({}) needs `{k}`", backend.as_str()),
+                            );
+                        }
+                    }
+                }
+                (None, false) => {}
+            }
+        }
+        if axes.len() != allowed.len() {
+            return Vec::new();
+        }
+        let combos = self.expand(
+            &format!("environment `{name}`"),
+            axes,
+            &r.exclude,
+            &r.include,
+        );
+        if combos.is_empty() {
+            self.err(
+                "empty-product",
+                span(e),
+                format!("environment `{name}` expands to nothing (everything excluded)"),
+            );
+        }
+        let varying = varying_axes(&combos);
+        let mut out = Vec::new();
+        for c in combos {
+            let val = |k: &str| c.get(k).map(|v| v.0.clone()).unwrap_or_default();
+            let sp = |k: &str| c.get(k).and_then(|v| v.1.clone());
+            let uid = match val("uid").parse::<u32>() {
+                Ok(u) => u,
+                Err(_) => {
+                    self.err(
+                        "bad-axis-value",
+                        sp("uid"),
+                        format!("uid `{}` is not a number", val("uid")),
+                    );
+                    continue;
+                }
+            };
+            let read_only = match val("read-only").as_str() {
+                "true" => true,
+                "false" | "" => false,
+                other => {
+                    self.err(
+                        "bad-axis-value",
+                        sp("read-only"),
+                        format!("read-only `{other}` is not true or false"),
+                    );
+                    false
+                }
+            };
+            let profile = if allowed.contains(&"profile") {
+                let pname = val("profile");
+                match profiles.get(&pname) {
+                    Some((p, _)) => {
+                        self.check_profile_for(backend, p, sp("profile"));
+                        Some(p.clone())
+                    }
+                    None if pname == "none" && backend == BackendKind::Host => Some(Profile {
+                        name: "none".into(),
+                        ..Default::default()
+                    }),
+                    None if pname == "default" && backend == BackendKind::Docker => Some(Profile {
+                        name: "default".into(),
+                        ..Default::default()
+                    }),
+                    None => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("profile"),
+                            format!("no profile named `{pname}`"),
+                        )
+                        .help(format!(
+                            "define [profile.{pname}] or use one of: {}",
+                            profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ));
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let image = allowed.contains(&"image").then(|| val("image"));
+            if let Some(img) = &image
+                && backend == BackendKind::Docker
+                && !self.raw.image.contains_key(img)
+            {
+                self.err(
+                    "bad-axis-value",
+                    sp("image"),
+                    format!("no image named `{img}`"),
+                )
+                .help(format!("define [image.{img}] with a recipe or a reference"));
+            }
+            let image_source = match (backend, &image) {
+                (BackendKind::Docker | BackendKind::Qemu, Some(img)) => {
+                    match self.raw.image.get(img).map(|i| i.get_ref()) {
+                        Some(RawImage {
+                            reference: Some(r),
+                            recipe: None,
+                            ..
+                        }) => Some(ImageSource::Reference(r.clone())),
+                        Some(RawImage {
+                            recipe: Some(r),
+                            reference: None,
+                            ..
+                        }) => Some(ImageSource::Recipe(r.clone())),
+                        Some(_) => {
+                            self.err(
+                                "bad-image",
+                                sp("image"),
+                                format!(
+                                    "image `{img}` needs exactly one of `recipe` or `reference`"
+                                ),
+                            );
+                            None
+                        }
+                        // QEMU images may name a root filesystem recipe directly.
+                        None => {
+                            (backend == BackendKind::Qemu).then(|| ImageSource::Recipe(img.clone()))
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let (sysctl_set, sysctls) = if allowed.contains(&"sysctl") {
+                let s = val("sysctl");
+                match sysctl_sets.get(&s) {
+                    Some(v) => (Some(s), v.clone()),
+                    None => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("sysctl"),
+                            format!("no sysctl set named `{s}`"),
+                        )
+                        .help(format!("define [sysctl-set.{s}]"));
+                        (None, BTreeMap::new())
+                    }
+                }
+            } else {
+                (None, BTreeMap::new())
+            };
+            let mut id = name.clone();
+            for k in allowed {
+                if varying.contains(*k) {
+                    id.push('-');
+                    id.push_str(&axis_label(k, &val(k)));
+                }
+            }
+            let mut axes: BTreeMap<String, String> =
+                c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+            axes.insert("backend".into(), backend.as_str().into());
+            axes.insert("environment".into(), name.clone());
+            out.push(Environment {
+                id,
+                name: name.clone(),
+                backend,
+                axes,
+                uid,
+                profile,
+                image,
+                image_source,
+                read_only,
+                kernel: allowed.contains(&"kernel").then(|| val("kernel")),
+                sysctl_set,
+                sysctls,
+            });
+        }
+        out
+    }
+
+    fn check_profile_for(&mut self, backend: BackendKind, p: &Profile, sp: Option<Range<usize>>) {
+        match backend {
+            BackendKind::Host => {
+                let docker_only = !p.cap_add.is_empty()
+                    || !p.cap_drop.is_empty()
+                    || p.privileged
+                    || p.systempaths_unconfined
+                    || !p.security_opt.is_empty()
+                    || p.seccomp
+                        .as_deref()
+                        .is_some_and(|s| s != "none" && s != "deny-userns");
+                if docker_only {
+                    self.err("profile-backend", sp.clone(), format!("profile `{}` uses settings only a docker environment has", p.name))
+                        .help("a host profile may set seccomp = \"deny-userns\", no-new-privileges, bounding-set, userns-limit");
+                }
+                if p.seccomp.as_deref() == Some("deny-userns") && p.userns_limit.is_some() {
+                    self.err(
+                        "profile-backend",
+                        sp,
+                        format!(
+                            "profile `{}`: seccomp deny-userns and userns-limit cannot combine",
+                            p.name
+                        ),
+                    );
+                }
+            }
+            BackendKind::Docker => {
+                if p.bounding_set.is_some()
+                    || p.userns_limit.is_some()
+                    || p.seccomp.as_deref() == Some("deny-userns")
+                {
+                    self.err("profile-backend", sp, format!("profile `{}` uses settings only the host backend has", p.name))
+                        .help("a docker profile uses seccomp (default/unconfined/file.json), cap-add, cap-drop, no-new-privileges, privileged, systempaths-unconfined, security-opt");
+                }
+            }
+            BackendKind::Qemu => {}
+        }
+    }
+
+    fn subject(&mut self, s: &Spanned<RawSubject>) -> Vec<Subject> {
+        let r = s.get_ref();
+        let name = r.name.get_ref().clone();
+        let kind = r.kind.get_ref().as_str();
+        let allowed = match kind {
+            "bwrap" => BWRAP_AXES,
+            "codex" => CODEX_AXES,
+            other => {
+                self.err(
+                    "bad-value",
+                    span(&r.kind),
+                    format!("unknown subject kind `{other}`"),
+                )
+                .help("use bwrap or codex");
+                return Vec::new();
+            }
+        };
+        let given: [(&'static str, &Option<SValue>); 4] = [
+            ("build", &r.build),
+            ("setuid", &r.setuid),
+            ("argv", &r.argv),
+            ("version", &r.version),
+        ];
+        let mut axes = Vec::new();
+        for (k, v) in given {
+            match (v, allowed.contains(&k)) {
+                (Some(v), false) => {
+                    self.err(
+                        "unknown-axis",
+                        span(v),
+                        format!("a {kind} subject has no axis `{k}`"),
+                    )
+                    .help(format!("its axes are: {}", allowed.join(", ")));
+                }
+                (Some(v), true) => {
+                    let vals = self.values(k, v);
+                    axes.push((k, vals));
+                }
+                (None, true) => {
+                    let d = match k {
+                        "build" => Some("system"),
+                        "setuid" => Some("as-is"),
+                        "argv" => Some("codex"),
+                        _ => None,
+                    };
+                    match d {
+                        Some(d) => axes.push((k, vec![(d.to_string(), None)])),
+                        None => {
+                            self.err(
+                                "missing-axis",
+                                span(&r.name),
+                                format!("subject `{name}` ({kind}) needs `{k}`"),
+                            );
+                        }
+                    }
+                }
+                (None, false) => {}
+            }
+        }
+        if axes.len() != allowed.len() {
+            return Vec::new();
+        }
+        let combos = self.expand(&format!("subject `{name}`"), axes, &r.exclude, &r.include);
+        if combos.is_empty() {
+            self.err(
+                "empty-product",
+                span(s),
+                format!("subject `{name}` expands to nothing"),
+            );
+        }
+        let mut out = Vec::new();
+        for c in combos {
+            let val = |k: &str| c.get(k).map(|v| v.0.clone()).unwrap_or_default();
+            let sp = |k: &str| c.get(k).and_then(|v| v.1.clone());
+            let (id, spec) = if kind == "bwrap" {
+                let build = val("build");
+                if build != "system" && !build.starts_with('/') {
+                    self.err(
+                        "bad-axis-value",
+                        sp("build"),
+                        format!("build `{build}` is neither `system` nor an absolute path"),
+                    );
+                }
+                let setuid = match val("setuid").as_str() {
+                    "true" => SetuidMode::Force,
+                    "false" => SetuidMode::Never,
+                    "as-is" => SetuidMode::AsIs,
+                    other => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("setuid"),
+                            format!("setuid `{other}` is not true, false or \"as-is\""),
+                        );
+                        SetuidMode::AsIs
+                    }
+                };
+                let argv = match val("argv").as_str() {
+                    "codex" => ArgvProfile::Codex,
+                    "codex-legacy" => ArgvProfile::CodexLegacy,
+                    other => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("argv"),
+                            format!("argv profile `{other}` is unknown"),
+                        )
+                        .help("use codex or codex-legacy");
+                        ArgvProfile::Codex
+                    }
+                };
+                let build_label = if build == "system" {
+                    build.clone()
+                } else {
+                    sanitize(&build)
+                };
+                let suid = match setuid {
+                    SetuidMode::Force => "+setuid",
+                    SetuidMode::Never => "",
+                    SetuidMode::AsIs => "+as-is",
+                };
+                (
+                    format!("{name}-{build_label}{suid}+{}", argv.as_str()),
+                    SubjectSpec::Bwrap {
+                        build,
+                        setuid,
+                        argv,
+                    },
+                )
+            } else {
+                let version = val("version");
+                (
+                    format!("{name}-{version}"),
+                    SubjectSpec::Codex {
+                        version,
+                        codex_bin: PathBuf::new(),
+                    },
+                )
+            };
+            let mut axes: BTreeMap<String, String> =
+                c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+            axes.insert("subject".into(), name.clone());
+            axes.insert("kind".into(), kind.into());
+            out.push(Subject {
+                id,
+                name: name.clone(),
+                axes,
+                spec,
+            });
+        }
+        out
+    }
+
+    fn cells(
+        &mut self,
+        envs: &[Environment],
+        subjects: &[Subject],
+        sets: &[(String, Vec<ScenarioRef>)],
+    ) -> Vec<Cell> {
+        let known = all_axes();
+        for ex in &self.raw.exclude {
+            for (k, v) in ex.get_ref() {
+                if !known.contains(k.as_str()) {
+                    self.err("unknown-axis", span(v), format!("no axis `{k}`"))
+                        .help(format!(
+                            "axes are: {}",
+                            known.iter().copied().collect::<Vec<_>>().join(", ")
+                        ));
+                }
+            }
+        }
+        let mut rules = Vec::new();
+        for ex in &self.raw.expect {
+            let r = ex.get_ref();
+            for (k, v) in r.when.get_ref() {
+                if !known.contains(k.as_str()) {
+                    self.err("unknown-axis", span(v), format!("no axis `{k}`"));
+                }
+            }
+            let expect = match (&r.fail, r.pass) {
+                (Some(sig), None) | (Some(sig), Some(false)) => {
+                    if signature::by_name(sig.get_ref()).is_none() {
+                        self.err(
+                            "unknown-signature",
+                            span(sig),
+                            format!("no signature named `{}`", sig.get_ref()),
+                        )
+                        .help(format!(
+                            "known: {}",
+                            signature::names().collect::<Vec<_>>().join(", ")
+                        ));
+                    }
+                    Expectation::Fail {
+                        signature: sig.get_ref().clone(),
+                        reason: r.reason.clone(),
+                    }
+                }
+                (None, Some(true)) => Expectation::Pass,
+                _ => {
+                    self.err("bad-expect", span(ex), "an expect rule needs exactly one of `fail = \"signature\"` or `pass = true`");
+                    continue;
+                }
+            };
+            rules.push((r.when.get_ref(), expect));
+        }
+        let mut cells = Vec::new();
+        let mut ids: BTreeMap<String, usize> = BTreeMap::new();
+        for env in envs {
+            for subj in subjects {
+                for (_, refs) in sets {
+                    for sc in refs {
+                        let id = format!("{}/{}/{}/{}", env.id, subj.id, sc.set, sc.name);
+                        let mut axes = env.axes.clone();
+                        axes.extend(subj.axes.clone());
+                        axes.insert("set".into(), sc.set.clone());
+                        axes.insert("scenario".into(), sc.name.clone());
+                        axes.insert("id".into(), id.clone());
+                        let get = |k: &str| axes.get(k).cloned();
+                        if self
+                            .raw
+                            .exclude
+                            .iter()
+                            .any(|e| selector_matches(e.get_ref(), &get))
+                        {
+                            continue;
+                        }
+                        let expect = rules
+                            .iter()
+                            .rev()
+                            .find(|(sel, _)| selector_matches(sel, &get))
+                            .map(|(_, e)| e.clone())
+                            .unwrap_or(Expectation::Pass);
+                        axes.remove("id");
+                        *ids.entry(id.clone()).or_default() += 1;
+                        cells.push(Cell {
+                            id,
+                            env: env.clone(),
+                            subject: subj.clone(),
+                            scenario: sc.clone(),
+                            expect,
+                            axes,
+                            skip: None,
+                        });
+                    }
+                }
+            }
+        }
+        for (id, n) in ids {
+            if n > 1 {
+                self.err(
+                    "duplicate-id",
+                    None,
+                    format!("{n} cells have the id `{id}`"),
+                )
+                .help("give the environments or subjects distinct names");
+            }
+        }
+        let env_names: Vec<_> = self
+            .raw
+            .environment
+            .iter()
+            .map(|e| e.get_ref().name.clone())
+            .collect();
+        let mut seen = BTreeSet::new();
+        for n in env_names {
+            if !seen.insert(n.get_ref().clone()) {
+                self.err(
+                    "duplicate-id",
+                    span(&n),
+                    format!("environment name `{}` is used twice", n.get_ref()),
+                );
+            }
+        }
+        let subj_names: Vec<_> = self
+            .raw
+            .subject
+            .iter()
+            .map(|s| s.get_ref().name.clone())
+            .collect();
+        let mut seen = BTreeSet::new();
+        for n in subj_names {
+            if !seen.insert(n.get_ref().clone()) {
+                self.err(
+                    "duplicate-id",
+                    span(&n),
+                    format!("subject name `{}` is used twice", n.get_ref()),
+                );
+            }
+        }
+        if cells.is_empty() && self.diags.is_empty() {
+            self.err("empty-product", None, "the matrix expands to no cell");
+        }
+        cells
+    }
+}
+
+/// Axes whose value differs between combinations: they go into ids.
+fn varying_axes(combos: &[Combo]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Some(first) = combos.first() {
+        for k in first.keys() {
+            if combos
+                .iter()
+                .any(|c| c.get(k).map(|v| &v.0) != first.get(k).map(|v| &v.0))
+            {
+                out.insert(k.clone());
+            }
+        }
+    }
+    out
+}
+
+fn axis_label(k: &str, v: &str) -> String {
+    match k {
+        "uid" => format!("uid{v}"),
+        "read-only" => {
+            if v == "true" {
+                "ro".into()
+            } else {
+                "rw".into()
+            }
+        }
+        _ => sanitize(v),
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.trim_matches('/').replace(['/', ' ', ':'], "_")
+}
+
+/// All keys of the selector match (values may be globs).
+pub fn selector_matches(sel: &Selector, get: &dyn Fn(&str) -> Option<String>) -> bool {
+    sel.iter().all(|(k, v)| {
+        let Some(have) = get(k) else { return false };
+        let want = scalar_text(v.get_ref()).unwrap_or_default();
+        glob_eq(&want, &have)
+    })
+}
+
+fn glob_eq(pattern: &str, value: &str) -> bool {
+    if pattern == value {
+        return true;
+    }
+    if pattern.contains(['*', '?', '[', '{']) {
+        return Glob::new(pattern)
+            .map(|g| g.compile_matcher().is_match(value))
+            .unwrap_or(false);
+    }
+    false
+}
+
+/// `--filter` expressions: `axis=value` (value may be a glob) or an id glob. All must match.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    exprs: Vec<(Option<String>, String)>,
+}
+
+impl Filter {
+    pub fn parse(exprs: &[String]) -> Result<Filter, String> {
+        let known = all_axes();
+        let mut out = Vec::new();
+        for e in exprs {
+            match e.split_once('=') {
+                Some((k, v)) => {
+                    let k = k.trim();
+                    if !known.contains(k) {
+                        return Err(format!(
+                            "--filter {e}: no axis `{k}` (axes: {})",
+                            known.iter().copied().collect::<Vec<_>>().join(", ")
+                        ));
+                    }
+                    out.push((Some(k.to_string()), v.trim().to_string()));
+                }
+                None => {
+                    Glob::new(e).map_err(|err| format!("--filter {e}: {err}"))?;
+                    out.push((None, e.clone()));
+                }
+            }
+        }
+        Ok(Filter { exprs: out })
+    }
+
+    pub fn matches(&self, cell: &Cell) -> bool {
+        self.exprs.iter().all(|(k, v)| match k {
+            None => {
+                glob_eq(v, &cell.id)
+                    || Glob::new(v)
+                        .map(|g| g.compile_matcher().is_match(&cell.id))
+                        .unwrap_or(false)
+            }
+            Some(k) if k == "id" => glob_eq(v, &cell.id),
+            Some(k) => cell.axes.get(k).is_some_and(|have| glob_eq(v, have)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_duration("0s"), None);
+    }
+}

@@ -1,0 +1,134 @@
+//! The raw shape of `matrix.toml`, as serde reads it. Unknown keys are rejected here (with
+//! their position); everything else is checked in `load`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type SValue = Spanned<toml::Value>;
+/// `{ axis = value, ... }`, used by exclude/include/expect selectors.
+pub type Selector = BTreeMap<String, SValue>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawMatrix {
+    pub settings: Option<RawSettings>,
+    #[serde(default)]
+    pub profile: BTreeMap<String, Spanned<RawProfile>>,
+    #[serde(default)]
+    pub sysctl_set: BTreeMap<String, Spanned<BTreeMap<String, SValue>>>,
+    #[serde(default)]
+    pub image: BTreeMap<String, Spanned<RawImage>>,
+    #[serde(default)]
+    pub environment: Vec<Spanned<RawEnvironment>>,
+    #[serde(default)]
+    pub subject: Vec<Spanned<RawSubject>>,
+    #[serde(default)]
+    pub scenarios: Vec<Spanned<RawScenarios>>,
+    #[serde(default)]
+    pub exclude: Vec<Spanned<Selector>>,
+    #[serde(default)]
+    pub expect: Vec<Spanned<RawExpect>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawSettings {
+    pub cell_timeout: Option<Spanned<String>>,
+    pub batch_timeout: Option<Spanned<String>>,
+    pub retries: Option<u32>,
+    pub host_work_dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawProfile {
+    #[serde(default)]
+    pub description: String,
+    pub seccomp: Option<Spanned<String>>,
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    #[serde(default)]
+    pub cap_drop: Vec<String>,
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    #[serde(default)]
+    pub privileged: bool,
+    #[serde(default)]
+    pub systempaths_unconfined: bool,
+    /// `"docker-default"` or a list of capability names.
+    pub bounding_set: Option<SValue>,
+    pub userns_limit: Option<u64>,
+    #[serde(default)]
+    pub security_opt: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawImage {
+    #[serde(default)]
+    #[allow(dead_code)] // documentation for the reader of matrix.toml
+    pub description: String,
+    /// A recipe under vm-images/docker/ built by `nsmatrix images build`.
+    pub recipe: Option<String>,
+    /// Any image already in the local engine (`busybox:latest`).
+    pub reference: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawEnvironment {
+    pub name: Spanned<String>,
+    pub backend: Spanned<String>,
+    #[serde(default)]
+    #[allow(dead_code)] // documentation for the reader of matrix.toml
+    pub description: String,
+    pub profile: Option<SValue>,
+    pub uid: Option<SValue>,
+    pub image: Option<SValue>,
+    pub read_only: Option<SValue>,
+    pub kernel: Option<SValue>,
+    pub sysctl: Option<SValue>,
+    #[serde(default)]
+    pub exclude: Vec<Spanned<Selector>>,
+    #[serde(default)]
+    pub include: Vec<Spanned<Selector>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawSubject {
+    pub name: Spanned<String>,
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    #[allow(dead_code)] // documentation for the reader of matrix.toml
+    pub description: String,
+    pub build: Option<SValue>,
+    pub setuid: Option<SValue>,
+    pub argv: Option<SValue>,
+    pub version: Option<SValue>,
+    #[serde(default)]
+    pub exclude: Vec<Spanned<Selector>>,
+    #[serde(default)]
+    pub include: Vec<Spanned<Selector>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawScenarios {
+    pub name: Spanned<String>,
+    pub dir: Spanned<String>,
+    /// Globs of scenario names to keep (default: all).
+    pub only: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawExpect {
+    /// Axis → value (globs allowed); `id` matches the cell id.
+    pub when: Spanned<Selector>,
+    pub fail: Option<Spanned<String>>,
+    pub pass: Option<bool>,
+    pub reason: Option<String>,
+}

@@ -1,0 +1,222 @@
+//! `report.md`: totals, a grid per scenario set (environments × subjects), then every
+//! unexpected result with its signature and remedy, then the expected failures by signature.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use super::model::{CellResult, RunResults, Status};
+
+pub fn render(run: &RunResults) -> String {
+    let mut md = String::new();
+    let counts = run.counts();
+    let _ = writeln!(md, "# nsmatrix run `{}`\n", run.run_name);
+    let _ = writeln!(
+        md,
+        "Matrix `{}`, started {}, took {:.1} s on kernel `{}`.{}\n",
+        run.matrix,
+        run.started,
+        run.duration_ms as f64 / 1000.0,
+        run.host
+            .get("kernel.osrelease")
+            .map(String::as_str)
+            .unwrap_or("?"),
+        run.interrupted
+            .as_ref()
+            .map(|r| format!(" **The run was stopped early: {r}.**"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        md,
+        "| cells | {} |",
+        Status::ALL.map(|s| s.as_str()).join(" | ")
+    );
+    let _ = writeln!(md, "|---|{}|", Status::ALL.map(|_| "---").join("|"));
+    let _ = writeln!(
+        md,
+        "| {} | {} |\n",
+        run.cells.len(),
+        Status::ALL
+            .map(|s| counts.get(&s).copied().unwrap_or(0).to_string())
+            .join(" | ")
+    );
+    let _ = writeln!(
+        md,
+        "Legend: ✅ pass · ✅ˣ expected failure seen (XFAIL) · ❌ FAIL · ❌⁺ passed but expected to fail (XPASS) · ⚠ ERROR (harness) · ⏭ SKIP. \
+         A grid cell counts the scenarios of the set; its signature is the most common one.\n"
+    );
+
+    let mut sets: Vec<&str> = Vec::new();
+    for c in &run.cells {
+        if !sets.contains(&c.scenario_set.as_str()) {
+            sets.push(&c.scenario_set);
+        }
+    }
+    for set in sets {
+        let cells: Vec<&CellResult> = run.cells.iter().filter(|c| c.scenario_set == set).collect();
+        let mut envs: Vec<&str> = Vec::new();
+        let mut subjects: Vec<&str> = Vec::new();
+        for c in &cells {
+            if !envs.contains(&c.environment.as_str()) {
+                envs.push(&c.environment);
+            }
+            if !subjects.contains(&c.subject.as_str()) {
+                subjects.push(&c.subject);
+            }
+        }
+        let _ = writeln!(md, "## Scenario set `{set}`\n");
+        let _ = writeln!(
+            md,
+            "| environment | {} |",
+            subjects
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        let _ = writeln!(
+            md,
+            "|---|{}|",
+            subjects.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+        );
+        for env in &envs {
+            let row: Vec<String> = subjects
+                .iter()
+                .map(|s| {
+                    grid_cell(
+                        cells
+                            .iter()
+                            .filter(|c| c.environment == *env && c.subject == *s)
+                            .copied(),
+                    )
+                })
+                .collect();
+            let _ = writeln!(md, "| `{env}` | {} |", row.join(" | "));
+        }
+        md.push('\n');
+    }
+
+    let bad: Vec<&CellResult> = run.cells.iter().filter(|c| !c.status.is_ok()).collect();
+    if !bad.is_empty() {
+        let _ = writeln!(md, "## Unexpected results ({})\n", bad.len());
+        for c in bad {
+            let _ = writeln!(md, "### {} `{}`\n", c.status.as_str(), c.id);
+            let _ = writeln!(md, "- expected: {}", expectation_text(c));
+            let _ = writeln!(
+                md,
+                "- observed: `{}` — {}",
+                c.observed,
+                one_line(&c.message)
+            );
+            if let Some(r) = &c.remedy {
+                let _ = writeln!(md, "- remedy: {r}");
+            }
+            if !c.stderr_tail.trim().is_empty() {
+                let _ = writeln!(
+                    md,
+                    "\n```text\n{}\n```",
+                    last_lines(&c.stderr_tail, 8).replace("```", "`\u{200B}``")
+                );
+            }
+            md.push('\n');
+        }
+    }
+
+    let mut xfail: BTreeMap<&str, Vec<&CellResult>> = BTreeMap::new();
+    for c in run.cells.iter().filter(|c| c.status == Status::Xfail) {
+        xfail
+            .entry(c.signature.as_deref().unwrap_or("?"))
+            .or_default()
+            .push(c);
+    }
+    if !xfail.is_empty() {
+        let _ = writeln!(md, "## Expected failures, by signature\n");
+        let _ = writeln!(md, "| signature | cells | environments | remedy |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for (sig, cs) in xfail {
+            let mut envs: Vec<&str> = cs.iter().map(|c| c.environment.as_str()).collect();
+            envs.dedup();
+            envs.sort();
+            envs.dedup();
+            let _ = writeln!(
+                md,
+                "| `{sig}` | {} | {} | {} |",
+                cs.len(),
+                envs.iter()
+                    .map(|e| format!("`{e}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                crate::sandbox::signature::remedy(sig)
+            );
+        }
+        md.push('\n');
+    }
+
+    let skipped: Vec<&CellResult> = run
+        .cells
+        .iter()
+        .filter(|c| c.status == Status::Skip)
+        .collect();
+    if !skipped.is_empty() {
+        let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in skipped {
+            *reasons.entry(c.message.as_str()).or_default() += 1;
+        }
+        let _ = writeln!(md, "## Skipped\n");
+        for (r, n) in reasons {
+            let _ = writeln!(md, "- {n} cell(s): {r}");
+        }
+        md.push('\n');
+    }
+    md
+}
+
+fn grid_cell<'a>(cells: impl Iterator<Item = &'a CellResult>) -> String {
+    let cells: Vec<&CellResult> = cells.collect();
+    if cells.is_empty() {
+        return "—".into();
+    }
+    let mut by: BTreeMap<Status, usize> = BTreeMap::new();
+    let mut sigs: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut ms = 0u64;
+    for c in &cells {
+        *by.entry(c.status).or_default() += 1;
+        if let Some(s) = &c.signature {
+            *sigs.entry(s.as_str()).or_default() += 1;
+        }
+        ms += c.duration_ms;
+    }
+    let parts: Vec<String> = by
+        .iter()
+        .map(|(s, n)| format!("{} {n}", s.mark()))
+        .collect();
+    let sig = sigs
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(s, _)| format!(" `{s}`"))
+        .unwrap_or_default();
+    format!("{}{sig} ({:.2} s)", parts.join(" "), ms as f64 / 1000.0)
+}
+
+fn expectation_text(c: &CellResult) -> String {
+    match &c.expected {
+        crate::matrix::model::Expectation::Pass => "pass".into(),
+        crate::matrix::model::Expectation::Fail { signature, reason } => match reason {
+            Some(r) => format!("fail with `{signature}` ({r})"),
+            None => format!("fail with `{signature}`"),
+        },
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let s = s.replace('\n', " ⏎ ");
+    if s.chars().count() > 400 {
+        format!("{}…", s.chars().take(400).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,236 @@
+//! The results schema (versioned): one [`CellResult`] per cell, judged against its
+//! expectation, and the [`RunResults`] that every renderer reads.
+//!
+//! `results.jsonl` holds one `CellResult` per line as cells finish; `results.json` holds the
+//! whole `RunResults`. Bump [`SCHEMA_VERSION`] on any incompatible change.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::protocol::{CellRecord, Outcome};
+use crate::matrix::model::{Cell, Expectation};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    Pass,
+    Fail,
+    Xfail,
+    Xpass,
+    Error,
+    Skip,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Pass,
+        Status::Fail,
+        Status::Xfail,
+        Status::Xpass,
+        Status::Error,
+        Status::Skip,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pass => "PASS",
+            Status::Fail => "FAIL",
+            Status::Xfail => "XFAIL",
+            Status::Xpass => "XPASS",
+            Status::Error => "ERROR",
+            Status::Skip => "SKIP",
+        }
+    }
+
+    /// The mark used in report grids.
+    pub fn mark(self) -> &'static str {
+        match self {
+            Status::Pass => "✅",
+            Status::Xfail => "✅ˣ",
+            Status::Fail => "❌",
+            Status::Xpass => "❌⁺",
+            Status::Error => "⚠",
+            Status::Skip => "⏭",
+        }
+    }
+
+    /// Met its expectation (or did not run for a stated reason).
+    pub fn is_ok(self) -> bool {
+        matches!(self, Status::Pass | Status::Xfail | Status::Skip)
+    }
+}
+
+/// One cell, judged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CellResult {
+    pub id: String,
+    /// The environment's id = the batch this cell ran in.
+    pub environment: String,
+    pub backend: String,
+    pub subject: String,
+    pub scenario_set: String,
+    pub scenario: String,
+    pub axes: BTreeMap<String, String>,
+    pub status: Status,
+    pub expected: Expectation,
+    /// What was seen: `pass`, or a failure signature, `error`, `skip`.
+    pub observed: String,
+    pub signature: Option<String>,
+    pub message: String,
+    pub remedy: Option<String>,
+    pub exit_code: Option<i32>,
+    pub duration_ms: u64,
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+    pub details: BTreeMap<String, String>,
+    /// 1 for the first try; more when an ERROR was retried.
+    pub attempts: u32,
+}
+
+/// Judge an agent's record of a cell against the cell's expectation.
+pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
+    let (status, observed, signature, message) = match &rec.outcome {
+        Outcome::Passed => match &cell.expect {
+            Expectation::Pass => (Status::Pass, "pass".to_string(), None, String::new()),
+            Expectation::Fail { signature, .. } => (
+                Status::Xpass,
+                "pass".into(),
+                None,
+                format!("expected to fail with {signature}, but passed"),
+            ),
+        },
+        Outcome::Failed { signature, message } => {
+            let status = match &cell.expect {
+                Expectation::Fail {
+                    signature: want, ..
+                } if want == signature => Status::Xfail,
+                _ => Status::Fail,
+            };
+            let msg = match (&cell.expect, status) {
+                (
+                    Expectation::Fail {
+                        signature: want, ..
+                    },
+                    Status::Fail,
+                ) => {
+                    format!("expected {want}, got {signature}: {message}")
+                }
+                _ => message.clone(),
+            };
+            (status, signature.clone(), Some(signature.clone()), msg)
+        }
+        Outcome::Error { stage, message } => (
+            Status::Error,
+            "error".into(),
+            None,
+            format!("{stage}: {message}"),
+        ),
+        Outcome::Skipped { reason } => (Status::Skip, "skip".into(), None, reason.clone()),
+    };
+    let remedy = signature
+        .as_deref()
+        .map(crate::sandbox::signature::remedy)
+        .filter(|r| !r.is_empty())
+        .map(str::to_string);
+    CellResult {
+        id: cell.id.clone(),
+        environment: cell.env.id.clone(),
+        backend: cell.env.backend.as_str().to_string(),
+        subject: cell.subject.id.clone(),
+        scenario_set: cell.scenario.set.clone(),
+        scenario: cell.scenario.name.clone(),
+        axes: cell.axes.clone(),
+        status,
+        expected: cell.expect.clone(),
+        observed,
+        signature,
+        message,
+        remedy,
+        exit_code: rec.exit_code,
+        duration_ms: rec.duration_ms,
+        stdout_tail: rec.stdout_tail.clone(),
+        stderr_tail: rec.stderr_tail.clone(),
+        details: rec.details.clone(),
+        attempts,
+    }
+}
+
+/// A cell that did not run: its record says why.
+pub fn not_run(cell: &Cell, outcome: Outcome, attempts: u32) -> CellResult {
+    let rec = CellRecord {
+        id: cell.id.clone(),
+        outcome,
+        exit_code: None,
+        duration_ms: 0,
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+        details: BTreeMap::new(),
+    };
+    judge(cell, &rec, attempts)
+}
+
+/// Facts about one batch (environment): what the agent reported, how long the stages took.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BatchInfo {
+    pub environment: String,
+    pub backend: String,
+    pub facts: BTreeMap<String, String>,
+    pub stage_ms: BTreeMap<String, u64>,
+    pub error: Option<String>,
+}
+
+/// The whole run, as written to `results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RunResults {
+    pub schema_version: u32,
+    pub run_name: String,
+    pub matrix: String,
+    pub started: String,
+    pub duration_ms: u64,
+    /// Set when the run was stopped early (Ctrl-C, fail-fast, deadline).
+    pub interrupted: Option<String>,
+    pub host: BTreeMap<String, String>,
+    pub batches: Vec<BatchInfo>,
+    pub cells: Vec<CellResult>,
+}
+
+impl RunResults {
+    pub fn counts(&self) -> BTreeMap<Status, usize> {
+        let mut c: BTreeMap<Status, usize> = Status::ALL.iter().map(|s| (*s, 0)).collect();
+        for cell in &self.cells {
+            *c.entry(cell.status).or_default() += 1;
+        }
+        c
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        crate::exit::for_statuses(self.cells.iter().map(|c| &c.status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit;
+
+    #[test]
+    fn exit_code_table() {
+        use Status::*;
+        let cases: &[(&[Status], u8)] = &[
+            (&[], exit::OK),
+            (&[Pass, Xfail, Skip], exit::OK),
+            (&[Pass, Error], exit::ERRORS),
+            (&[Error, Fail], exit::FAILURES),
+            (&[Xpass, Error], exit::FAILURES),
+        ];
+        for (st, want) in cases {
+            assert_eq!(exit::for_statuses(st.iter()), *want, "{st:?}");
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Process-level restrictions, applied by the kernel to the sandbox's process tree: a seccomp
+//! filter, a reduced capability bounding set, the drop to the cell's uid, a user namespace
+//! with a `max_user_namespaces` limit, and no-new-privileges.
+//!
+//! Everything is prepared before `fork` ([`Prepared`]); the child only makes system calls, so
+//! it is safe to run between fork and exec.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use crate::agent::protocol::Restrictions;
+
+/// Capability names in kernel order (`CAP_CHOWN` = 0 ...).
+const CAP_NAMES: &[&str] = &[
+    "chown",
+    "dac_override",
+    "dac_read_search",
+    "fowner",
+    "fsetid",
+    "kill",
+    "setgid",
+    "setuid",
+    "setpcap",
+    "linux_immutable",
+    "net_bind_service",
+    "net_broadcast",
+    "net_admin",
+    "net_raw",
+    "ipc_lock",
+    "ipc_owner",
+    "sys_module",
+    "sys_rawio",
+    "sys_chroot",
+    "sys_ptrace",
+    "sys_pacct",
+    "sys_admin",
+    "sys_boot",
+    "sys_nice",
+    "sys_resource",
+    "sys_time",
+    "sys_tty_config",
+    "mknod",
+    "lease",
+    "audit_write",
+    "audit_control",
+    "setfcap",
+    "mac_override",
+    "mac_admin",
+    "syslog",
+    "wake_alarm",
+    "block_suspend",
+    "audit_read",
+    "perfmon",
+    "bpf",
+    "checkpoint_restore",
+];
+
+/// Docker's default capability set (moby's `DefaultCapabilities`).
+pub const DOCKER_DEFAULT_CAPS: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// `CAP_SYS_ADMIN` or `sys_admin` → 21.
+pub fn cap_number(name: &str) -> Option<u32> {
+    let n = name.trim().to_ascii_lowercase();
+    let n = n.strip_prefix("cap_").unwrap_or(&n);
+    CAP_NAMES.iter().position(|c| *c == n).map(|i| i as u32)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestrictError {
+    #[error("unknown capability {0:?}")]
+    UnknownCap(String),
+    #[error("seccomp-deny-userns and userns-limit cannot be combined on one process tree")]
+    Conflict,
+}
+
+/// Restrictions resolved into plain data the child can apply with system calls only.
+pub struct Prepared {
+    drop_caps: Vec<u32>,
+    seccomp: Option<Vec<libc::sock_filter>>,
+    uid: u32,
+    gid: u32,
+    userns_limit: Option<CString>,
+    uid_map: CString,
+    gid_map: CString,
+    nnp: bool,
+}
+
+impl Prepared {
+    pub fn new(r: &Restrictions, uid: u32, gid: u32) -> Result<Self, RestrictError> {
+        if r.seccomp_deny_userns && r.userns_limit.is_some() {
+            return Err(RestrictError::Conflict);
+        }
+        let drop_caps = match &r.bounding_set {
+            None => Vec::new(),
+            Some(keep) => {
+                let keep: Vec<u32> = keep
+                    .iter()
+                    .map(|c| cap_number(c).ok_or_else(|| RestrictError::UnknownCap(c.clone())))
+                    .collect::<Result<_, _>>()?;
+                (0..=last_cap()).filter(|c| !keep.contains(c)).collect()
+            }
+        };
+        let cstr = |s: String| CString::new(s).expect("no NUL in a number");
+        Ok(Prepared {
+            drop_caps,
+            seccomp: r.seccomp_deny_userns.then(deny_userns_filter),
+            uid,
+            gid,
+            userns_limit: r.userns_limit.map(|n| cstr(n.to_string())),
+            uid_map: cstr(format!("{uid} {uid} 1")),
+            gid_map: cstr(format!("{gid} {gid} 1")),
+            nnp: r.no_new_privileges,
+        })
+    }
+
+    /// Install the restrictions on `cmd`, to take effect in the child before exec.
+    pub fn apply_to(self, cmd: &mut Command) {
+        // SAFETY: the closure only makes system calls on data prepared before fork; it does
+        // not allocate or take locks.
+        unsafe {
+            cmd.pre_exec(move || self.in_child());
+        }
+    }
+
+    fn in_child(&self) -> io::Result<()> {
+        for &cap in &self.drop_caps {
+            check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) })?;
+        }
+        // Installed while still root: with CAP_SYS_ADMIN no no-new-privileges is needed, which
+        // would otherwise hide the setuid bit and change what is being measured.
+        if let Some(prog) = &self.seccomp {
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_ptr() as *mut _,
+            };
+            check(unsafe {
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &fprog as *const _,
+                    0,
+                    0,
+                )
+            })?;
+        }
+        if self.uid != 0 || self.gid != 0 {
+            let groups = [self.gid];
+            check(unsafe { libc::setgroups(1, groups.as_ptr()) })?;
+            check(unsafe { libc::setresgid(self.gid, self.gid, self.gid) })?;
+            check(unsafe { libc::setresuid(self.uid, self.uid, self.uid) })?;
+        }
+        if let Some(limit) = &self.userns_limit {
+            // Changing uid made us non-dumpable, which leaves /proc/self/* owned by root: the
+            // maps below could not be written.
+            check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })?;
+            check(unsafe { libc::unshare(libc::CLONE_NEWUSER) })?;
+            write_file(c"/proc/self/setgroups", c"deny")?;
+            write_file(c"/proc/self/uid_map", &self.uid_map)?;
+            write_file(c"/proc/self/gid_map", &self.gid_map)?;
+            write_file(c"/proc/sys/user/max_user_namespaces", limit)?;
+        }
+        if self.nnp {
+            check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+        }
+        Ok(())
+    }
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn write_file(path: &std::ffi::CStr, data: &std::ffi::CStr) -> io::Result<()> {
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let bytes = data.to_bytes();
+        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n != bytes.len() as isize {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(CAP_NAMES.len() as u32 - 1)
+}
+
+const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+const NR_CLONE: u32 = 56;
+const NR_UNSHARE: u32 = 272;
+const NR_CLONE3: u32 = 435;
+
+/// A classic BPF seccomp program: EPERM for clone/unshare whose flags include CLONE_NEWUSER,
+/// ENOSYS for clone3 (its flags live in memory a filter cannot read; libc then falls back to
+/// clone), everything else allowed. This is what Docker's default profile does to a container
+/// without CAP_SYS_ADMIN, restricted to the user-namespace question.
+pub fn deny_userns_filter() -> Vec<libc::sock_filter> {
+    use libc::{
+        BPF_ABS, BPF_JEQ, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W, ENOSYS, EPERM,
+        SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO,
+    };
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    const ARCH: u32 = 4;
+    const NR: u32 = 0;
+    const ARG0_LO: u32 = 16;
+    vec![
+        /* 0 */ stmt(BPF_LD | BPF_W | BPF_ABS, ARCH),
+        /* 1 */
+        jump(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 6), // other arch: allow
+        /* 2 */ stmt(BPF_LD | BPF_W | BPF_ABS, NR),
+        /* 3 */ jump(BPF_JMP | BPF_JEQ | BPF_K, NR_CLONE3, 6, 0),
+        /* 4 */ jump(BPF_JMP | BPF_JEQ | BPF_K, NR_CLONE, 1, 0),
+        /* 5 */ jump(BPF_JMP | BPF_JEQ | BPF_K, NR_UNSHARE, 0, 2),
+        /* 6 */ stmt(BPF_LD | BPF_W | BPF_ABS, ARG0_LO),
+        /* 7 */ jump(BPF_JMP | BPF_JSET | BPF_K, libc::CLONE_NEWUSER as u32, 1, 0),
+        /* 8 */ stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        /* 9 */ stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM as u32),
+        /* 10 */ stmt(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS as u32),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cap_names() {
+        assert_eq!(cap_number("CAP_SYS_ADMIN"), Some(21));
+        assert_eq!(cap_number("sys_admin"), Some(21));
+        assert_eq!(cap_number("NET_ADMIN"), Some(12));
+        assert_eq!(cap_number("CAP_CHECKPOINT_RESTORE"), Some(40));
+        assert_eq!(cap_number("nope"), None);
+        for c in DOCKER_DEFAULT_CAPS {
+            assert!(cap_number(c).is_some(), "{c}");
+        }
+    }
+
+    #[test]
+    fn filter_jumps_land_on_returns() {
+        let f = deny_userns_filter();
+        for (i, ins) in f.iter().enumerate() {
+            if ins.code as u32 & 0x07 == libc::BPF_JMP {
+                for off in [ins.jt, ins.jf] {
+                    let target = i + 1 + off as usize;
+                    assert!(target < f.len(), "jump from {i} out of range");
+                }
+            }
+        }
+        // instruction 1's false branch (other arch) must be ALLOW, 3's true branch ENOSYS.
+        assert_eq!(f[1 + 1 + 6].k, libc::SECCOMP_RET_ALLOW);
+        assert_eq!(
+            f[3 + 1 + 6].k,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        assert_eq!(f[7 + 1 + 1].k, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32);
+    }
+
+    #[test]
+    fn conflicting_restrictions_are_refused() {
+        let r = Restrictions {
+            seccomp_deny_userns: true,
+            userns_limit: Some(0),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Prepared::new(&r, 1000, 1000),
+            Err(RestrictError::Conflict)
+        ));
+        let r = Restrictions {
+            bounding_set: Some(vec!["bogus".into()]),
+            ..Default::default()
+        };
+        assert!(matches!(
+            Prepared::new(&r, 1000, 1000),
+            Err(RestrictError::UnknownCap(_))
+        ));
+    }
+
+    /// The filter, installed for real in a child, denies exactly user namespaces.
+    #[test]
+    fn filter_denies_userns_for_real() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP filter_denies_userns_for_real: needs root (CAP_SYS_ADMIN)");
+            return;
+        }
+        let r = Restrictions {
+            seccomp_deny_userns: true,
+            ..Default::default()
+        };
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-U", "true"]);
+        Prepared::new(&r, 0, 0).unwrap().apply_to(&mut cmd);
+        let out = cmd.output().expect("unshare runs");
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"));
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "true"]);
+        Prepared::new(&r, 0, 0).unwrap().apply_to(&mut cmd);
+        assert!(
+            cmd.status().unwrap().success(),
+            "a mount namespace stays allowed"
+        );
+    }
+}

@@ -1,0 +1,320 @@
+//! The one table of failure signatures: what bwrap, Codex or the kernel said → a named
+//! mechanism and a one-line remedy. Nothing else in nsmatrix knows these strings.
+
+/// How a line of output is recognised.
+#[derive(Debug, Clone, Copy)]
+enum Pattern {
+    /// The text contains this (case-sensitive).
+    Contains(&'static str),
+    /// The text contains both, in this order.
+    Both(&'static str, &'static str),
+}
+
+impl Pattern {
+    fn matches(self, text: &str) -> bool {
+        match self {
+            Pattern::Contains(s) => text.contains(s),
+            Pattern::Both(a, b) => text
+                .find(a)
+                .is_some_and(|i| text[i + a.len()..].contains(b)),
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy)]
+pub struct Signature {
+    /// Stable kebab-case name, used in matrix `expect` rules and reports.
+    pub name: &'static str,
+    /// The mechanism behind it.
+    pub mechanism: &'static str,
+    /// What makes it go away.
+    pub remedy: &'static str,
+    patterns: &'static [Pattern],
+}
+
+use Pattern::{Both, Contains};
+
+/// Ordered: the first row whose pattern matches wins, so more specific rows come first.
+static TABLE: &[Signature] = &[
+    Signature {
+        name: "setuid-refused",
+        mechanism: "this bwrap build refuses to run setuid (upstream removed setuid mode in 0.11.2+)",
+        remedy: "do not chmod u+s this bwrap; allow unprivileged user namespaces instead, or use a bwrap built with -Dsupport_setuid",
+        patterns: &[Contains("setuid use of bubblewrap is not supported")],
+    },
+    Signature {
+        name: "userns-unsupported",
+        mechanism: "clone(CLONE_NEWUSER) gives EINVAL: the kernel is built without CONFIG_USER_NS",
+        remedy: "use a kernel with CONFIG_USER_NS=y, or a setuid bwrap with an argv that does not pass --unshare-user",
+        patterns: &[
+            Contains("kernel does not support user namespaces"),
+            Both("Creating new namespace failed", "Invalid argument"),
+            Both("unshare", "Invalid argument"),
+        ],
+    },
+    Signature {
+        name: "userns-limit",
+        mechanism: "clone(CLONE_NEWUSER) gives ENOSPC: user.max_user_namespaces is 0 (or nesting is deeper than 32)",
+        remedy: "raise user.max_user_namespaces on the kernel that runs the sandbox (a setuid bwrap does not help)",
+        patterns: &[
+            Contains("max_*_namespaces exceeded"),
+            Contains("max_user_namespaces"),
+            Both("Creating new namespace failed", "No space left on device"),
+            Both("namespace", "No space left on device"),
+        ],
+    },
+    Signature {
+        name: "userns-denied",
+        mechanism: "clone(CLONE_NEWUSER) gives EPERM: a seccomp filter (Docker's default profile), kernel.unprivileged_userns_clone=0, or no CAP_SYS_ADMIN for a privileged path",
+        remedy: "run the container with seccomp=unconfined (plus the capabilities bwrap needs), set kernel.unprivileged_userns_clone=1, or make bwrap setuid where seccomp allows it",
+        patterns: &[
+            Contains("No permissions to create"),
+            Both("Creating new namespace failed", "Operation not permitted"),
+            Both("unshare", "Operation not permitted"),
+            Both("clone", "Operation not permitted"),
+        ],
+    },
+    Signature {
+        name: "capset-denied",
+        mechanism: "setuid bwrap cannot keep the capabilities it needs: the bounding set lacks one of SYS_ADMIN, NET_ADMIN, SYS_PTRACE, SETUID, SETGID, SYS_CHROOT",
+        remedy: "add the missing capabilities to the container (e.g. cap_add NET_ADMIN next to SYS_ADMIN), or use an unprivileged bwrap where user namespaces are allowed",
+        patterns: &[
+            Contains("capset failed"),
+            Contains("Unexpected capabilities"),
+        ],
+    },
+    Signature {
+        name: "proc-mount-denied",
+        mechanism: "mounting a new /proc is refused: the container masks /proc paths (or has no CAP_SYS_ADMIN over the pid namespace)",
+        remedy: "run with systempaths=unconfined (or privileged), or drop --proc from the argv (Codex retries with --no-proc)",
+        patterns: &[Contains("Can't mount proc")],
+    },
+    Signature {
+        name: "uid-map-denied",
+        mechanism: "the user namespace was created but writing its uid map or configuring it was denied (AppArmor's unprivileged userns restriction)",
+        remedy: "allow the program in AppArmor (an unconfined profile for bwrap) or set kernel.apparmor_restrict_unprivileged_userns=0",
+        patterns: &[
+            Contains("setting up uid map"),
+            Contains("setting up gid map"),
+        ],
+    },
+    Signature {
+        name: "net-setup-denied",
+        mechanism: "bwrap could not bring up loopback in its new network namespace: no CAP_NET_ADMIN there (root in a container without NET_ADMIN, running bwrap in privileged mode), or an AppArmor userns restriction",
+        remedy: "add NET_ADMIN to the container (cap_add), or let bwrap run unprivileged with a user namespace of its own",
+        patterns: &[
+            Contains("Failed RTM_NEWADDR"),
+            Contains("Failed RTM_NEWLINK"),
+            Contains("loopback: Failed"),
+        ],
+    },
+    Signature {
+        name: "mount-denied",
+        mechanism: "a bind or tmpfs mount inside the sandbox was refused",
+        remedy: "check the container's mount propagation and security profile (AppArmor/SELinux)",
+        patterns: &[
+            Both("Can't", "mount"),
+            Contains("Can't mkdir parents"),
+            Contains("Failed to make / slave"),
+            Contains("Failed to mount tmpfs"),
+        ],
+    },
+    Signature {
+        name: "bwrap-option-unsupported",
+        mechanism: "this bwrap build does not know an option of the argv profile",
+        remedy: "use a newer bwrap, or an argv profile for this version",
+        patterns: &[Contains("Unknown option")],
+    },
+];
+
+/// Signatures that are decided by the agent from what it observed, not from text.
+static INFERRED: &[Signature] = &[
+    Signature {
+        name: "setuid-ignored-nnp",
+        mechanism: "the setuid bit was ignored because no-new-privileges is set, so bwrap ran unprivileged",
+        remedy: "drop no-new-privileges (k8s allowPrivilegeEscalation: true) or allow unprivileged user namespaces",
+        patterns: &[],
+    },
+    Signature {
+        name: "bwrap-missing",
+        mechanism: "no bwrap was found to run",
+        remedy: "install bubblewrap in the environment (apt-get install bubblewrap)",
+        patterns: &[],
+    },
+    Signature {
+        name: "apply-patch-error",
+        mechanism: "the sandbox started but apply_patch exited with another code than the scenario expects",
+        remedy: "read apply_patch's stderr: the patch or the scenario is wrong, or the sandbox hides a file",
+        patterns: &[],
+    },
+    Signature {
+        name: "output-mismatch",
+        mechanism: "apply_patch's stdout or stderr differs from the scenario's expectation",
+        remedy: "compare the output with scenario.toml's stdout/stderr",
+        patterns: &[],
+    },
+    Signature {
+        name: "tree-mismatch",
+        mechanism: "the files after the patch differ from the scenario's expected/ tree",
+        remedy: "see the first differing file in the message",
+        patterns: &[],
+    },
+    Signature {
+        name: "sandbox-escape",
+        mechanism: "a write outside the workspace succeeded inside the sandbox",
+        remedy: "the sandbox does not confine writes: check the bwrap argv (--ro-bind / /) and the workspace binds",
+        patterns: &[],
+    },
+    Signature {
+        name: "timeout",
+        mechanism: "the sandboxed command did not finish within the cell's timeout and was killed",
+        remedy: "raise cell-timeout, or look for a hang in the sandbox's start-up",
+        patterns: &[],
+    },
+    Signature {
+        name: "sysctl-missing",
+        mechanism: "the kernel does not have a sysctl this environment sets",
+        remedy: "use a kernel that has it, or another sysctl set",
+        patterns: &[],
+    },
+    Signature {
+        name: "unknown",
+        mechanism: "the failure matched no known signature; the raw output is kept",
+        remedy: "read the stderr tail; add a row to the signature table if it is a new mechanism",
+        patterns: &[],
+    },
+];
+
+/// Classify sandbox output. Only lines that look like they come from the sandbox front end
+/// (bwrap, codex, the kernel) are considered, so apply_patch's own messages about a patch never
+/// masquerade as a namespace failure.
+pub fn classify(stderr: &str) -> Option<&'static Signature> {
+    let relevant: Vec<&str> = stderr
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            l.starts_with("bwrap:")
+                || l.contains("codex")
+                || l.contains("sandbox")
+                || l.starts_with("unshare")
+                || l.starts_with("Error")
+        })
+        .collect();
+    for line in relevant {
+        if let Some(sig) = TABLE
+            .iter()
+            .find(|s| s.patterns.iter().any(|p| p.matches(line)))
+        {
+            return Some(sig);
+        }
+    }
+    None
+}
+
+/// Look a signature up by name (matched and inferred alike).
+pub fn by_name(name: &str) -> Option<&'static Signature> {
+    TABLE.iter().chain(INFERRED).find(|s| s.name == name)
+}
+
+/// Every signature name, for validating `expect` rules.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    TABLE.iter().chain(INFERRED).map(|s| s.name)
+}
+
+/// The remedy line for a signature name (empty for an unknown name).
+pub fn remedy(name: &str) -> &'static str {
+    by_name(name).map(|s| s.remedy).unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(stderr: &str) -> Option<&'static str> {
+        classify(stderr).map(|s| s.name)
+    }
+
+    #[test]
+    fn bwrap_messages_by_build_and_mechanism() {
+        let cases = [
+            (
+                "bwrap: Creating new namespace failed: Operation not permitted",
+                "userns-denied",
+            ),
+            (
+                "bwrap: No permissions to creating new namespace, likely because the kernel does not allow non-privileged user namespaces. On e.g. debian this can be enabled with 'sysctl kernel.unprivileged_userns_clone=1'.",
+                "userns-denied",
+            ),
+            (
+                "bwrap: No permissions to create a new namespace, likely because the kernel does not allow non-privileged user namespaces.",
+                "userns-denied",
+            ),
+            (
+                "bwrap: Creating new namespace failed, likely because the kernel does not support user namespaces.  bwrap must be installed setuid on such systems.",
+                "userns-unsupported",
+            ),
+            (
+                "bwrap: Creating new namespace failed: Invalid argument",
+                "userns-unsupported",
+            ),
+            (
+                "bwrap: Creating new namespace failed: nesting depth or /proc/sys/user/max_*_namespaces exceeded (ENOSPC)",
+                "userns-limit",
+            ),
+            (
+                "bwrap: Creating new namespace failed: No space left on device",
+                "userns-limit",
+            ),
+            (
+                "bwrap: capset failed: Operation not permitted",
+                "capset-denied",
+            ),
+            (
+                "bwrap: Can't mount proc on /newroot/proc: Operation not permitted",
+                "proc-mount-denied",
+            ),
+            (
+                "bwrap: setting up uid map: Permission denied",
+                "uid-map-denied",
+            ),
+            (
+                "bwrap: loopback: Failed RTM_NEWADDR: No child processes",
+                "net-setup-denied",
+            ),
+            (
+                "bwrap: setuid use of bubblewrap is not supported",
+                "setuid-refused",
+            ),
+            ("bwrap: Unknown option --argv0", "bwrap-option-unsupported"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(name(text), Some(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn apply_patch_messages_are_not_sandbox_failures() {
+        assert_eq!(
+            name("Invalid patch: The first line of the patch must be '*** Begin Patch'"),
+            None
+        );
+        assert_eq!(
+            name("Failed to find expected lines in a.txt:\nOperation not permitted"),
+            None
+        );
+        assert_eq!(name(""), None);
+    }
+
+    #[test]
+    fn every_name_is_unique_and_has_a_remedy() {
+        let all: Vec<_> = names().collect();
+        let mut dedup = all.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(all.len(), dedup.len());
+        for n in all {
+            assert!(!remedy(n).is_empty(), "{n}");
+        }
+    }
+}
