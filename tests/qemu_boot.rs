@@ -21,6 +21,7 @@ fn env(kernel: &str, set: &str, sysctls: &[(&str, &str)]) -> Environment {
         uid: 1000,
         profile: None,
         image: None,
+        image_source: None,
         read_only: false,
         kernel: Some(kernel.into()),
         sysctl_set: Some(set.into()),
@@ -32,13 +33,7 @@ fn env(kernel: &str, set: &str, sysctls: &[(&str, &str)]) -> Environment {
 }
 
 fn scenario_dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "nsmatrix-qemu-test-scenario-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(d.join("before")).unwrap();
-    std::fs::write(d.join("before/hello.txt"), "hello\n").unwrap();
-    d
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios/add_file")
 }
 
 fn spec(batch: &str, cells: &[(SetuidMode, ArgvProfile)], needs: &[&str]) -> BatchSpec {

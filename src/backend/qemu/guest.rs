@@ -84,7 +84,7 @@ pub fn ensure_rootfs(suite: &str, refresh: bool) -> Result<PathBuf> {
     if dir.join("etc/passwd").exists() {
         return Ok(dir);
     }
-    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = dir.with_extension(unique_tmp());
     let _ = fs::remove_dir_all(&tmp);
     let root = tmp.join("root");
     for d in [
@@ -208,7 +208,7 @@ pub fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
     if out.exists() {
         return Ok(out);
     }
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = out.with_extension(unique_tmp());
     let mut w = Cpio::new(BufWriter::new(fs::File::create(&tmp)?));
     w.tree(rootfs, "")?;
     w.dir("nsmatrix", 0o755)?;
@@ -301,7 +301,7 @@ fn stripped_agent(agent: &Path) -> Result<PathBuf> {
         return Ok(out);
     }
     fs::create_dir_all(out.parent().unwrap_or(Path::new("/")))?;
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = out.with_extension(unique_tmp());
     match std::process::Command::new("strip")
         .arg("--strip-debug")
         .arg("-o")
@@ -318,6 +318,13 @@ fn stripped_agent(agent: &Path) -> Result<PathBuf> {
             Ok(agent.to_path_buf())
         }
     }
+}
+
+/// A scratch suffix unique per process and call (concurrent batches share the cache).
+fn unique_tmp() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("tmp{}-{n}", std::process::id())
 }
 
 /// A `newc` cpio writer; every entry is owned by root (setuid copies in the guest need it).

@@ -30,6 +30,14 @@ impl Accel {
     }
 }
 
+/// The CPU model guests get (the KVM probe boots with the same one).
+pub fn cpu_model(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    }
+}
+
 /// Where the console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Console {

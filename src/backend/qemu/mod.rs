@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-pub use accel::test_boot;
+pub use accel::{kernel_boot, test_boot};
 pub use guest::{
     Cpio, GUEST_SCENARIOS, GUEST_WORK_DIR, cached_rootfs, ensure_base, ensure_rootfs, relocate,
     write_batch_initrd,
@@ -62,7 +62,12 @@ impl QemuBackend {
                 fix: "apt-get install dpkg".into(),
             });
         }
-        let (accel, accel_note) = accel::probe_accel(&qemu).await;
+        let probe_kernel = kernels::Catalog::builtin()
+            .kernels
+            .iter()
+            .find_map(|k| kernels::cached(&k.name))
+            .map(|k| k.vmlinuz());
+        let (accel, accel_note) = accel::probe_accel(&qemu, probe_kernel.as_deref()).await;
         if accel == Accel::Tcg {
             // TCG must work, or nothing will.
             test_boot(&qemu, Accel::Tcg)
