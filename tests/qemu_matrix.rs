@@ -34,6 +34,7 @@ fn sysctl_set(name: &str) -> BTreeMap<String, String> {
 async fn measure(
     kernel: &str,
     set: &str,
+    image: Option<&str>,
 ) -> Option<std::collections::HashMap<(SetuidMode, ArgvProfile), String>> {
     let b = match QemuBackend::probe().await {
         Ok(b) => b,
