@@ -33,6 +33,8 @@ enum Command {
     List(cli::ListArgs),
     Doctor(cli::DoctorArgs),
     Images(cli::ImagesArgs),
+    Kernels(nsmatrix::cli_vm::KernelsArgs),
+    Shell(nsmatrix::cli_vm::ShellArgs),
     /// Apply a patch the way Codex's apply_patch does (PATCH as argument or on stdin).
     #[command(
         name = "apply-patch",
@@ -53,6 +55,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // PID 1 of a QEMU guest (never of a container): mount, run the batch, power off.
+    if nsmatrix::agent::init::is_guest_init() {
+        nsmatrix::agent::init::main();
+    }
     let mut args = std::env::args_os();
     let argv0 = args.next().unwrap_or_default();
     if Path::new(&argv0)
@@ -68,6 +74,8 @@ fn main() -> ExitCode {
         Command::List(a) => cli::list(a),
         Command::Doctor(a) => cli::doctor(a),
         Command::Images(a) => cli::images(a),
+        Command::Kernels(a) => nsmatrix::cli_vm::kernels(a),
+        Command::Shell(a) => nsmatrix::cli_vm::shell(a),
         Command::ApplyPatch { args } => apply_patch_main(&args),
         Command::Agent { batch } => cli::agent(&batch),
     };
