@@ -577,6 +577,12 @@ fn judge(
         }
         return fail(sig.name, msg);
     }
+    if let Some(line) = signature::front_end_line(&run.stderr) {
+        return fail(
+            "unknown",
+            format!("the sandbox failed with a message no signature knows: {line}"),
+        );
+    }
     if run.timed_out {
         return fail("timeout", "killed after the cell's timeout".into());
     }

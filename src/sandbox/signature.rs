@@ -116,6 +116,7 @@ static TABLE: &[Signature] = &[
         patterns: &[
             Both("Can't", "mount"),
             Contains("Can't mkdir parents"),
+            Contains("Can't create file at"),
             Contains("Failed to make / slave"),
             Contains("Failed to mount tmpfs"),
         ],
@@ -185,6 +186,16 @@ static INFERRED: &[Signature] = &[
         patterns: &[],
     },
 ];
+
+/// The first line the sandbox front end itself printed (`bwrap: ...`), whether or not a
+/// signature matches it: apply_patch never prints such a line, so its presence means the
+/// sandbox failed, even where the exit code happens to be the one a scenario expects.
+pub fn front_end_line(stderr: &str) -> Option<&str> {
+    stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("bwrap:"))
+}
 
 /// Classify sandbox output. Only lines that look like they come from the sandbox front end
 /// (bwrap, codex, the kernel) are considered, so apply_patch's own messages about a patch never
