@@ -129,6 +129,7 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
             Ok(())
         };
 
+    let cells = resolve_codex(cells, &mut progress).await;
     // Cells that cannot run here: SKIP with the reason and the fix.
     let mut by_env: Vec<(Environment, Vec<Cell>)> = Vec::new();
     let mut env_index: HashMap<String, usize> = HashMap::new();
@@ -478,6 +479,50 @@ impl Launcher {
             let _ = tx.send(Msg::BatchEnded { batch, result });
         });
     }
+}
+
+/// Fetch (once, verified, cached) every Codex release the cells name and point their subjects
+/// at it; cells of a release that cannot be had are SKIPped with the reason.
+async fn resolve_codex(mut cells: Vec<Cell>, progress: &mut Progress) -> Vec<Cell> {
+    use crate::agent::protocol::SubjectSpec;
+    let mut versions: Vec<String> = cells
+        .iter()
+        .filter_map(|c| match &c.subject.spec {
+            SubjectSpec::Codex { version, .. } => Some(version.clone()),
+            _ => None,
+        })
+        .collect();
+    versions.sort();
+    versions.dedup();
+    let mut found: HashMap<String, Result<PathBuf, String>> = HashMap::new();
+    for v in versions {
+        progress.println(&format!(
+            "nsmatrix: getting Codex CLI {v} (npm, cached after the first time)"
+        ));
+        let vv = v.clone();
+        let r = tokio::task::spawn_blocking(move || crate::artifacts::npm::codex_package(&vv))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map(|p| p.codex).map_err(|e| format!("{e:#}")));
+        if let Err(e) = &r {
+            progress.println(&format!("nsmatrix: Codex CLI {v} is not available: {e}"));
+        }
+        found.insert(v, r);
+    }
+    for c in &mut cells {
+        if let SubjectSpec::Codex { version, codex_bin } = &mut c.subject.spec {
+            match found.get(version.as_str()) {
+                Some(Ok(p)) => *codex_bin = p.clone(),
+                Some(Err(e)) => {
+                    c.skip = Some(format!(
+                        "Codex CLI {version} could not be fetched and is not cached: {e} (fix: reach the npm registry once, or set NSMATRIX_NPM_REGISTRY)"
+                    ))
+                }
+                None => {}
+            }
+        }
+    }
+    cells
 }
 
 /// The batch spec for `cells` of one environment (paths as on the host; backends relocate).

@@ -38,6 +38,15 @@ use Pattern::{Both, Contains};
 /// Ordered: the first row whose pattern matches wins, so more specific rows come first.
 static TABLE: &[Signature] = &[
     Signature {
+        name: "bwrap-missing",
+        mechanism: "no bwrap was found to run (Codex: none on PATH and no bundled codex-resources/bwrap)",
+        remedy: "install bubblewrap in the environment (apt-get install bubblewrap), or keep Codex's bundled bwrap next to its binary",
+        patterns: &[
+            Contains("bubblewrap is unavailable"),
+            Contains("no system bwrap was found"),
+        ],
+    },
+    Signature {
         name: "setuid-refused",
         mechanism: "this bwrap build refuses to run setuid (upstream removed setuid mode in 0.11.2+)",
         remedy: "do not chmod u+s this bwrap; allow unprivileged user namespaces instead, or use a bwrap built with -Dsupport_setuid",
@@ -135,12 +144,6 @@ static INFERRED: &[Signature] = &[
         name: "setuid-ignored-nnp",
         mechanism: "the setuid bit was ignored because no-new-privileges is set, so bwrap ran unprivileged",
         remedy: "drop no-new-privileges (k8s allowPrivilegeEscalation: true) or allow unprivileged user namespaces",
-        patterns: &[],
-    },
-    Signature {
-        name: "bwrap-missing",
-        mechanism: "no bwrap was found to run",
-        remedy: "install bubblewrap in the environment (apt-get install bubblewrap)",
         patterns: &[],
     },
     Signature {
