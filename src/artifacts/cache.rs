@@ -120,7 +120,8 @@ pub fn http_agent() -> Result<ureq::Agent> {
 /// Plain download to a file (no verification): for indexes whose checksum is checked by the
 /// caller in another way.
 pub fn download(url: &str, dest: &Path) -> Result<()> {
-    let resp = ureq::get(url)
+    let resp = http_agent()?
+        .get(url)
         .call()
         .with_context(|| format!("failed to fetch {url}"))?;
     let mut body = resp.into_body().into_reader();
