@@ -99,6 +99,31 @@ fn docker_part_of_the_default_matrix() {
     }) {
         assert_eq!(c["signature"], "capset-denied", "{}", c["id"]);
     }
+    // The real Codex CLI: denied and classified under `default`; passing under the incident's
+    // compose with and without a setuid /usr/bin/bwrap; which bwrap it ran is recorded.
+    let codex: Vec<&serde_json::Value> = cells
+        .iter()
+        .filter(|c| axis(c, "kind") == "codex")
+        .collect();
+    assert!(!codex.is_empty(), "no codex cells in the docker part");
+    for c in &codex {
+        match axis(c, "profile").as_str() {
+            "default" => assert_eq!(c["signature"], "userns-denied", "{}", c["id"]),
+            "holyclaude" => assert_eq!(c["status"], "PASS", "{}", c["id"]),
+            other => panic!("unexpected profile {other} for {}", c["id"]),
+        }
+        assert!(c["details"]["codex.bwrap"].is_string(), "{}", c["id"]);
+    }
+    for image in ["bookworm", "bookworm-suid"] {
+        assert!(codex.iter().any(|c| axis(c, "image") == image
+            && axis(c, "profile") == "holyclaude"
+            && c["status"] == "PASS"));
+    }
+    let md0 = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(
+        md0.contains("## Which bwrap Codex used") && md0.contains("/usr/bin/bwrap (system"),
+        "report.md does not say which bwrap Codex used"
+    );
     // report.md names a single profile change that makes failing cells pass.
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(

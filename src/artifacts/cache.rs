@@ -106,7 +106,11 @@ const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub fn http_agent() -> Result<ureq::Agent> {
     let file = std::env::var_os("SSL_CERT_FILE")
         .filter(|f| !f.is_empty())
-        .or_else(|| Path::new(SYSTEM_CA_BUNDLE).is_file().then(|| SYSTEM_CA_BUNDLE.into()));
+        .or_else(|| {
+            Path::new(SYSTEM_CA_BUNDLE)
+                .is_file()
+                .then(|| SYSTEM_CA_BUNDLE.into())
+        });
     let Some(file) = file else {
         return Ok(ureq::Agent::new_with_defaults());
     };
