@@ -129,7 +129,12 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
             Ok(())
         };
 
-    let cells = resolve_codex(cells, &mut progress).await;
+    let mut cells = resolve_codex(cells, &mut progress).await;
+    for c in &mut cells {
+        if c.env.backend == BackendKind::Docker && c.skip.is_none() {
+            c.skip = host_sysctl_mismatch(&c.env.sysctls);
+        }
+    }
     // Cells that cannot run here: SKIP with the reason and the fix.
     let mut by_env: Vec<(Environment, Vec<Cell>)> = Vec::new();
     let mut env_index: HashMap<String, usize> = HashMap::new();
@@ -481,6 +486,30 @@ impl Launcher {
     }
 }
 
+/// Docker cannot set `user.*` (or `kernel.*`) sysctls per container (runc refuses): a docker
+/// environment that names sysctl values runs only where the host already has them. nsmatrix
+/// never changes the host's sysctls.
+pub fn host_sysctl_mismatch(want: &BTreeMap<String, String>) -> Option<String> {
+    for (k, v) in want {
+        let path = std::path::Path::new("/proc/sys").join(k.replace('.', "/"));
+        match std::fs::read_to_string(&path) {
+            Ok(have) if have.trim() == v.trim() => {}
+            Ok(have) => {
+                return Some(format!(
+                    "needs the host's {k}={v} but the host has {}; Docker cannot set it per container and nsmatrix never changes the host's sysctls (fix: run where the host has it, or use a qemu environment)",
+                    have.trim()
+                ));
+            }
+            Err(_) => {
+                return Some(format!(
+                    "needs the host's {k}={v} but this kernel has no such sysctl (fix: use a qemu environment)"
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Fetch (once, verified, cached) every Codex release the cells name and point their subjects
 /// at it; cells of a release that cannot be had are SKIPped with the reason.
 async fn resolve_codex(mut cells: Vec<Cell>, progress: &mut Progress) -> Vec<Cell> {
@@ -544,7 +573,12 @@ pub fn batch_spec(
             BackendKind::Host => HostBackend::restrictions(env.profile.as_ref()),
             _ => Default::default(),
         },
-        sysctls: env.sysctls.clone(),
+        // Only a guest's agent writes sysctls; elsewhere they are the host's (checked, never set).
+        sysctls: if env.backend == BackendKind::Qemu {
+            env.sysctls.clone()
+        } else {
+            Default::default()
+        },
         agent_bin: agent_bin.to_path_buf(),
         cells: cells
             .iter()
@@ -553,7 +587,11 @@ pub fn batch_spec(
                 subject: c.subject.spec.clone(),
                 scenario_dir: c.scenario.dir.clone(),
                 timeout_ms: cell_timeout.as_millis() as u64,
-                needs_sysctls: env.sysctls.keys().cloned().collect(),
+                needs_sysctls: if env.backend == BackendKind::Qemu {
+                    env.sysctls.keys().cloned().collect()
+                } else {
+                    Vec::new()
+                },
             })
             .collect(),
     }
@@ -587,5 +625,34 @@ async fn run_on(
                 u.to_string(),
             )),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_sysctls_are_checked_against_the_host_never_set() {
+        let have = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap();
+        let ok = BTreeMap::from([("kernel.pid_max".to_string(), have.trim().to_string())]);
+        assert_eq!(host_sysctl_mismatch(&ok), None);
+        let other = BTreeMap::from([("kernel.pid_max".to_string(), "1".to_string())]);
+        assert!(
+            host_sysctl_mismatch(&other)
+                .unwrap()
+                .contains("but the host has")
+        );
+        let missing = BTreeMap::from([("kernel.no_such_knob_here".to_string(), "0".to_string())]);
+        assert!(
+            host_sysctl_mismatch(&missing)
+                .unwrap()
+                .contains("no such sysctl")
+        );
+        // Unchanged by the check.
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap(),
+            have
+        );
     }
 }

@@ -106,7 +106,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 }
 
 const HOST_AXES: &[&str] = &["profile", "uid"];
-const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only"];
+/// A docker environment's `sysctl` names host values it needs (Docker cannot set `user.*` per
+/// container): its cells run only where the host has them, else SKIP.
+const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
 const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
 const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
 const CODEX_AXES: &[&str] = &["version"];
