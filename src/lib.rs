@@ -17,3 +17,4 @@ pub mod report;
 pub mod sandbox;
 pub mod scenario;
 pub mod schedule;
+pub mod shard;
