@@ -22,7 +22,9 @@ fn main() {
     let scenarios: Vec<PathBuf> = nsmatrix::scenario::load_set(&repo.join("scenarios"))
         .expect("scenarios/ loads")
         .into_iter()
-        .filter(|s| s.meta.exit_code == 0 && s.meta.confinement.is_none() && s.dir.join("expected").is_dir())
+        .filter(|s| {
+            s.meta.exit_code == 0 && s.meta.confinement.is_none() && s.dir.join("expected").is_dir()
+        })
         .map(|s| s.dir)
         .collect();
     assert!(!scenarios.is_empty(), "no scenario to measure");

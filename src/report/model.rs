@@ -329,10 +329,78 @@ impl RunResults {
     }
 }
 
+/// A cell result for unit tests of pure functions.
+#[cfg(test)]
+pub(crate) fn sample_cell(id: &str, status: Status, observed: &str) -> CellResult {
+    let (env, rest) = id.split_once('/').unwrap_or((id, "s"));
+    let subject = rest.split('/').next().unwrap_or("s");
+    CellResult {
+        id: id.into(),
+        environment: env.into(),
+        backend: "host".into(),
+        subject: subject.into(),
+        scenario_set: "core".into(),
+        scenario: id.rsplit('/').next().unwrap_or("a").into(),
+        axes: BTreeMap::new(),
+        status,
+        expected: Expectation::Pass,
+        observed: observed.into(),
+        signature: (observed != "pass" && observed != "error").then(|| observed.to_string()),
+        message: String::new(),
+        remedy: None,
+        exit_code: None,
+        duration_ms: 10,
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+        details: BTreeMap::new(),
+        attempts: 1,
+        ordinal: 0,
+        repeat: 1,
+        repeats: Vec::new(),
+        flaky: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::exit;
+
+    #[test]
+    fn fold_keeps_every_repeat_and_the_worst_status() {
+        let rep = |k: u32, st: Status, obs: &str| {
+            let mut c = sample_cell("e/s/core/a", st, obs);
+            c.repeat = k;
+            c
+        };
+        let steady = |k: u32| {
+            let mut c = sample_cell("e/s/core/b", Status::Pass, "pass");
+            c.repeat = k;
+            c
+        };
+        let folded = fold_repeats(vec![
+            rep(1, Status::Pass, "pass"),
+            steady(1),
+            rep(2, Status::Fail, "userns-denied"),
+            steady(2),
+            rep(3, Status::Pass, "pass"),
+        ]);
+        assert_eq!(folded.len(), 2);
+        let a = &folded[0];
+        assert_eq!(a.id, "e/s/core/a");
+        assert!(a.flaky);
+        assert_eq!((a.status, a.repeat), (Status::Fail, 2));
+        assert_eq!(
+            a.repeats.iter().map(|r| r.status).collect::<Vec<_>>(),
+            vec![Status::Pass, Status::Fail, Status::Pass]
+        );
+        let b = &folded[1];
+        assert!(!b.flaky);
+        assert_eq!((b.status, b.repeats.len()), (Status::Pass, 2));
+        // A single run is left as it is.
+        let one = fold_repeats(vec![sample_cell("x/y/core/z", Status::Pass, "pass")]);
+        assert!(one[0].repeats.is_empty());
+    }
 
     #[test]
     fn exit_code_table() {
