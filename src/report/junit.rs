@@ -75,7 +75,10 @@ fn testcase(c: &CellResult) -> TestCase {
     tc.add_property(Property::new("status", c.status.as_str()));
     tc.add_property(Property::new("observed", c.observed.as_str()));
     if !c.repeats.is_empty() {
-        tc.add_property(Property::new("flaky", if c.flaky { "true" } else { "false" }));
+        tc.add_property(Property::new(
+            "flaky",
+            if c.flaky { "true" } else { "false" },
+        ));
         let reps: Vec<&str> = c.repeats.iter().map(|r| r.status.as_str()).collect();
         tc.add_property(Property::new("repeats", reps.join(",")));
     }
