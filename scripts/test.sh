@@ -14,8 +14,13 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 
+# docker.io: the Docker backend; qemu-system-x86, busybox-static, cpio, dpkg, xz-utils,
+# binutils: QEMU guests; make gcc flex bison bc perl libelf-dev libssl-dev: building the
+# nouserns kernel from linux-source; debootstrap: root filesystems for images; librsvg2-bin,
+# python3, python3-venv: the heat map to PNG and a real JUnit parser in the regression tests.
 packages=(docker.io qemu-system-x86 bubblewrap busybox-static cpio e2fsprogs debootstrap
-          util-linux procps ca-certificates
+          util-linux procps ca-certificates dpkg xz-utils binutils
+          make gcc flex bison bc perl libelf-dev libssl-dev
           librsvg2-bin python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do

@@ -333,7 +333,7 @@ pub fn images(a: ImagesArgs) -> u8 {
 /// `nsmatrix doctor`.
 pub fn doctor(_a: DoctorArgs) -> u8 {
     for (k, v) in crate::doctor::report() {
-        println!("{k:<28} {v}");
+        println!("{k:<45} {v}");
     }
     exit::OK
 }

@@ -60,15 +60,24 @@ pub fn report() -> Vec<(String, String)> {
             format!("missing: {e} (fix: apt-get install bubblewrap)"),
         ),
     }
-    let docker_sock =
-        std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into());
-    let sock_path = docker_sock.strip_prefix("unix://").unwrap_or(&docker_sock);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     add(
         "docker",
-        if Path::new(sock_path).exists() {
-            format!("socket {docker_sock} present")
-        } else {
-            format!("no engine at {docker_sock} (fix: start dockerd, or set DOCKER_HOST)")
+        match rt
+            .as_ref()
+            .map(|rt| rt.block_on(crate::backend::docker::connect()))
+        {
+            Ok(Ok(d)) => {
+                let e = d.engine();
+                format!(
+                    "engine {} (API {}) at {}",
+                    e.version, e.api_version, e.endpoint
+                )
+            }
+            Ok(Err(u)) => format!("unavailable: {u}"),
+            Err(e) => format!("not probed: {e}"),
         },
     );
     add(
@@ -85,9 +94,22 @@ pub fn report() -> Vec<(String, String)> {
     add(
         "/dev/kvm",
         if Path::new("/dev/kvm").exists() {
-            "present (whether guests really run under KVM is probed by the qemu backend)".into()
+            "present".into()
         } else {
             "absent: guests run under TCG".into()
+        },
+    );
+    // The qemu backend boots a real cached kernel under KVM with a timeout (guests can hang
+    // here where a boot sector does not) and caches the answer per host.
+    let accel = rt
+        .as_ref()
+        .map(|rt| rt.block_on(crate::backend::qemu::QemuBackend::probe()));
+    add(
+        "qemu acceleration",
+        match accel {
+            Ok(Ok(q)) => q.accel_note.clone(),
+            Ok(Err(u)) => format!("unavailable: {u}"),
+            Err(e) => format!("not probed: {e}"),
         },
     );
     add(

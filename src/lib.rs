@@ -9,6 +9,7 @@ pub mod apply_patch;
 pub mod artifacts;
 pub mod backend;
 pub mod cli;
+pub mod cli_vm;
 pub mod doctor;
 pub mod exit;
 pub mod matrix;

@@ -36,6 +36,8 @@ enum Command {
     Diff(cli::DiffArgs),
     Signoff(cli::SignoffArgs),
     Merge(cli::MergeArgs),
+    Kernels(nsmatrix::cli_vm::KernelsArgs),
+    Shell(nsmatrix::cli_vm::ShellArgs),
     /// Apply a patch the way Codex's apply_patch does (PATCH as argument or on stdin).
     #[command(
         name = "apply-patch",
@@ -56,6 +58,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // PID 1 of a QEMU guest (never of a container): mount, run the batch, power off.
+    if nsmatrix::agent::init::is_guest_init() {
+        nsmatrix::agent::init::main();
+    }
     let mut args = std::env::args_os();
     let argv0 = args.next().unwrap_or_default();
     if Path::new(&argv0)
@@ -74,6 +80,8 @@ fn main() -> ExitCode {
         Command::Diff(a) => cli::diff(a),
         Command::Signoff(a) => cli::signoff(a),
         Command::Merge(a) => cli::merge(a),
+        Command::Kernels(a) => nsmatrix::cli_vm::kernels(a),
+        Command::Shell(a) => nsmatrix::cli_vm::shell(a),
         Command::ApplyPatch { args } => apply_patch_main(&args),
         Command::Agent { batch } => cli::agent(&batch),
     };

@@ -17,6 +17,7 @@ use crate::agent::protocol::{
 };
 use crate::backend::docker::DockerBackend;
 use crate::backend::host::HostBackend;
+use crate::backend::qemu::QemuBackend;
 use crate::backend::{BackendEvent, BatchCtx, BatchError, Unavailable};
 use crate::matrix::model::{BackendKind, Cell, Environment, Matrix};
 use crate::progress::{Mode, Progress};
@@ -36,6 +37,7 @@ pub struct RunOptions {
 pub struct Backends {
     host: Result<Arc<HostBackend>, Unavailable>,
     docker: Result<DockerBackend, Unavailable>,
+    qemu: Result<QemuBackend, Unavailable>,
 }
 
 impl Backends {
@@ -55,7 +57,15 @@ impl Backends {
                 fix: String::new(),
             })
         };
-        Backends { host, docker }
+        let qemu = if uses(BackendKind::Qemu) {
+            QemuBackend::probe().await
+        } else {
+            Err(Unavailable {
+                reason: "not used by this run".into(),
+                fix: String::new(),
+            })
+        };
+        Backends { host, docker, qemu }
     }
 
     /// Why a backend cannot run cells here, if it cannot.
@@ -63,10 +73,7 @@ impl Backends {
         match kind {
             BackendKind::Host => self.host.as_ref().err().cloned(),
             BackendKind::Docker => self.docker.as_ref().err().cloned(),
-            BackendKind::Qemu => Some(Unavailable {
-                reason: "this nsmatrix build has no qemu backend yet".into(),
-                fix: "update nsmatrix".into(),
-            }),
+            BackendKind::Qemu => self.qemu.as_ref().err().cloned(),
         }
     }
 }
@@ -135,6 +142,7 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
             Ok(())
         };
 
+    let cells = resolve_codex(cells, &mut progress).await;
     // Cells that cannot run here: SKIP with the reason and the fix.
     let mut by_env: Vec<(Environment, Vec<Cell>)> = Vec::new();
     let mut env_index: HashMap<String, usize> = HashMap::new();
@@ -189,17 +197,6 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     let cancel = CancellationToken::new();
     let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
     let (btx, mut brx) = mpsc::unbounded_channel::<BackendEvent>();
-    // Forward backend events into the dispatcher's one channel.
-    {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = brx.recv().await {
-                if tx.send(Msg::Backend(ev)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
     let permits = Arc::new(Semaphore::new(opts.jobs.max(1)));
     let launcher = Launcher {
         backends: Arc::new(backends),
@@ -255,8 +252,10 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     let mut ctrl_c_count = 0;
     let retries = matrix.settings.retries;
 
+    let mut queue: std::collections::VecDeque<Msg> = std::collections::VecDeque::new();
     while outstanding > 0 {
         let msg = tokio::select! {
+            ev = brx.recv() => match ev { Some(ev) => Msg::Backend(ev), None => continue },
             m = rx.recv() => match m { Some(m) => m, None => break },
             _ = tokio::signal::ctrl_c() => {
                 ctrl_c_count += 1;
@@ -275,128 +274,141 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
                 continue;
             }
         };
-        match msg {
-            Msg::Backend(BackendEvent::StageStarted { batch, stage }) => {
-                stage_started.insert((batch.clone(), stage.as_str()), Instant::now());
-                progress.batch_stage(&batch, stage.as_str());
+        // A batch task sends all its events before it ends: take them first, so a batch's
+        // last results and stage timings are never read after its end.
+        if matches!(msg, Msg::BatchEnded { .. }) {
+            while let Ok(ev) = brx.try_recv() {
+                queue.push_back(Msg::Backend(ev));
             }
-            Msg::Backend(BackendEvent::StageFinished {
-                batch,
-                stage,
-                elapsed,
-            }) => {
-                if let Some(st) = states.get(&batch)
-                    && let Some(info) = infos.get_mut(&st.env.id)
-                {
-                    *info.stage_ms.entry(stage.as_str().to_string()).or_default() +=
-                        elapsed.as_millis() as u64;
+        }
+        queue.push_back(msg);
+        while let Some(msg) = queue.pop_front() {
+            match msg {
+                Msg::Backend(BackendEvent::StageStarted { batch, stage }) => {
+                    stage_started.insert((batch.clone(), stage.as_str()), Instant::now());
+                    progress.batch_stage(&batch, stage.as_str());
                 }
-            }
-            Msg::Backend(BackendEvent::Agent { batch, event }) => {
-                let Some(st) = states.get_mut(&batch) else {
-                    continue;
-                };
-                match event {
-                    AgentEvent::Hello { facts, .. } => {
-                        if let Some(info) = infos.get_mut(&st.env.id) {
-                            info.facts = facts;
+                Msg::Backend(BackendEvent::StageFinished {
+                    batch,
+                    stage,
+                    elapsed,
+                }) => {
+                    if let Some(st) = states.get(&batch)
+                        && let Some(info) = infos.get_mut(&st.env.id)
+                    {
+                        *info.stage_ms.entry(stage.as_str().to_string()).or_default() +=
+                            elapsed.as_millis() as u64;
+                    }
+                }
+                Msg::Backend(BackendEvent::Agent { batch, event }) => {
+                    let Some(st) = states.get_mut(&batch) else {
+                        continue;
+                    };
+                    match event {
+                        AgentEvent::Hello { facts, .. } => {
+                            if let Some(info) = infos.get_mut(&st.env.id) {
+                                info.facts = facts;
+                            }
+                        }
+                        AgentEvent::CellStarted { id } => {
+                            progress.batch_stage(&batch, &format!("running {id}"))
+                        }
+                        AgentEvent::CellFinished(rec) => {
+                            let Some(cell) = st.cells.iter().find(|c| c.id == rec.id).cloned()
+                            else {
+                                progress.println(&format!(
+                                    "nsmatrix: batch {batch} reported an unknown cell {}",
+                                    rec.id
+                                ));
+                                continue;
+                            };
+                            if !st.reported.insert(rec.id.clone()) {
+                                continue;
+                            }
+                            if matches!(rec.outcome, Outcome::Error { .. })
+                                && st.attempt <= retries
+                                && !cancel.is_cancelled()
+                            {
+                                st.errors.push((cell, rec));
+                                continue;
+                            }
+                            let mut r = judge(&cell, &rec, st.attempt);
+                            r.repeat = st.repeat;
+                            let unexpected =
+                                !r.status.is_ok() && r.status != crate::report::Status::Error;
+                            record(r, &mut progress, &mut results)?;
+                            if unexpected && opts.fail_fast && !cancel.is_cancelled() {
+                                progress.println("nsmatrix: --fail-fast: stopping after the first unexpected failure");
+                                interrupted = Some("stopped by --fail-fast".into());
+                                cancel.cancel();
+                            }
+                        }
+                        AgentEvent::Log { .. } | AgentEvent::BatchDone { .. } => {}
+                    }
+                }
+                Msg::BatchEnded { batch, result } => {
+                    outstanding -= 1;
+                    progress.batch_done(&batch);
+                    let Some(mut st) = states.remove(&batch) else {
+                        continue;
+                    };
+                    if let (Err(e), Some(info)) = (&result, infos.get_mut(&st.env.id)) {
+                        info.error = Some(e.to_string());
+                    }
+                    if cancel.is_cancelled() {
+                        // Whatever did not finish is not reported: the run says it was interrupted.
+                        for (cell, rec) in st.errors.drain(..) {
+                            let mut r = judge(&cell, &rec, st.attempt);
+                            r.repeat = st.repeat;
+                            record(r, &mut progress, &mut results)?;
+                        }
+                        continue;
+                    }
+                    let mut failed: Vec<(Cell, CellRecord)> = std::mem::take(&mut st.errors);
+                    for cell in &st.cells {
+                        if !st.reported.contains(&cell.id) {
+                            let (stage, message) = match &result {
+                                Err(e) => (e.stage.as_str().to_string(), e.message.clone()),
+                                Ok(()) => {
+                                    ("agent".into(), "the agent did not report this cell".into())
+                                }
+                            };
+                            let rec = not_run_record(cell, Outcome::Error { stage, message });
+                            failed.push((cell.clone(), rec));
                         }
                     }
-                    AgentEvent::CellStarted { id } => {
-                        progress.batch_stage(&batch, &format!("running {id}"))
+                    if failed.is_empty() {
+                        continue;
                     }
-                    AgentEvent::CellFinished(rec) => {
-                        let Some(cell) = st.cells.iter().find(|c| c.id == rec.id).cloned() else {
-                            progress.println(&format!(
-                                "nsmatrix: batch {batch} reported an unknown cell {}",
-                                rec.id
-                            ));
-                            continue;
-                        };
-                        if !st.reported.insert(rec.id.clone()) {
-                            continue;
+                    if st.attempt <= retries {
+                        let retry_cells: Vec<Cell> = failed.into_iter().map(|(c, _)| c).collect();
+                        let attempt = st.attempt + 1;
+                        let id = format!("{}.retry{}", st.base, attempt - 1);
+                        progress.println(&format!(
+                            "nsmatrix: retrying {} cell(s) of {} after ERROR (attempt {attempt})",
+                            retry_cells.len(),
+                            st.env.id
+                        ));
+                        launcher.launch(&id, &st.env, &retry_cells);
+                        states.insert(
+                            id,
+                            BatchState {
+                                env: st.env,
+                                base: st.base,
+                                repeat: st.repeat,
+                                cells: retry_cells,
+                                attempt,
+                                reported: HashSet::new(),
+                                errors: Vec::new(),
+                            },
+                        );
+                        outstanding += 1;
+                    } else {
+                        for (cell, rec) in failed {
+                            let mut r = judge(&cell, &rec, st.attempt);
+                            r.repeat = st.repeat;
+                            record(r, &mut progress, &mut results)?;
                         }
-                        if matches!(rec.outcome, Outcome::Error { .. })
-                            && st.attempt <= retries
-                            && !cancel.is_cancelled()
-                        {
-                            st.errors.push((cell, rec));
-                            continue;
-                        }
-                        let mut r = judge(&cell, &rec, st.attempt);
-                        r.repeat = st.repeat;
-                        let unexpected =
-                            !r.status.is_ok() && r.status != crate::report::Status::Error;
-                        record(r, &mut progress, &mut results)?;
-                        if unexpected && opts.fail_fast && !cancel.is_cancelled() {
-                            progress.println("nsmatrix: --fail-fast: stopping after the first unexpected failure");
-                            interrupted = Some("stopped by --fail-fast".into());
-                            cancel.cancel();
-                        }
-                    }
-                    AgentEvent::Log { .. } | AgentEvent::BatchDone { .. } => {}
-                }
-            }
-            Msg::BatchEnded { batch, result } => {
-                outstanding -= 1;
-                progress.batch_done(&batch);
-                let Some(mut st) = states.remove(&batch) else {
-                    continue;
-                };
-                if let (Err(e), Some(info)) = (&result, infos.get_mut(&st.env.id)) {
-                    info.error = Some(e.to_string());
-                }
-                if cancel.is_cancelled() {
-                    // Whatever did not finish is not reported: the run says it was interrupted.
-                    for (cell, rec) in st.errors.drain(..) {
-                        let mut r = judge(&cell, &rec, st.attempt);
-                        r.repeat = st.repeat;
-                        record(r, &mut progress, &mut results)?;
-                    }
-                    continue;
-                }
-                let mut failed: Vec<(Cell, CellRecord)> = std::mem::take(&mut st.errors);
-                for cell in &st.cells {
-                    if !st.reported.contains(&cell.id) {
-                        let (stage, message) = match &result {
-                            Err(e) => (e.stage.as_str().to_string(), e.message.clone()),
-                            Ok(()) => ("agent".into(), "the agent did not report this cell".into()),
-                        };
-                        let rec = not_run_record(cell, Outcome::Error { stage, message });
-                        failed.push((cell.clone(), rec));
-                    }
-                }
-                if failed.is_empty() {
-                    continue;
-                }
-                if st.attempt <= retries {
-                    let retry_cells: Vec<Cell> = failed.into_iter().map(|(c, _)| c).collect();
-                    let attempt = st.attempt + 1;
-                    let id = format!("{}.retry{}", st.base, attempt - 1);
-                    progress.println(&format!(
-                        "nsmatrix: retrying {} cell(s) of {} after ERROR (attempt {attempt})",
-                        retry_cells.len(),
-                        st.env.id
-                    ));
-                    launcher.launch(&id, &st.env, &retry_cells);
-                    states.insert(
-                        id,
-                        BatchState {
-                            env: st.env,
-                            base: st.base,
-                            repeat: st.repeat,
-                            cells: retry_cells,
-                            attempt,
-                            reported: HashSet::new(),
-                            errors: Vec::new(),
-                        },
-                    );
-                    outstanding += 1;
-                } else {
-                    for (cell, rec) in failed {
-                        let mut r = judge(&cell, &rec, st.attempt);
-                        r.repeat = st.repeat;
-                        record(r, &mut progress, &mut results)?;
                     }
                 }
             }
@@ -459,33 +471,18 @@ struct Launcher {
 
 impl Launcher {
     fn launch(&self, batch: &str, env: &Environment, cells: &[Cell]) {
-        let spec = BatchSpec {
-            version: PROTOCOL_VERSION,
-            batch_id: batch.to_string(),
-            work_dir: self
-                .host_run_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("/nsmatrix-work"))
-                .join(batch),
-            uid: env.uid,
-            gid: env.uid,
-            restrictions: match env.backend {
-                BackendKind::Host => HostBackend::restrictions(env.profile.as_ref()),
-                _ => Default::default(),
-            },
-            sysctls: env.sysctls.clone(),
-            agent_bin: self.agent_bin.clone(),
-            cells: cells
-                .iter()
-                .map(|c| CellSpec {
-                    id: c.id.clone(),
-                    subject: c.subject.spec.clone(),
-                    scenario_dir: c.scenario.dir.clone(),
-                    timeout_ms: self.cell_timeout.as_millis() as u64,
-                    needs_sysctls: env.sysctls.keys().cloned().collect(),
-                })
-                .collect(),
-        };
+        let work_root = self
+            .host_run_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/nsmatrix-work"));
+        let spec = batch_spec(
+            batch,
+            env,
+            cells,
+            &work_root,
+            &self.agent_bin,
+            self.cell_timeout,
+        );
         // A guest weighs more than a process or a container.
         let weight = match env.backend {
             BackendKind::Qemu => 2.min(self.jobs) as u32,
@@ -521,6 +518,84 @@ impl Launcher {
     }
 }
 
+/// Fetch (once, verified, cached) every Codex release the cells name and point their subjects
+/// at it; cells of a release that cannot be had are SKIPped with the reason.
+async fn resolve_codex(mut cells: Vec<Cell>, progress: &mut Progress) -> Vec<Cell> {
+    use crate::agent::protocol::SubjectSpec;
+    let mut versions: Vec<String> = cells
+        .iter()
+        .filter_map(|c| match &c.subject.spec {
+            SubjectSpec::Codex { version, .. } => Some(version.clone()),
+            _ => None,
+        })
+        .collect();
+    versions.sort();
+    versions.dedup();
+    let mut found: HashMap<String, Result<PathBuf, String>> = HashMap::new();
+    for v in versions {
+        progress.println(&format!(
+            "nsmatrix: getting Codex CLI {v} (npm, cached after the first time)"
+        ));
+        let vv = v.clone();
+        let r = tokio::task::spawn_blocking(move || crate::artifacts::npm::codex_package(&vv))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map(|p| p.codex).map_err(|e| format!("{e:#}")));
+        if let Err(e) = &r {
+            progress.println(&format!("nsmatrix: Codex CLI {v} is not available: {e}"));
+        }
+        found.insert(v, r);
+    }
+    for c in &mut cells {
+        if let SubjectSpec::Codex { version, codex_bin } = &mut c.subject.spec {
+            match found.get(version.as_str()) {
+                Some(Ok(p)) => *codex_bin = p.clone(),
+                Some(Err(e)) => {
+                    c.skip = Some(format!(
+                        "Codex CLI {version} could not be fetched and is not cached: {e} (fix: reach the npm registry once, or set NSMATRIX_NPM_REGISTRY)"
+                    ))
+                }
+                None => {}
+            }
+        }
+    }
+    cells
+}
+
+/// The batch spec for `cells` of one environment (paths as on the host; backends relocate).
+pub fn batch_spec(
+    batch: &str,
+    env: &Environment,
+    cells: &[Cell],
+    work_root: &std::path::Path,
+    agent_bin: &std::path::Path,
+    cell_timeout: Duration,
+) -> BatchSpec {
+    BatchSpec {
+        version: PROTOCOL_VERSION,
+        batch_id: batch.to_string(),
+        work_dir: work_root.join(batch),
+        uid: env.uid,
+        gid: env.uid,
+        restrictions: match env.backend {
+            BackendKind::Host => HostBackend::restrictions(env.profile.as_ref()),
+            _ => Default::default(),
+        },
+        sysctls: env.sysctls.clone(),
+        agent_bin: agent_bin.to_path_buf(),
+        cells: cells
+            .iter()
+            .map(|c| CellSpec {
+                id: c.id.clone(),
+                subject: c.subject.spec.clone(),
+                scenario_dir: c.scenario.dir.clone(),
+                timeout_ms: cell_timeout.as_millis() as u64,
+                needs_sysctls: env.sysctls.keys().cloned().collect(),
+            })
+            .collect(),
+    }
+}
+
 async fn run_on(
     backends: &Backends,
     env: &Environment,
@@ -542,9 +617,12 @@ async fn run_on(
                 u.to_string(),
             )),
         },
-        other => Err(BatchError::new(
-            crate::backend::Stage::Provision,
-            format!("no {} backend", other.as_str()),
-        )),
+        BackendKind::Qemu => match &backends.qemu {
+            Ok(q) => q.run_batch(env, spec, ctx).await,
+            Err(u) => Err(BatchError::new(
+                crate::backend::Stage::Provision,
+                u.to_string(),
+            )),
+        },
     }
 }

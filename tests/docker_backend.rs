@@ -11,7 +11,7 @@ use nsmatrix::agent::protocol::{
     AgentEvent, ArgvProfile, BatchSpec, CellRecord, CellSpec, Outcome, PROTOCOL_VERSION,
     SetuidMode, SubjectSpec,
 };
-use nsmatrix::backend::docker::{DockerBackend, builtin_profiles, connect};
+use nsmatrix::backend::docker::{AgentPlacement, DockerBackend, builtin_profiles, connect};
 use nsmatrix::backend::{BackendEvent, BatchCtx, BatchError, Stage};
 use nsmatrix::matrix::model::{BackendKind, Environment, ImageSource};
 use tokio_util::sync::CancellationToken;
@@ -518,5 +518,58 @@ async fn measure_profiles_images_uids() {
             }
         }
     }
+    assert_no_containers(&d, &id).await;
+}
+
+/// Any local image works, even one with nothing but busybox: the static agent is placed in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_only_image_runs_the_placed_static_agent() {
+    let Some(d) = engine().await else { return };
+    // The upload path (what a remote engine gets): the agent travels in the tar.
+    let d = d.with_agent_placement(AgentPlacement::Upload);
+    let tmp = tempfile::tempdir().unwrap();
+    let sc = scenario(tmp.path());
+    // A tree with /bin/busybox and /bin/sh only, busybox taken from the cached Debian rootfs.
+    let recipe = nsmatrix::artifacts::rootfs::RootfsRecipe::builtin("bookworm").unwrap();
+    let root =
+        tokio::task::spawn_blocking(move || nsmatrix::artifacts::rootfs::ensure_rootfs(&recipe))
+            .await
+            .unwrap()
+            .expect("rootfs");
+    let tarball = tmp.path().join("busybox.tar");
+    {
+        let mut b = tar::Builder::new(std::fs::File::create(&tarball).unwrap());
+        b.append_path_with_name(root.join("bin/busybox"), "bin/busybox")
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, "bin/sh", "busybox").unwrap();
+        b.finish().unwrap();
+    }
+    let reference = format!("nsmatrix-test/busybox-only:{}", std::process::id());
+    d.import_tarball(&tarball, &reference)
+        .await
+        .expect("import");
+    let id = run_id("busybox");
+    let mut e = env("bookworm", "default", 1000, false);
+    e.image = Some(reference.clone());
+    e.image_source = Some(ImageSource::Reference(reference.clone()));
+    let cells = vec![bwrap_cell("c", &sc, SetuidMode::AsIs, ArgvProfile::Codex)];
+    let r = run(
+        &d,
+        &e,
+        spec(Path::new(AGENT), 1000, cells),
+        &id,
+        Duration::from_secs(120),
+        CancellationToken::new(),
+    )
+    .await;
+    d.remove_image(&reference).await.unwrap();
+    assert!(r.result.is_ok(), "{:?}\n{}", r.result, r.log);
+    let m = message(&r.records[0]);
+    eprintln!("busybox-only: {m}");
+    assert!(m.contains("bwrap-missing"), "{m}");
     assert_no_containers(&d, &id).await;
 }

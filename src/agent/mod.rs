@@ -1,5 +1,7 @@
 //! The agent: what runs inside an environment. A batch in, JSON lines out.
 
+mod codex;
+pub mod init;
 pub mod protocol;
 mod run;
 

@@ -79,6 +79,7 @@ pub fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
     std::os::unix::fs::symlink(&spec.agent_bin, &apply_patch)
         .with_context(|| format!("failed to link {}", apply_patch.display()))?;
     let mut preparer = subject::Preparer::new(work.path.join("subjects"));
+    let mut codex_copies = super::codex::Copies::new(work.path.join("codex"));
     let mut done = 0;
     for (i, cell) in spec.cells.iter().enumerate() {
         if stopping() {
@@ -105,7 +106,7 @@ pub fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
                 },
             )
         } else {
-            run_cell(&ctx, &mut preparer)
+            run_cell(&ctx, &mut preparer, &mut codex_copies)
         };
         // A cell's directory is removed as soon as it is judged, so a long batch does not fill
         // the disk; the whole work dir goes at the end anyway.
@@ -210,14 +211,14 @@ pub fn environment_facts() -> BTreeMap<String, String> {
     f
 }
 
-struct CellCtx<'a> {
-    spec: &'a BatchSpec,
-    cell: &'a CellSpec,
-    dir: PathBuf,
-    apply_patch: &'a Path,
+pub(super) struct CellCtx<'a> {
+    pub(super) spec: &'a BatchSpec,
+    pub(super) cell: &'a CellSpec,
+    pub(super) dir: PathBuf,
+    pub(super) apply_patch: &'a Path,
 }
 
-fn record(cell: &CellSpec, outcome: Outcome) -> CellRecord {
+pub(super) fn record(cell: &CellSpec, outcome: Outcome) -> CellRecord {
     CellRecord {
         id: cell.id.clone(),
         outcome,
@@ -239,7 +240,11 @@ fn error(cell: &CellSpec, stage: &str, e: impl std::fmt::Display) -> CellRecord 
     )
 }
 
-fn run_cell(ctx: &CellCtx, preparer: &mut subject::Preparer) -> CellRecord {
+fn run_cell(
+    ctx: &CellCtx,
+    preparer: &mut subject::Preparer,
+    codex_copies: &mut super::codex::Copies,
+) -> CellRecord {
     let start = Instant::now();
     let mut rec = match ctx.cell.subject.clone() {
         SubjectSpec::Bwrap {
@@ -250,12 +255,12 @@ fn run_cell(ctx: &CellCtx, preparer: &mut subject::Preparer) -> CellRecord {
             Ok(r) => r,
             Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
         },
-        SubjectSpec::Codex { .. } => record(
-            ctx.cell,
-            Outcome::Skipped {
-                reason: "codex subjects are not supported by this agent yet".into(),
-            },
-        ),
+        SubjectSpec::Codex { version, codex_bin } => {
+            match super::codex::prepare_and_run_codex(ctx, codex_copies, &version, &codex_bin) {
+                Ok(r) => r,
+                Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
+            }
+        }
     };
     rec.duration_ms = start.elapsed().as_millis() as u64;
     rec
@@ -263,20 +268,20 @@ fn run_cell(ctx: &CellCtx, preparer: &mut subject::Preparer) -> CellRecord {
 
 /// The workspace and sentinel of one cell: `<cell>/ws` and `<cell>/outside/sentinel.txt`, all
 /// owned by the cell's uid so that only the sandbox stands between a patch and the outside.
-struct Layout {
-    ws: PathBuf,
-    sentinel: PathBuf,
-    outside_dir: PathBuf,
+pub(super) struct Layout {
+    pub(super) ws: PathBuf,
+    pub(super) sentinel: PathBuf,
+    pub(super) outside_dir: PathBuf,
     /// Absolute paths a confinement scenario tries to write (removed before and after).
-    absolute_targets: Vec<PathBuf>,
-    before_outside: BTreeSet<String>,
+    pub(super) absolute_targets: Vec<PathBuf>,
+    pub(super) before_outside: BTreeSet<String>,
 }
 
 /// The same text the scenarios (and the differential tests) lay out, so a patch aimed at the
 /// sentinel matches its context and the only thing that can stop the write is the sandbox.
 const SENTINEL_TEXT: &str = "sentinel\n";
 
-fn lay_out(ctx: &CellCtx, sc: &Scenario) -> Result<Layout> {
+pub(super) fn lay_out(ctx: &CellCtx, sc: &Scenario) -> Result<Layout> {
     let (uid, gid) = (ctx.spec.uid, ctx.spec.gid);
     let ws = ctx.dir.join("ws");
     let outside_dir = ctx.dir.join("outside");
@@ -307,7 +312,7 @@ fn lay_out(ctx: &CellCtx, sc: &Scenario) -> Result<Layout> {
     })
 }
 
-fn remove_any(p: &Path) {
+pub(super) fn remove_any(p: &Path) {
     if fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
         let _ = fs::remove_dir_all(p);
     } else {
@@ -424,7 +429,7 @@ fn prepare_and_run_bwrap(
     Ok(rec)
 }
 
-fn agent_has_nnp() -> bool {
+pub(super) fn agent_has_nnp() -> bool {
     fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
@@ -433,19 +438,33 @@ fn agent_has_nnp() -> bool {
         .unwrap_or(false)
 }
 
-struct RunOutput {
-    code: Option<i32>,
-    signal: Option<i32>,
-    timed_out: bool,
-    stdout: String,
-    stderr: String,
+pub(super) struct RunOutput {
+    pub(super) code: Option<i32>,
+    pub(super) signal: Option<i32>,
+    pub(super) timed_out: bool,
+    pub(super) stdout: String,
+    pub(super) stderr: String,
 }
 
 fn run_sandboxed(ctx: &CellCtx, bwrap: &Path, args: &[OsString], ws: &Path) -> Result<RunOutput> {
+    run_program(ctx, bwrap, args, ws, &[], None)
+}
+
+/// Run `program` for a cell: as its uid, under the batch's restrictions, in its own process
+/// group, stdout/stderr to files, within the cell's timeout. `observe` is called with the
+/// child's pid every few milliseconds while it runs.
+pub(super) fn run_program(
+    ctx: &CellCtx,
+    program: &Path,
+    args: &[OsString],
+    ws: &Path,
+    env: &[(&str, &Path)],
+    observe: Option<&mut dyn FnMut(u32)>,
+) -> Result<RunOutput> {
     let prepared = restrict::Prepared::new(&ctx.spec.restrictions, ctx.spec.uid, ctx.spec.gid)?;
     let out_path = ctx.dir.join("stdout");
     let err_path = ctx.dir.join("stderr");
-    let mut cmd = Command::new(bwrap);
+    let mut cmd = Command::new(program);
     cmd.args(args)
         .current_dir(ws)
         .env_clear()
@@ -459,11 +478,15 @@ fn run_sandboxed(ctx: &CellCtx, bwrap: &Path, args: &[OsString], ws: &Path) -> R
         .stdout(fs::File::create(&out_path)?)
         .stderr(fs::File::create(&err_path)?)
         .process_group(0);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     prepared.apply_to(&mut cmd);
     let child = cmd
         .spawn()
-        .with_context(|| format!("failed to start {}", bwrap.display()))?;
-    let (status, timed_out) = wait_timeout(child, Duration::from_millis(ctx.cell.timeout_ms))?;
+        .with_context(|| format!("failed to start {}", program.display()))?;
+    let (status, timed_out) =
+        wait_timeout(child, Duration::from_millis(ctx.cell.timeout_ms), observe)?;
     if stopping() && status.is_none() {
         anyhow::bail!("interrupted");
     }
@@ -486,6 +509,7 @@ fn run_sandboxed(ctx: &CellCtx, bwrap: &Path, args: &[OsString], ws: &Path) -> R
 fn wait_timeout(
     mut child: Child,
     timeout: Duration,
+    mut observe: Option<&mut dyn FnMut(u32)>,
 ) -> io::Result<(Option<std::process::ExitStatus>, bool)> {
     let deadline = Instant::now() + timeout;
     let pid = child.id() as libc::pid_t;
@@ -507,7 +531,11 @@ fn wait_timeout(
             }
             return Ok((if stopping() { None } else { Some(st) }, !stopping()));
         }
-        let left = (deadline - now).as_millis().min(1000) as libc::c_int;
+        let mut left = (deadline - now).as_millis().min(1000) as libc::c_int;
+        if let Some(f) = observe.as_mut() {
+            f(pid as u32);
+            left = left.min(2);
+        }
         if pidfd >= 0 {
             let mut pfd = libc::pollfd {
                 fd: pidfd,
@@ -522,7 +550,7 @@ fn wait_timeout(
 }
 
 /// Decide what the run means for this scenario, most severe first.
-fn judge(
+pub(super) fn judge(
     sc: &Scenario,
     layout: &Layout,
     run: &RunOutput,
@@ -576,6 +604,12 @@ fn judge(
             );
         }
         return fail(sig.name, msg);
+    }
+    if let Some(line) = signature::front_end_line(&run.stderr) {
+        return fail(
+            "unknown",
+            format!("the sandbox failed with a message no signature knows: {line}"),
+        );
     }
     if run.timed_out {
         return fail("timeout", "killed after the cell's timeout".into());

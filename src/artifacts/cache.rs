@@ -97,10 +97,21 @@ pub fn fetch_verified(url: &str, dest: &Path, sum: &Checksum) -> Result<PathBuf>
     Ok(dest.to_path_buf())
 }
 
-/// An HTTP agent that trusts the certificates in `$SSL_CERT_FILE` when it is set (machines
-/// behind a TLS-inspecting proxy), else the built-in web PKI roots.
+/// The system's CA bundle on Debian and Ubuntu (ca-certificates).
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// An HTTP agent that trusts the certificates in `$SSL_CERT_FILE`, else the system's CA
+/// bundle (so a TLS-inspecting proxy whose CA the machine trusts works too), else the
+/// built-in web PKI roots.
 pub fn http_agent() -> Result<ureq::Agent> {
-    let Some(file) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) else {
+    let file = std::env::var_os("SSL_CERT_FILE")
+        .filter(|f| !f.is_empty())
+        .or_else(|| {
+            Path::new(SYSTEM_CA_BUNDLE)
+                .is_file()
+                .then(|| SYSTEM_CA_BUNDLE.into())
+        });
+    let Some(file) = file else {
         return Ok(ureq::Agent::new_with_defaults());
     };
     let pem = fs::read(&file)
@@ -120,7 +131,8 @@ pub fn http_agent() -> Result<ureq::Agent> {
 /// Plain download to a file (no verification): for indexes whose checksum is checked by the
 /// caller in another way.
 pub fn download(url: &str, dest: &Path) -> Result<()> {
-    let resp = ureq::get(url)
+    let resp = http_agent()?
+        .get(url)
         .call()
         .with_context(|| format!("failed to fetch {url}"))?;
     let mut body = resp.into_body().into_reader();

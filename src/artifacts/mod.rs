@@ -2,6 +2,8 @@
 //! npm packages.
 
 pub mod cache;
+pub mod debian;
 pub mod images;
+pub mod kernels;
 pub mod npm;
 pub mod rootfs;

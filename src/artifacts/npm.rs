@@ -48,8 +48,10 @@ pub fn codex_package(version: &str) -> Result<CodexPackage> {
     let dir = base.join(&stem);
     let pkg = CodexPackage {
         version: version.to_string(),
-        codex: dir.join("codex"),
-        bwrap: dir.join("bwrap"),
+        // The package's own layout: Codex finds its bundled bwrap at
+        // `<dir of the codex binary>/../codex-resources/bwrap`.
+        codex: dir.join("bin").join("codex"),
+        bwrap: dir.join("codex-resources").join("bwrap"),
         tarball: base.join(format!("{stem}.tgz")),
     };
     let marker = dir.join("complete");
@@ -145,6 +147,10 @@ fn unpack(tarball: &Path, pkg: &CodexPackage) -> Result<()> {
 
 fn extract_to(entry: &mut impl Read, dest: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("failed to create {}", parent.display()))?;
+    }
     let tmp = partial(dest);
     let mut out =
         fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;

@@ -4,5 +4,6 @@
 pub mod docker;
 mod events;
 pub mod host;
+pub mod qemu;
 
 pub use events::{BackendEvent, BatchCtx, BatchError, Stage, Unavailable};

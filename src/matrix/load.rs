@@ -556,6 +556,8 @@ impl Validator<'_> {
                         "sysctl" => Some("default"),
                         "profile" if backend == BackendKind::Docker => Some("default"),
                         "profile" => Some("none"),
+                        // A guest runs the root filesystem its kernel's catalog entry names.
+                        "image" if backend == BackendKind::Qemu => Some("kernel-default"),
                         _ => None,
                     };
                     match default {
@@ -647,7 +649,10 @@ impl Validator<'_> {
             } else {
                 None
             };
-            let image = allowed.contains(&"image").then(|| val("image"));
+            let image = allowed
+                .contains(&"image")
+                .then(|| val("image"))
+                .filter(|i| i != "kernel-default");
             if let Some(img) = &image
                 && backend == BackendKind::Docker
                 && !self.raw.image.contains_key(img)

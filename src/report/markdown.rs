@@ -212,6 +212,71 @@ pub fn render_with(run: &RunResults, extras: &Extras) -> String {
         md.push('\n');
     }
 
+    let codex: Vec<&CellResult> = run
+        .cells
+        .iter()
+        .filter(|c| c.details.contains_key("codex.bwrap"))
+        .collect();
+    if !codex.is_empty() {
+        let _ = writeln!(md, "## Which bwrap Codex used\n");
+        let _ = writeln!(
+            md,
+            "Observed in /proc while Codex ran (\"not observed\" when bwrap ended before it could be seen).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| environment / subject | bwrap used | setuid in effect | results |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|");
+        let mut groups: BTreeMap<(String, String), Vec<&CellResult>> = BTreeMap::new();
+        for c in codex {
+            groups
+                .entry((c.environment.clone(), c.subject.clone()))
+                .or_default()
+                .push(c);
+        }
+        for ((env, subj), cs) in groups {
+            let mut used: Vec<&str> = cs
+                .iter()
+                .filter_map(|c| c.details.get("codex.bwrap").map(String::as_str))
+                .collect();
+            used.sort();
+            used.dedup();
+            let observed: Vec<&str> = used
+                .iter()
+                .copied()
+                .filter(|u| !u.starts_with("not observed"))
+                .collect();
+            let shown = if observed.is_empty() {
+                used.clone()
+            } else {
+                observed
+            };
+            let suid: Vec<&str> = cs
+                .iter()
+                .filter_map(|c| {
+                    c.details
+                        .get("codex.bwrap-setuid-effective")
+                        .map(String::as_str)
+                })
+                .collect();
+            let suid = if suid.contains(&"true") {
+                "yes"
+            } else if suid.is_empty() {
+                "—"
+            } else {
+                "no"
+            };
+            let _ = writeln!(
+                md,
+                "| `{env}/{subj}` | {} | {suid} | {} |",
+                shown.join("; "),
+                grid_cell(cs.iter().copied())
+            );
+        }
+        md.push('\n');
+    }
+
     let hints = super::hints::one_axis_fixes(&run.cells);
     if !hints.is_empty() {
         let _ = writeln!(md, "## One change that makes it pass\n");

@@ -38,6 +38,15 @@ use Pattern::{Both, Contains};
 /// Ordered: the first row whose pattern matches wins, so more specific rows come first.
 static TABLE: &[Signature] = &[
     Signature {
+        name: "bwrap-missing",
+        mechanism: "no bwrap was found to run (Codex: none on PATH and no bundled codex-resources/bwrap)",
+        remedy: "install bubblewrap in the environment (apt-get install bubblewrap), or keep Codex's bundled bwrap next to its binary",
+        patterns: &[
+            Contains("bubblewrap is unavailable"),
+            Contains("no system bwrap was found"),
+        ],
+    },
+    Signature {
         name: "setuid-refused",
         mechanism: "this bwrap build refuses to run setuid (upstream removed setuid mode in 0.11.2+)",
         remedy: "do not chmod u+s this bwrap; allow unprivileged user namespaces instead, or use a bwrap built with -Dsupport_setuid",
@@ -116,6 +125,7 @@ static TABLE: &[Signature] = &[
         patterns: &[
             Both("Can't", "mount"),
             Contains("Can't mkdir parents"),
+            Contains("Can't create file at"),
             Contains("Failed to make / slave"),
             Contains("Failed to mount tmpfs"),
         ],
@@ -134,12 +144,6 @@ static INFERRED: &[Signature] = &[
         name: "setuid-ignored-nnp",
         mechanism: "the setuid bit was ignored because no-new-privileges is set, so bwrap ran unprivileged",
         remedy: "drop no-new-privileges (k8s allowPrivilegeEscalation: true) or allow unprivileged user namespaces",
-        patterns: &[],
-    },
-    Signature {
-        name: "bwrap-missing",
-        mechanism: "no bwrap was found to run",
-        remedy: "install bubblewrap in the environment (apt-get install bubblewrap)",
         patterns: &[],
     },
     Signature {
@@ -185,6 +189,16 @@ static INFERRED: &[Signature] = &[
         patterns: &[],
     },
 ];
+
+/// The first line the sandbox front end itself printed (`bwrap: ...`), whether or not a
+/// signature matches it: apply_patch never prints such a line, so its presence means the
+/// sandbox failed, even where the exit code happens to be the one a scenario expects.
+pub fn front_end_line(stderr: &str) -> Option<&str> {
+    stderr
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("bwrap:"))
+}
 
 /// Classify sandbox output. Only lines that look like they come from the sandbox front end
 /// (bwrap, codex, the kernel) are considered, so apply_patch's own messages about a patch never

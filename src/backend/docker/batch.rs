@@ -3,11 +3,12 @@
 //! Why not a long-lived container plus `exec`: the agent is the only process a batch needs,
 //! and an image may hold no shell or `sleep` to keep a container alive (busybox-only,
 //! distroless). So the container is created with the agent as its command (as root; the agent
-//! drops to the batch's uid itself), the files are uploaded into its volume before it starts,
+//! drops to the batch's uid itself), the agent is bind-mounted read-only (local engines) or
+//! uploaded, the scenarios and spec are uploaded into its volume before it starts,
 //! and its output is attached before it starts, so no line is lost. docker-init is PID 1 and
 //! reaps what the sandboxes leave behind.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,19 +18,19 @@ use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, UploadToContainerOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
 
 use super::client::{DockerBackend, LABEL_BATCH, LABEL_OWNER, LABEL_RUN, Owner, error_chain};
 use super::place::{PLACE_DIR, Placement, WORK_MOUNT};
 use super::profile::{Seccomp, SecuritySettings, security_settings};
-use crate::agent::protocol::{AgentEvent, BatchSpec};
+use super::stream::{AgentReader, BatchLog};
+use crate::agent::protocol::BatchSpec;
 use crate::backend::{BackendEvent, BatchCtx, BatchError, Stage};
 use crate::matrix::model::{Environment, ImageSource};
 
 /// Past a cell's own timeout, how long the agent gets to report it before the harness kills
 /// the container (the agent enforces cell timeouts itself; this catches a hung agent).
-const CELL_GRACE: Duration = Duration::from_secs(10);
-const STDERR_TAIL: usize = 20;
+pub(super) const CELL_GRACE: Duration = Duration::from_secs(10);
+pub(super) const STDERR_TAIL: usize = 20;
 
 impl DockerBackend {
     /// Run one batch in a fresh container and stream the agent's events to `ctx`. The
@@ -123,27 +124,47 @@ impl DockerBackend {
             .map(|c| (c.id.clone(), Duration::from_millis(c.timeout_ms)))
             .collect();
 
-        let body = container_body(
-            image,
-            &sec,
-            seccomp_json,
-            &placement,
-            &ctx.run_id,
-            &ctx.batch_id,
-        );
         log.line(&format!(
             "nsmatrix: image {image}, environment {}, security {sec:?}, uid {}",
             env.id, spec.uid
         ))
         .await;
-        let created = self
-            .docker
-            .create_container(None::<CreateContainerOptions>, body)
-            .await
-            .map_err(|e| fail(Stage::Start, "create the container", &error_chain(&e)))?;
+        let mut mount_agent = self.mount_agent();
+        let created = loop {
+            let body = container_body(
+                image,
+                &sec,
+                seccomp_json.clone(),
+                &placement,
+                mount_agent.then_some(placement.agent_host.as_path()),
+                &ctx.run_id,
+                &ctx.batch_id,
+            );
+            match self
+                .docker
+                .create_container(None::<CreateContainerOptions>, body)
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if mount_agent && error_chain(&e).contains("bind source path") => {
+                    log.line(&format!(
+                        "nsmatrix: the engine cannot bind-mount the agent ({}); uploading it",
+                        error_chain(&e)
+                    ))
+                    .await;
+                    mount_agent = false;
+                }
+                Err(e) => return Err(fail(Stage::Start, "create the container", &error_chain(&e))),
+            }
+        };
         slot.set(created.id.clone());
         let id = created.id;
         log.line(&format!("nsmatrix: container {id}")).await;
+        let placement = if mount_agent {
+            placement.without_agent_upload()
+        } else {
+            placement
+        };
 
         self.upload(&id, placement)
             .await
@@ -159,10 +180,13 @@ impl DockerBackend {
             .attach_container(&id, Some(attach_opts))
             .await
             .map_err(|e| fail(Stage::Start, "attach to the container", &error_chain(&e)))?;
-        self.docker
-            .start_container(&id, None)
-            .await
-            .map_err(|e| fail(Stage::Start, "start the container", &error_chain(&e)))?;
+        self.docker.start_container(&id, None).await.map_err(|e| {
+            fail(
+                Stage::Start,
+                "start the container",
+                &start_hint(error_chain(&e)),
+            )
+        })?;
 
         let mut reader = AgentReader::new(ctx, stages, timeouts);
         let mut output = attached.output;
@@ -194,7 +218,7 @@ impl DockerBackend {
         let code = self.exit_code(&id).await;
         log.line(&format!("nsmatrix: agent exited with {code:?}"))
             .await;
-        if reader.done {
+        if reader.done() {
             return Ok(());
         }
         Err(BatchError::new(
@@ -253,6 +277,7 @@ fn container_body(
     sec: &SecuritySettings,
     seccomp_json: Option<String>,
     placement: &Placement,
+    agent_bind: Option<&std::path::Path>,
     run_id: &str,
     batch_id: &str,
 ) -> ContainerCreateBody {
@@ -275,6 +300,21 @@ fn container_body(
     ]);
     if let Some(o) = Owner::current() {
         labels.insert(LABEL_OWNER.to_string(), o.label());
+    }
+    let mut mounts = vec![Mount {
+        target: Some(PLACE_DIR.into()),
+        typ: Some(MountType::VOLUME),
+        ..Default::default()
+    }];
+    if let Some(agent) = agent_bind {
+        // Nested inside the volume: the engine mounts the shallower path first.
+        mounts.push(Mount {
+            source: Some(agent.display().to_string()),
+            target: Some(placement.spec.agent_bin.display().to_string()),
+            typ: Some(MountType::BIND),
+            read_only: Some(true),
+            ..Default::default()
+        });
     }
     ContainerCreateBody {
         image: Some(image.to_string()),
@@ -304,11 +344,7 @@ fn container_body(
                 WORK_MOUNT.to_string(),
                 "rw,exec,suid,mode=0755".to_string(),
             )])),
-            mounts: Some(vec![Mount {
-                target: Some(PLACE_DIR.into()),
-                typ: Some(MountType::VOLUME),
-                ..Default::default()
-            }]),
+            mounts: Some(mounts),
             init: Some(true),
             // Scenarios need no network, and no veth pair makes a container start faster.
             network_mode: Some("none".into()),
@@ -316,6 +352,18 @@ fn container_body(
         }),
         ..Default::default()
     }
+}
+
+/// Say what an engine error at start means when it is not obvious.
+fn start_hint(message: String) -> String {
+    if message.contains("unable to apply caps") {
+        // Seen with --privileged where dockerd itself runs without CAP_SYS_RESOURCE in its
+        // bounding set: runc cannot grant what it does not hold.
+        return format!(
+            "{message} (the engine's own capability bounding set lacks a capability this profile grants, e.g. --privileged on a host without CAP_SYS_RESOURCE; such a profile cannot run on this engine)"
+        );
+    }
+    message
 }
 
 async fn read_seccomp(path: &std::path::Path) -> Result<String, String> {
@@ -378,7 +426,7 @@ impl Drop for ContainerSlot {
 }
 
 /// Sends stage start/finish events and knows which stage is current.
-struct Stages<'a> {
+pub(super) struct Stages<'a> {
     ctx: &'a BatchCtx,
     current: Mutex<Option<(Stage, Instant)>>,
 }
@@ -391,7 +439,7 @@ impl<'a> Stages<'a> {
         }
     }
 
-    fn start(&self, stage: Stage) {
+    pub(super) fn start(&self, stage: Stage) {
         *self.current.lock().expect("stage lock") = Some((stage, Instant::now()));
         self.ctx.send(BackendEvent::StageStarted {
             batch: self.ctx.batch_id.clone(),
@@ -399,7 +447,7 @@ impl<'a> Stages<'a> {
         });
     }
 
-    fn finish(&self, stage: Stage) {
+    pub(super) fn finish(&self, stage: Stage) {
         let mut cur = self.current.lock().expect("stage lock");
         if let Some((s, t)) = *cur
             && s == stage
@@ -425,161 +473,6 @@ impl<'a> Stages<'a> {
             .lock()
             .expect("stage lock")
             .map_or(Stage::Run, |(s, _)| s)
-    }
-}
-
-/// Splits the agent's stdout into lines, forwards protocol lines, logs the rest, and tracks
-/// which cells are running and until when.
-struct AgentReader<'a, 's> {
-    ctx: &'a BatchCtx,
-    stages: &'a Stages<'s>,
-    timeouts: HashMap<String, Duration>,
-    running: HashMap<String, Instant>,
-    partial: Vec<u8>,
-    stderr_partial: Vec<u8>,
-    stderr_tail: VecDeque<String>,
-    done: bool,
-}
-
-impl<'a, 's> AgentReader<'a, 's> {
-    fn new(ctx: &'a BatchCtx, stages: &'a Stages<'s>, timeouts: HashMap<String, Duration>) -> Self {
-        AgentReader {
-            ctx,
-            stages,
-            timeouts,
-            running: HashMap::new(),
-            partial: Vec::new(),
-            stderr_partial: Vec::new(),
-            stderr_tail: VecDeque::new(),
-            done: false,
-        }
-    }
-
-    async fn stdout(&mut self, chunk: &[u8], log: &mut BatchLog) {
-        self.partial.extend_from_slice(chunk);
-        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=pos).collect();
-            self.line(&String::from_utf8_lossy(&line[..pos]), log).await;
-        }
-    }
-
-    async fn stderr(&mut self, chunk: &[u8], log: &mut BatchLog) {
-        self.stderr_partial.extend_from_slice(chunk);
-        while let Some(pos) = self.stderr_partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.stderr_partial.drain(..=pos).collect();
-            self.stderr_line(String::from_utf8_lossy(&line[..pos]).into_owned(), log)
-                .await;
-        }
-    }
-
-    async fn stderr_line(&mut self, line: String, log: &mut BatchLog) {
-        log.line(&format!("stderr: {line}")).await;
-        if self.stderr_tail.len() == STDERR_TAIL {
-            self.stderr_tail.pop_front();
-        }
-        self.stderr_tail.push_back(line);
-    }
-
-    async fn flush(&mut self, log: &mut BatchLog) {
-        if !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
-            self.line(&String::from_utf8_lossy(&rest), log).await;
-        }
-        if !self.stderr_partial.is_empty() {
-            let rest = std::mem::take(&mut self.stderr_partial);
-            self.stderr_line(String::from_utf8_lossy(&rest).into_owned(), log)
-                .await;
-        }
-    }
-
-    async fn line(&mut self, line: &str, log: &mut BatchLog) {
-        let event = match AgentEvent::parse_line(line) {
-            None => {
-                log.line(&format!("stdout: {line}")).await;
-                return;
-            }
-            Some(Err(e)) => {
-                log.line(&format!("stdout (bad protocol line: {e}): {line}"))
-                    .await;
-                return;
-            }
-            Some(Ok(ev)) => ev,
-        };
-        match &event {
-            AgentEvent::Hello { .. } => {
-                self.stages.finish(Stage::Start);
-                self.stages.start(Stage::Run);
-            }
-            AgentEvent::CellStarted { id } => {
-                let limit = self
-                    .timeouts
-                    .get(id)
-                    .copied()
-                    .unwrap_or(Duration::from_secs(60));
-                self.running
-                    .insert(id.clone(), Instant::now() + limit + CELL_GRACE);
-            }
-            AgentEvent::CellFinished(rec) => {
-                self.running.remove(&rec.id);
-            }
-            AgentEvent::Log { message } => log.line(&format!("agent: {message}")).await,
-            AgentEvent::BatchDone { .. } => self.done = true,
-        }
-        self.ctx.agent_event(event);
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        self.running.values().min().copied()
-    }
-
-    fn overdue(&self) -> Option<(String, Duration)> {
-        let (id, _) = self.running.iter().min_by_key(|(_, d)| **d)?;
-        Some((
-            id.clone(),
-            self.timeouts.get(id).copied().unwrap_or_default(),
-        ))
-    }
-
-    fn stderr_tail(&self) -> String {
-        self.stderr_tail
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-/// `<log_dir>/agent.log`: the agent's non-protocol output, its stderr, and nsmatrix's notes.
-/// Logging never fails a batch: a log that cannot be written is dropped.
-struct BatchLog {
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
-}
-
-impl BatchLog {
-    async fn open(ctx: &BatchCtx) -> Self {
-        let _ = tokio::fs::create_dir_all(&ctx.log_dir).await;
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(ctx.log_dir.join("agent.log"))
-            .await
-            .ok()
-            .map(tokio::io::BufWriter::new);
-        BatchLog { file }
-    }
-
-    async fn line(&mut self, line: &str) {
-        if let Some(f) = &mut self.file
-            && (f.write_all(line.as_bytes()).await.is_err() || f.write_all(b"\n").await.is_err())
-        {
-            self.file = None;
-        }
-    }
-
-    async fn flush(&mut self) {
-        if let Some(f) = &mut self.file {
-            let _ = f.flush().await;
-        }
     }
 }
 
@@ -613,6 +506,8 @@ impl std::io::Write for ChanWriter {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::backend::docker::profile::builtin_profiles;
 
@@ -627,7 +522,7 @@ mod tests {
         )
         .unwrap();
         let placement = Placement::plan(&spec);
-        let body = container_body("img", &sec, None, &placement, "run1", "b");
+        let body = container_body("img", &sec, None, &placement, None, "run1", "b");
         assert_eq!(body.user.as_deref(), Some("0:0"));
         assert_eq!(body.labels.as_ref().unwrap()[LABEL_RUN], "run1");
         assert_eq!(
@@ -663,5 +558,30 @@ mod tests {
         assert_eq!(h.readonly_paths, Some(vec![]));
 
         assert_eq!(body_for("privileged", false).privileged, Some(true));
+    }
+
+    #[test]
+    fn agent_bind_mount_nests_in_the_volume() {
+        let spec: BatchSpec = serde_json::from_str(
+            r#"{"version":1,"batch-id":"b","work-dir":"/w","uid":0,"gid":0,"agent-bin":"/h/nsmatrix","cells":[]}"#,
+        )
+        .unwrap();
+        let placement = Placement::plan(&spec).without_agent_upload();
+        assert!(placement.entries.is_empty());
+        let sec = SecuritySettings::default();
+        let body = container_body(
+            "img",
+            &sec,
+            None,
+            &placement,
+            Some(Path::new("/h/nsmatrix")),
+            "r",
+            "b",
+        );
+        let mounts = body.host_config.unwrap().mounts.unwrap();
+        assert_eq!(mounts[0].target.as_deref(), Some(PLACE_DIR));
+        assert_eq!(mounts[1].source.as_deref(), Some("/h/nsmatrix"));
+        assert_eq!(mounts[1].target.as_deref(), Some("/nsmatrix/bin/nsmatrix"));
+        assert_eq!(mounts[1].read_only, Some(true));
     }
 }

@@ -2,7 +2,6 @@
 //! what it creates with its owner, and sweeps leftovers of runs that were killed.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -38,8 +37,17 @@ pub struct EngineInfo {
 pub struct DockerBackend {
     pub(super) docker: Docker,
     pub(super) engine: EngineInfo,
-    /// Serialises image imports and builds of this process (concurrent batches on one image).
-    pub(super) image_lock: Arc<tokio::sync::Mutex<()>>,
+    pub(super) agent_placement: AgentPlacement,
+}
+
+/// How the agent binary gets into a batch's container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AgentPlacement {
+    /// Bind-mount it read-only when the engine is local (a unix socket), upload it otherwise.
+    #[default]
+    Auto,
+    /// Always upload it with the scenarios (remote engines; tests of the upload path).
+    Upload,
 }
 
 /// Connect to `$DOCKER_HOST` or the local socket and negotiate the API version. Never panics
@@ -103,13 +111,25 @@ pub async fn connect() -> Result<DockerBackend, Unavailable> {
     Ok(DockerBackend {
         docker,
         engine,
-        image_lock: Arc::default(),
+        agent_placement: AgentPlacement::Auto,
     })
 }
 
 impl DockerBackend {
     pub fn engine(&self) -> &EngineInfo {
         &self.engine
+    }
+
+    pub fn with_agent_placement(mut self, placement: AgentPlacement) -> Self {
+        self.agent_placement = placement;
+        self
+    }
+
+    /// Bind-mount the agent (no copy of a 50-110 MB binary per batch) when the engine shares
+    /// this machine's filesystem, as a local socket suggests; creation falls back to an upload
+    /// if the engine cannot see the path after all.
+    pub(super) fn mount_agent(&self) -> bool {
+        self.agent_placement == AgentPlacement::Auto && self.engine.endpoint.starts_with("unix://")
     }
 
     /// Remove containers labelled `nsmatrix.run` whose creating process is gone (a run killed

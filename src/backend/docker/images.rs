@@ -15,6 +15,10 @@ use crate::artifacts::images::{
 };
 use crate::artifacts::rootfs::{RootfsRecipe, ensure_rootfs_tar};
 
+/// Serialises image imports and builds in this process: concurrent batches (or backends) on
+/// one image build it once. Across processes the root filesystem's file lock does the same.
+static IMAGE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One image nsmatrix made, as `images list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
@@ -104,7 +108,7 @@ impl DockerBackend {
         force: bool,
         progress: Progress<'_>,
     ) -> Result<()> {
-        let _guard = self.image_lock.lock().await;
+        let _guard = IMAGE_LOCK.lock().await;
         let tag = recipe.tag();
         if !force && self.image_exists(&tag).await? {
             return Ok(());
@@ -201,6 +205,42 @@ impl DockerBackend {
             bail!("importing {tag} ended without an image");
         }
         Ok(tag)
+    }
+
+    /// Import a root filesystem tarball as `reference` (`repo:tag`), like `docker import`:
+    /// for images nsmatrix does not build itself (a busybox-only tree, a vendor's rootfs).
+    pub async fn import_tarball(&self, tarball: &std::path::Path, reference: &str) -> Result<()> {
+        let (repo, tag) = reference.rsplit_once(':').unwrap_or((reference, "latest"));
+        let opts = CreateImageOptions {
+            from_src: Some("-".into()),
+            repo: Some(repo.into()),
+            tag: Some(tag.into()),
+            ..Default::default()
+        };
+        let file = tokio::fs::File::open(tarball)
+            .await
+            .with_context(|| format!("failed to open {}", tarball.display()))?;
+        let body = bollard::body_try_stream(file_chunks(file));
+        let mut stream = self.docker.create_image(Some(opts), Some(body), None);
+        while let Some(item) = stream.next().await {
+            item.map_err(|e| anyhow!("failed to import {reference}: {}", error_chain(&e)))?;
+        }
+        Ok(())
+    }
+
+    /// Remove one image by reference (tests, `images prune` of foreign images is not done).
+    pub async fn remove_image(&self, reference: &str) -> Result<()> {
+        let opts = RemoveImageOptions {
+            force: true,
+            ..Default::default()
+        };
+        match self.docker.remove_image(reference, Some(opts), None).await {
+            Ok(_) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("failed to remove image {reference}")),
+        }
     }
 
     async fn image_exists(&self, reference: &str) -> Result<bool> {

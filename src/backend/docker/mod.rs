@@ -7,8 +7,9 @@ mod client;
 mod images;
 mod place;
 mod profile;
+mod stream;
 
-pub use client::{DockerBackend, EngineInfo, LABEL_RUN, connect};
+pub use client::{AgentPlacement, DockerBackend, EngineInfo, LABEL_RUN, connect};
 pub use images::{ImageInfo, Progress};
 pub use place::{PLACE_DIR, WORK_MOUNT};
 pub use profile::{ProfileError, Seccomp, SecuritySettings, builtin_profiles, security_settings};

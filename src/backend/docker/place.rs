@@ -36,12 +36,15 @@ pub struct Placement {
     /// Absolute path of the spec inside the container.
     pub spec_path: String,
     pub entries: Vec<Entry>,
+    /// The agent binary on the host (also the first entry, unless bind-mounted instead).
+    pub agent_host: PathBuf,
 }
 
 impl Placement {
     /// Plan where everything goes; pure (no file is read).
     pub fn plan(spec: &BatchSpec) -> Placement {
         let mut spec = spec.clone();
+        let agent_host = spec.agent_bin.clone();
         let mut entries = vec![Entry::File {
             host: spec.agent_bin.clone(),
             rel: "bin/nsmatrix".into(),
@@ -63,7 +66,7 @@ impl Placement {
                 let n = codex.len();
                 let rel = codex
                     .entry(codex_bin.clone())
-                    .or_insert_with(|| format!("codex/{n}/codex"))
+                    .or_insert_with(|| format!("codex/{n}/bin/codex"))
                     .clone();
                 *codex_bin = PathBuf::from(format!("{PLACE_DIR}/{rel}"));
             }
@@ -73,16 +76,40 @@ impl Placement {
                 .into_iter()
                 .map(|(host, rel)| Entry::Dir { host, rel }),
         );
-        entries.extend(codex.into_iter().map(|(host, rel)| Entry::File {
-            host,
-            rel,
-            mode: 0o755,
-        }));
+        // Codex's package layout, so it finds its bundled bwrap (`../codex-resources/bwrap`)
+        // where the image has none on PATH.
+        for (host, rel) in codex {
+            let bundled = host
+                .parent()
+                .and_then(Path::parent)
+                .map(|d| d.join("codex-resources/bwrap"));
+            let bundled_rel = rel.replace("/bin/codex", "/codex-resources/bwrap");
+            entries.push(Entry::File {
+                host,
+                rel,
+                mode: 0o755,
+            });
+            if let Some(b) = bundled {
+                entries.push(Entry::File {
+                    host: b,
+                    rel: bundled_rel,
+                    mode: 0o755,
+                });
+            }
+        }
         Placement {
             spec,
             spec_path: format!("{PLACE_DIR}/batch.json"),
             entries,
+            agent_host,
         }
+    }
+
+    /// The same placement with the agent bind-mounted at `spec.agent_bin` instead of uploaded.
+    pub fn without_agent_upload(mut self) -> Placement {
+        let agent = self.agent_host.clone();
+        self.entries.retain(|e| !matches!(e, Entry::File { host, rel, .. } if *host == agent && rel == "bin/nsmatrix"));
+        self
     }
 
     /// Write the tar to upload at [`PLACE_DIR`]: every entry, then `batch.json`. Owners are
@@ -213,7 +240,7 @@ mod tests {
                     Path::new("/h/sc/other"),
                     SubjectSpec::Codex {
                         version: "1".into(),
-                        codex_bin: "/h/codex".into(),
+                        codex_bin: "/h/pkg/bin/codex".into(),
                     },
                 ),
             ],
@@ -231,8 +258,11 @@ mod tests {
             Path::new("/nsmatrix/scenarios/1-other")
         );
         assert!(matches!(&p.spec.cells[2].subject,
-            SubjectSpec::Codex { codex_bin, .. } if codex_bin == Path::new("/nsmatrix/codex/0/codex")));
-        assert_eq!(p.entries.len(), 4, "{:?}", p.entries);
+            SubjectSpec::Codex { codex_bin, .. } if codex_bin == Path::new("/nsmatrix/codex/0/bin/codex")));
+        // The agent, two scenario dirs, Codex and its bundled bwrap in the package's layout.
+        assert_eq!(p.entries.len(), 5, "{:?}", p.entries);
+        assert!(p.entries.iter().any(|e| matches!(e, Entry::File { host, rel, .. }
+            if host == Path::new("/h/pkg/codex-resources/bwrap") && rel == "codex/0/codex-resources/bwrap")));
         // Everything else is untouched.
         assert_eq!(
             (p.spec.uid, p.spec.gid, &p.spec.batch_id),

@@ -1,0 +1,272 @@
+//! The real Codex CLI as a subject: `codex sandbox -c sandbox_mode=workspace-write -- codex
+//! --codex-run-as-apply-patch PATCH`, as the cell's uid, judged exactly like a bwrap cell, with
+//! the bwrap Codex actually started observed in /proc while it runs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use super::run::{CellCtx, judge, lay_out, record, remove_any, run_program};
+use crate::agent::protocol::{CellRecord, Outcome};
+use crate::scenario;
+
+/// Readable copies of Codex packages in the batch's directory (the cache may sit under a
+/// home directory the cell's uid cannot enter), one per package, kept for the batch.
+pub(super) struct Copies {
+    dir: PathBuf,
+    done: HashMap<PathBuf, PathBuf>,
+}
+
+impl Copies {
+    pub(super) fn new(dir: PathBuf) -> Self {
+        Copies {
+            dir,
+            done: HashMap::new(),
+        }
+    }
+
+    /// `<pkg>/bin/codex` (and `<pkg>/codex-resources/bwrap`, its bundled fallback) copied to
+    /// `<batch>/codex/N/` with the same layout; returns the copy's `bin/codex`.
+    fn get(&mut self, codex_bin: &Path) -> Result<PathBuf> {
+        if let Some(p) = self.done.get(codex_bin) {
+            return Ok(p.clone());
+        }
+        if !codex_bin.is_file() {
+            anyhow::bail!(
+                "the codex binary {} is not in this environment",
+                codex_bin.display()
+            );
+        }
+        let root = self.dir.join(self.done.len().to_string());
+        let bin = root.join("bin").join("codex");
+        copy_exec(codex_bin, &bin)?;
+        if let Some(bundled) = codex_bin
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("codex-resources/bwrap"))
+            && bundled.is_file()
+        {
+            copy_exec(&bundled, &root.join("codex-resources").join("bwrap"))?;
+        }
+        self.done.insert(codex_bin.to_path_buf(), bin.clone());
+        Ok(bin)
+    }
+}
+
+/// Copy an executable, creating its directories 0755 so the cell's uid can reach it.
+fn copy_exec(from: &Path, to: &Path) -> Result<()> {
+    let parent = to.parent().expect("a file path");
+    fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
+    for dir in parent.ancestors().take(3) {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    }
+    fs::copy(from, to)
+        .with_context(|| format!("failed to copy {} to {}", from.display(), to.display()))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// A bwrap process seen in the codex process tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SeenBwrap {
+    exe: String,
+    ruid: u32,
+    euid: u32,
+}
+
+/// Every `bwrap` process whose ancestry reaches `root` (the codex process).
+fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return;
+    };
+    let mut parent: HashMap<u32, u32> = HashMap::new();
+    let mut bwraps: Vec<(u32, String)> = Vec::new();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        parent.insert(pid, ppid);
+        if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
+            let exe = exe.to_string_lossy().into_owned();
+            if Path::new(exe.trim_end_matches(" (deleted)"))
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("bwrap"))
+            {
+                bwraps.push((pid, exe));
+            }
+        }
+    }
+    for (pid, exe) in bwraps {
+        let mut p = pid;
+        let mut hops = 0;
+        while p != root && p > 1 && hops < 64 {
+            p = parent.get(&p).copied().unwrap_or(0);
+            hops += 1;
+        }
+        if p != root {
+            continue;
+        }
+        let (mut ruid, mut euid) = (u32::MAX, u32::MAX);
+        if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(line) = status.lines().find(|l| l.starts_with("Uid:"))
+        {
+            let ids: Vec<u32> = line[4..]
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            if ids.len() >= 2 {
+                (ruid, euid) = (ids[0], ids[1]);
+            }
+        }
+        let s = SeenBwrap { exe, ruid, euid };
+        if !seen.contains(&s) {
+            seen.push(s);
+        }
+    }
+}
+
+pub(super) fn prepare_and_run_codex(
+    ctx: &CellCtx,
+    copies: &mut Copies,
+    version: &str,
+    codex_bin: &Path,
+) -> Result<CellRecord> {
+    let cell = ctx.cell;
+    let sc = scenario::load(&cell.scenario_dir)
+        .with_context(|| format!("failed to load scenario {}", cell.scenario_dir.display()))?;
+    let codex = match copies.get(codex_bin) {
+        Ok(c) => c,
+        Err(e) => {
+            return Ok(record(
+                cell,
+                Outcome::Skipped {
+                    reason: format!("codex {version}: {e:#}"),
+                },
+            ));
+        }
+    };
+    let layout = lay_out(ctx, &sc)?;
+    // Codex refuses a CODEX_HOME under /tmp; it lives beside, not inside, the cell's directory
+    // so that its files are not taken for an escape from the workspace.
+    let home = ctx
+        .spec
+        .work_dir
+        .join("codex-home")
+        .join(ctx.dir.file_name().unwrap_or_default());
+    fs::create_dir_all(&home)?;
+    std::os::unix::fs::chown(&home, Some(ctx.spec.uid), Some(ctx.spec.gid))?;
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o700))?;
+    let patch = fs::read_to_string(sc.patch_path())
+        .with_context(|| format!("failed to read {}", sc.patch_path().display()))?;
+    let args: Vec<OsString> = vec![
+        "sandbox".into(),
+        "-c".into(),
+        "sandbox_mode=workspace-write".into(),
+        "--".into(),
+        codex.clone().into(),
+        "--codex-run-as-apply-patch".into(),
+        patch.into(),
+    ];
+    let mut seen = Vec::new();
+    let mut observe = |pid: u32| scan_bwrap(pid, &mut seen);
+    let run = run_program(
+        ctx,
+        &codex,
+        &args,
+        &layout.ws,
+        &[("CODEX_HOME", home.as_path()), ("HOME", home.as_path())],
+        Some(&mut observe),
+    )?;
+    let _ = fs::remove_dir_all(&home);
+    let norm = |s: &str| scenario::normalise_output(s, &layout.ws);
+    let mut details = BTreeMap::new();
+    details.insert("codex.version".into(), version.to_string());
+    details.insert("codex.path".into(), codex.display().to_string());
+    details.insert(
+        "argv".into(),
+        format!(
+            "{} sandbox -c sandbox_mode=workspace-write -- {} --codex-run-as-apply-patch PATCH",
+            codex.display(),
+            codex.display()
+        ),
+    );
+    let bundled_dir = codex
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("codex-resources"))
+        .unwrap_or_default();
+    // Every bwrap seen, in order: Codex may try one and fall back to another.
+    let used = if seen.is_empty() {
+        "not observed (no bwrap process was seen in Codex's process tree)".to_string()
+    } else {
+        let mut suid_bit = false;
+        let mut suid_effective = false;
+        let parts: Vec<String> = seen
+            .iter()
+            .map(|b| {
+                let path = b.exe.trim_end_matches(" (deleted)");
+                let kind = if Path::new(path).starts_with(&bundled_dir) {
+                    "bundled"
+                } else {
+                    "system"
+                };
+                suid_bit |= fs::metadata(path)
+                    .map(|m| m.mode() & 0o4000 != 0 && m.uid() == 0)
+                    .unwrap_or(false);
+                let effective = b.euid == 0 && b.ruid != 0;
+                suid_effective |= effective;
+                format!(
+                    "{path} ({kind}{})",
+                    if effective { ", setuid in effect" } else { "" }
+                )
+            })
+            .collect();
+        details.insert("codex.bwrap-setuid-bit".into(), suid_bit.to_string());
+        details.insert(
+            "codex.bwrap-setuid-effective".into(),
+            suid_effective.to_string(),
+        );
+        parts.join(" then ")
+    };
+    details.insert("codex.bwrap".into(), used);
+    let warnings: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("warn") || l.contains("bubblewrap") || l.contains("user namespace")
+        })
+        .collect();
+    if !warnings.is_empty() {
+        details.insert("codex.warnings".into(), warnings.join("\n"));
+    }
+    let outcome = judge(&sc, &layout, &run, &norm, false);
+    for t in &layout.absolute_targets {
+        remove_any(t);
+    }
+    Ok(CellRecord {
+        id: cell.id.clone(),
+        outcome,
+        exit_code: run.code,
+        duration_ms: 0,
+        stdout_tail: super::tail(&norm(&run.stdout)),
+        stderr_tail: super::tail(&norm(&run.stderr)),
+        details,
+    })
+}

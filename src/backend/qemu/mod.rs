@@ -1,0 +1,333 @@
+//! [`QemuBackend`]: one QEMU guest per batch — a catalog kernel, a sysctl set, a small Debian
+//! root file system with bubblewrap, and nsmatrix itself as the guest's init.
+
+mod accel;
+mod guest;
+mod launcher;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+
+pub use accel::{kernel_boot, test_boot};
+pub use guest::{
+    Cpio, GUEST_SCENARIOS, GUEST_WORK_DIR, cached_rootfs, ensure_base, ensure_rootfs, relocate,
+    write_batch_initrd,
+};
+pub use launcher::{Accel, Console, Ending, Launch, Watched, tail_of, watch};
+
+use crate::agent::protocol::BatchSpec;
+use crate::artifacts::kernels::{self, Kernel};
+use crate::backend::{BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
+use crate::matrix::model::Environment;
+
+/// Lines of console kept in an error message.
+const CONSOLE_TAIL_LINES: usize = 30;
+
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    pub qemu: PathBuf,
+    pub accel: Accel,
+    /// Why this accelerator (for `doctor`).
+    pub accel_note: String,
+    pub memory_mb: u32,
+    /// From QEMU's start until the agent's first line.
+    pub boot_timeout: Duration,
+}
+
+/// Timings of one guest, for benchmarks and logs.
+#[derive(Debug, Clone, Default)]
+pub struct GuestTimings {
+    pub provision: Duration,
+    pub boot: Option<Duration>,
+    pub first_result: Option<Duration>,
+    pub total: Duration,
+}
+
+impl QemuBackend {
+    /// Find `qemu-system-x86_64` (`$NSMATRIX_QEMU` overrides) and choose the accelerator with
+    /// a test boot (cached per host).
+    pub async fn probe() -> Result<QemuBackend, Unavailable> {
+        let qemu = std::env::var_os("NSMATRIX_QEMU")
+            .map(PathBuf::from)
+            .or_else(|| find_on_path("qemu-system-x86_64"))
+            .ok_or_else(|| Unavailable {
+                reason: "qemu-system-x86_64 is not installed".into(),
+                fix: "apt-get install qemu-system-x86".into(),
+            })?;
+        if find_on_path("dpkg-deb").is_none() {
+            return Err(Unavailable {
+                reason: "dpkg-deb is missing (needed to unpack Debian kernels and packages)".into(),
+                fix: "apt-get install dpkg".into(),
+            });
+        }
+        let probe_kernel = kernels::Catalog::builtin()
+            .kernels
+            .iter()
+            .find_map(|k| kernels::cached(&k.name))
+            .map(|k| k.vmlinuz());
+        let (accel, accel_note) = accel::probe_accel(&qemu, probe_kernel.as_deref()).await;
+        if accel == Accel::Tcg {
+            // TCG must work, or nothing will.
+            test_boot(&qemu, Accel::Tcg)
+                .await
+                .map_err(|e| Unavailable {
+                    reason: format!("qemu cannot boot a test guest: {e}"),
+                    fix: "check the qemu-system-x86 installation".into(),
+                })?;
+        }
+        Ok(QemuBackend {
+            qemu,
+            accel,
+            accel_note,
+            memory_mb: 512,
+            boot_timeout: Duration::from_secs(90),
+        })
+    }
+
+    /// Fetch/build the kernel and assemble the guest's base initramfs (blocking work).
+    pub async fn provision(&self, env: &Environment) -> anyhow::Result<(Kernel, PathBuf)> {
+        let kernel_name = env
+            .kernel
+            .clone()
+            .context("a qemu environment needs a kernel")?;
+        let image = env.image.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Kernel, PathBuf)> {
+            let kernel = kernels::ensure(&kernel_name)?;
+            let suite = match image {
+                Some(i) => i,
+                None => kernels::Catalog::builtin()
+                    .get(&kernel_name)?
+                    .rootfs
+                    .clone(),
+            };
+            let rootfs = ensure_rootfs(&suite, false)?;
+            let base = ensure_base(&kernel, &rootfs)?;
+            Ok((kernel, base))
+        })
+        .await
+        .context("the provisioning task panicked")?
+    }
+
+    /// Run one batch in one guest. Events stream to `ctx.events` as the agent writes them; the
+    /// console log and the raw agent output stay in `ctx.log_dir`.
+    pub async fn run_batch(
+        &self,
+        env: &Environment,
+        spec: BatchSpec,
+        ctx: &BatchCtx,
+    ) -> Result<(), BatchError> {
+        self.run_batch_timed(env, spec, ctx).await.map(|_| ())
+    }
+
+    /// [`run_batch`](Self::run_batch), also returning the guest's timings.
+    pub async fn run_batch_timed(
+        &self,
+        env: &Environment,
+        spec: BatchSpec,
+        ctx: &BatchCtx,
+    ) -> Result<GuestTimings, BatchError> {
+        let stage = |s: Stage| {
+            ctx.send(BackendEvent::StageStarted {
+                batch: ctx.batch_id.clone(),
+                stage: s,
+            })
+        };
+        let done = |s: Stage, t: std::time::Instant| {
+            ctx.send(BackendEvent::StageFinished {
+                batch: ctx.batch_id.clone(),
+                stage: s,
+                elapsed: t.elapsed(),
+            })
+        };
+        let mut spec = spec;
+        spec.sysctls
+            .extend(env.sysctls.iter().map(|(k, v)| (k.clone(), v.clone())));
+
+        stage(Stage::Provision);
+        let t = std::time::Instant::now();
+        let err = |s: Stage| move |e: anyhow::Error| BatchError::new(s, format!("{e:#}"));
+        std::fs::create_dir_all(&ctx.log_dir).map_err(|e| {
+            BatchError::new(
+                Stage::Provision,
+                format!("failed to create the log dir: {e}"),
+            )
+        })?;
+        let run_dir = RunDir::new(&ctx.run_id, &ctx.batch_id).map_err(err(Stage::Provision))?;
+        let (kernel, base) = self.provision(env).await.map_err(err(Stage::Provision))?;
+        let initrd = run_dir.path.join("initrd.cpio");
+        let (b, s, i) = (base.clone(), spec.clone(), initrd.clone());
+        tokio::task::spawn_blocking(move || write_batch_initrd(&b, &s, &i))
+            .await
+            .map_err(|e| BatchError::new(Stage::Provision, e.to_string()))?
+            .map_err(err(Stage::Provision))?;
+        let provision = t.elapsed();
+        done(Stage::Provision, t);
+
+        let console_log = ctx.log_dir.join("console.log");
+        let results = ctx.log_dir.join("agent.jsonl");
+        let _ = std::fs::remove_file(&results);
+        let launch = Launch {
+            qemu: self.qemu.clone(),
+            accel: self.accel,
+            kernel: kernel.vmlinuz(),
+            initrd,
+            memory_mb: self.memory_mb,
+            console: Console::File(console_log.clone()),
+            results: Some(results),
+            mode: "batch",
+        };
+        stage(Stage::Start);
+        let t = std::time::Instant::now();
+        let mut started = false;
+        let watched = watch(
+            &launch,
+            self.boot_timeout.min(ctx.timeout),
+            ctx.timeout,
+            &ctx.cancel,
+            &ctx.log_dir.join("qemu.stderr"),
+            |ev| {
+                if !started {
+                    started = true;
+                    done(Stage::Start, t);
+                    stage(Stage::Run);
+                }
+                ctx.agent_event(ev);
+            },
+        )
+        .await;
+        let run_stage = if started { Stage::Run } else { Stage::Start };
+        stage(Stage::Teardown);
+        let t = std::time::Instant::now();
+        drop(run_dir);
+        done(Stage::Teardown, t);
+
+        let timings = GuestTimings {
+            provision,
+            boot: watched.boot_time,
+            first_result: watched.first_result,
+            total: watched.total,
+        };
+        let tail = || {
+            let c = tail_of(&console_log, CONSOLE_TAIL_LINES);
+            let q = tail_of(&ctx.log_dir.join("qemu.stderr"), 5);
+            let mut s = format!("\n--- console tail ({}) ---\n{c}", console_log.display());
+            if !q.trim().is_empty() {
+                s.push_str(&format!("\n--- qemu stderr ---\n{q}"));
+            }
+            s
+        };
+        let secs = |d: Duration| format!("{:.1} s", d.as_secs_f64());
+        match watched.ending {
+            Ending::Exited {
+                batch_done: true, ..
+            } => Ok(timings),
+            Ending::Exited { status, .. } => Err(BatchError::new(
+                run_stage,
+                format!(
+                    "the guest stopped before the batch finished (qemu {status}){}",
+                    tail()
+                ),
+            )),
+            Ending::Panic => Err(BatchError::new(
+                run_stage,
+                format!("the guest kernel panicked{}", tail()),
+            )),
+            Ending::BootTimeout => Err(BatchError::new(
+                Stage::Start,
+                format!(
+                    "the guest's agent did not start within {}{}",
+                    secs(self.boot_timeout.min(ctx.timeout)),
+                    tail()
+                ),
+            )),
+            Ending::BatchTimeout => Err(BatchError::new(
+                run_stage,
+                format!(
+                    "the batch did not finish within {}{}",
+                    secs(ctx.timeout),
+                    tail()
+                ),
+            )),
+            Ending::Cancelled => Err(BatchError::new(run_stage, "cancelled")),
+            Ending::SpawnFailed(m) => Err(BatchError::new(Stage::Start, m)),
+        }
+    }
+
+    /// Boot `env` with `spec`'s sysctls applied and give an interactive shell as `spec.uid` on
+    /// this terminal (`nsmatrix shell CELL`). Returns when the guest powers off.
+    pub async fn shell(&self, env: &Environment, spec: BatchSpec) -> anyhow::Result<()> {
+        let mut spec = spec;
+        spec.sysctls
+            .extend(env.sysctls.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let run_dir = RunDir::new("shell", &spec.batch_id)?;
+        let (kernel, base) = self.provision(env).await?;
+        let initrd = run_dir.path.join("initrd.cpio");
+        write_batch_initrd(&base, &spec, &initrd)?;
+        let launch = Launch {
+            qemu: self.qemu.clone(),
+            accel: self.accel,
+            kernel: kernel.vmlinuz(),
+            initrd,
+            memory_mb: self.memory_mb,
+            console: Console::Stdio,
+            results: None,
+            mode: "shell",
+        };
+        let status = tokio::process::Command::new(&self.qemu)
+            .args(launch.argv())
+            .kill_on_drop(true)
+            .status()
+            .await
+            .context("failed to start qemu")?;
+        drop(run_dir);
+        anyhow::ensure!(status.success(), "qemu exited with {status}");
+        Ok(())
+    }
+}
+
+/// A per-run directory for a guest's files, removed when dropped (on every path).
+struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    fn new(run_id: &str, batch_id: &str) -> anyhow::Result<RunDir> {
+        let safe = |s: &str| {
+            s.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect::<String>()
+        };
+        let path = std::env::temp_dir().join("nsmatrix-qemu").join(format!(
+            "{}-{}-{}",
+            safe(run_id),
+            safe(batch_id),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("failed to create {}", path.display()))?;
+        Ok(RunDir { path })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,207 @@
+//! The default matrix's Docker and QEMU parts through the real binary: every cell meets its
+//! expectation, JUnit parses strictly, no container or guest is left, and the incident's
+//! message appears where the facts say it must.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn docker_up() -> bool {
+    Command::new("docker")
+        .arg("info")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn run_part(filter: &str) -> Option<(tempfile::TempDir, serde_json::Value)> {
+    let out = tempfile::tempdir().unwrap();
+    let o = nsmatrix(&[
+        "run",
+        "--filter",
+        filter,
+        "--quiet",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "run --filter {filter} failed:\n{t}"
+    );
+    let results = read_json(&out.path().join("results.json"));
+    let xml = std::fs::read_to_string(out.path().join("junit.xml")).unwrap();
+    let doc = roxmltree::Document::parse(&xml).expect("junit.xml is well-formed XML");
+    let cells = results["cells"].as_array().unwrap();
+    assert_eq!(
+        doc.descendants()
+            .filter(|n| n.has_tag_name("testcase"))
+            .count(),
+        cells.len()
+    );
+    Some((out, results))
+}
+
+#[test]
+fn docker_part_of_the_default_matrix() {
+    if !require(is_root() && docker_up(), "root and a running Docker engine") {
+        return;
+    }
+    let Some((out, results)) = run_part("backend=docker") else {
+        return;
+    };
+    let cells = results["cells"].as_array().unwrap();
+    assert!(cells.len() >= 800, "{} cells", cells.len());
+    for c in cells {
+        let st = c["status"].as_str().unwrap();
+        assert!(
+            st == "PASS" || st == "XFAIL",
+            "{} is {st}: {}",
+            c["id"],
+            c["message"]
+        );
+    }
+    // The incident's exact message: legacy argv, uid 0, Docker's default profile.
+    let incident = cells
+        .iter()
+        .find(|c| {
+            c["id"] == "docker-bookworm-default-uid0/bwrap-system+codex-legacy/smoke/add_file"
+        })
+        .expect("the incident cell");
+    assert!(
+        incident["stderr-tail"]
+            .as_str()
+            .unwrap()
+            .contains("bwrap: Creating new namespace failed: Operation not permitted"),
+        "{}",
+        incident["stderr-tail"]
+    );
+    let xml = std::fs::read_to_string(out.path().join("junit.xml")).unwrap();
+    assert!(xml.contains("bwrap: Creating new namespace failed: Operation not permitted"));
+    // Under `default` every plain bwrap is denied its user namespace; under the incident's
+    // compose a setuid bwrap cannot keep its capabilities.
+    let axis = |c: &serde_json::Value, k: &str| c["axes"][k].as_str().unwrap_or("").to_string();
+    for c in cells.iter().filter(|c| {
+        axis(c, "profile") == "default"
+            && axis(c, "setuid") == "false"
+            && axis(c, "image") != "no-bwrap"
+    }) {
+        assert_eq!(c["signature"], "userns-denied", "{}", c["id"]);
+    }
+    for c in cells.iter().filter(|c| {
+        axis(c, "profile") == "holyclaude"
+            && axis(c, "uid") == "1000"
+            && axis(c, "setuid") == "true"
+            && axis(c, "image").starts_with("bookworm")
+    }) {
+        assert_eq!(c["signature"], "capset-denied", "{}", c["id"]);
+    }
+    // report.md names a single profile change that makes failing cells pass.
+    let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(
+        md.contains("`profile=holyclaude+net-admin`"),
+        "no one-axis remedy in report.md"
+    );
+    // No container of the harness is left.
+    let ps = Command::new("docker")
+        .args(["ps", "-aq", "--filter", "label=nsmatrix.run"])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "containers left: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
+}
+
+#[test]
+fn the_incident_fails_with_its_message_in_the_junit_failure() {
+    if !require(is_root() && docker_up(), "root and a running Docker engine") {
+        return;
+    }
+    // The same cell, without an expectation: a plain FAIL whose failure text is the message.
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.toml");
+    std::fs::write(
+        &m,
+        format!(
+            "[image.bookworm]\nrecipe = \"bookworm\"\n[[environment]]\nname = \"docker\"\nbackend = \"docker\"\nimage = \"bookworm\"\nuid = 0\n[[subject]]\nname = \"bwrap\"\nkind = \"bwrap\"\nargv = \"codex-legacy\"\n[[scenarios]]\nname = \"smoke\"\ndir = \"{}\"\nonly = [\"add_file\"]\n",
+            repo().join("scenarios").display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = nsmatrix(&[
+        "run",
+        "--quiet",
+        "--matrix",
+        m.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let xml = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+    let doc = roxmltree::Document::parse(&xml).unwrap();
+    let failure = doc
+        .descendants()
+        .find(|n| n.has_tag_name("failure"))
+        .expect("a failure element");
+    let msg = failure.attribute("message").unwrap_or("");
+    assert!(msg.starts_with("userns-denied: "), "{msg}");
+    assert!(
+        msg.contains("bwrap: Creating new namespace failed: Operation not permitted"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn qemu_part_of_the_default_matrix() {
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !require(is_root() && qemu, "root and qemu-system-x86_64") {
+        return;
+    }
+    let Some((_out, results)) = run_part("backend=qemu") else {
+        return;
+    };
+    let cells = results["cells"].as_array().unwrap();
+    let axis = |c: &serde_json::Value, k: &str| c["axes"][k].as_str().unwrap_or("").to_string();
+    for c in cells {
+        let st = c["status"].as_str().unwrap();
+        assert!(
+            st == "PASS" || st == "XFAIL" || st == "SKIP",
+            "{} is {st}: {}",
+            c["id"],
+            c["message"]
+        );
+        if st == "SKIP" {
+            // Only where the kernel lacks the sysctl, and said so.
+            assert_eq!(axis(c, "kernel"), "nouserns-6.1", "{}", c["id"]);
+            assert!(
+                c["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("kernel.unprivileged_userns_clone")
+            );
+        }
+    }
+    // One guest per kernel family ran real cells.
+    for k in ["debian-5.10", "debian-6.1", "debian-6.12", "nouserns-6.1"] {
+        assert!(
+            cells
+                .iter()
+                .any(|c| axis(c, "kernel") == k && c["status"] != "SKIP"),
+            "{k} ran nothing"
+        );
+    }
+    let ps = Command::new("pgrep")
+        .args(["-x", "qemu-system-x86_64"])
+        .output()
+        .unwrap();
+    assert!(ps.stdout.is_empty(), "a guest is still running");
+}
