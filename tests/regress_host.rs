@@ -13,10 +13,12 @@ use std::sync::OnceLock;
 use common::*;
 use serde_json::Value;
 
-/// Three scenarios on every host environment and subject: 60 cells, under a second.
+/// Three scenarios on every host environment and bwrap subject: 60 cells, under a second.
 const FILTERS: &[&str] = &[
     "--filter",
     "backend=host",
+    "--filter",
+    "kind=bwrap",
     "--filter",
     "scenario={add_file,update_multiple_chunks,confine_dotdot_add}",
 ];
@@ -538,6 +540,8 @@ fn repeat_runs_every_cell_n_times() {
         "profile={none,userns-limit-0}",
         "--filter",
         "scenario=add_file",
+        "--filter",
+        "kind=bwrap",
         "--repeat",
         "3",
     ]);
