@@ -16,10 +16,12 @@ fi
 
 # docker.io: the Docker backend; qemu-system-x86, busybox-static, cpio, dpkg, xz-utils,
 # binutils: QEMU guests; make gcc flex bison bc perl libelf-dev libssl-dev: building the
-# nouserns kernel from linux-source; debootstrap: root filesystems for images.
+# nouserns kernel from linux-source; debootstrap: root filesystems for images; librsvg2-bin,
+# python3, python3-venv: the heat map to PNG and a real JUnit parser in the regression tests.
 packages=(docker.io qemu-system-x86 bubblewrap busybox-static cpio e2fsprogs debootstrap
           util-linux procps ca-certificates dpkg xz-utils binutils
-          make gcc flex bison bc perl libelf-dev libssl-dev)
+          make gcc flex bison bc perl libelf-dev libssl-dev
+          librsvg2-bin python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -50,6 +52,16 @@ if ! docker info >/dev/null 2>&1; then
   done
   docker info >/dev/null 2>&1 || { echo "dockerd did not start; see target/dockerd.log" >&2; exit 1; }
 fi
+
+# A real JUnit consumer's parser (junitparser) and the CI engines' schemas (check-jsonschema
+# vendors GitHub's and GitLab's) for the regression tests, in a venv of their own.
+venv=target/pyvenv
+if ! "$venv/bin/python3" -c "import junitparser" 2>/dev/null || [ ! -x "$venv/bin/check-jsonschema" ]; then
+  echo "== installing junitparser and check-jsonschema into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q junitparser check-jsonschema
+fi
+export PATH="$PWD/$venv/bin:$PATH"
 
 echo "== cargo fmt --check"
 cargo fmt --check

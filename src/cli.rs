@@ -15,7 +15,7 @@ use crate::{exit, progress, schedule};
                   environment), and write junit.xml, report.md, results.json, results.jsonl and \
                   logs/ under the output directory. Cells whose backend is unavailable are \
                   SKIPped with the reason and the fix.",
-    after_help = "Examples:\n  nsmatrix run\n  nsmatrix run --filter profile=seccomp-deny-userns --jobs 1\n  nsmatrix run --matrix my.toml --out reports/nightly --fail-fast"
+    after_help = "Examples:\n  nsmatrix run\n  nsmatrix run --filter profile=seccomp-deny-userns --jobs 1\n  nsmatrix run --matrix my.toml --out reports/nightly --fail-fast\n  nsmatrix run --baseline reports/last-night --repeat 3\n  nsmatrix run --shard 2/3 --out reports/shard-2   # then: nsmatrix merge reports/shard-*"
 )]
 pub struct RunArgs {
     /// The matrix file.
@@ -37,6 +37,18 @@ pub struct RunArgs {
     /// One plain line per cell, no progress bars.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// A previous run (directory or results.json): what changed goes at the top of report.md
+    /// (and into diff.md, diff.json) and is outlined in the heat map.
+    #[arg(long, value_name = "DIR")]
+    pub baseline: Option<PathBuf>,
+    /// Run only shard K of N: whole batches (environments), balanced by estimated cost, the
+    /// same partition on every machine. Combine the shards with `nsmatrix merge`.
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<crate::shard::Shard>,
+    /// Run every cell N times; cells whose status differs across repeats are reported as
+    /// flaky and count with their worst repeat.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -90,6 +102,23 @@ pub fn run(a: RunArgs) -> u8 {
         Ok(x) => x,
         Err(code) => return code,
     };
+    let baseline = match a
+        .baseline
+        .as_deref()
+        .map(crate::report::load::load)
+        .transpose()
+    {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("nsmatrix: --baseline: {}", error_chain(&e));
+            return exit::BAD_INPUT;
+        }
+    };
+    let total_cells = cells.len();
+    let cells = match a.shard {
+        Some(sh) => sh.select(cells),
+        None => cells,
+    };
     let run_name = crate::report::run_name_now();
     let out_dir = a
         .out
@@ -101,6 +130,7 @@ pub fn run(a: RunArgs) -> u8 {
         mode: progress::detect_mode(a.quiet),
         out_dir: out_dir.clone(),
         run_name,
+        repeat: a.repeat,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,14 +142,22 @@ pub fn run(a: RunArgs) -> u8 {
             return exit::ERRORS;
         }
     };
-    let results = match rt.block_on(schedule::run(&m, cells, &opts)) {
+    let mut results = match rt.block_on(schedule::run(&m, cells, &opts)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("nsmatrix: {e:#}");
             return exit::ERRORS;
         }
     };
-    if let Err(e) = crate::report::write_all(&results, &out_dir) {
+    results.shard = a.shard.map(|sh| crate::report::model::ShardInfo {
+        index: sh.index,
+        count: sh.count,
+        total_cells,
+    });
+    let diff = baseline
+        .as_ref()
+        .map(|b| crate::report::diff::diff(b, &results, Default::default()));
+    if let Err(e) = crate::report::write_all_with(&results, &out_dir, diff.as_ref()) {
         eprintln!("nsmatrix: {e:#}");
         return exit::ERRORS;
     }
@@ -135,9 +173,19 @@ pub fn run(a: RunArgs) -> u8 {
         summary.join(", ")
     );
     println!(
-        "nsmatrix: reports in {}/ (report.md, junit.xml, results.json, results.jsonl, logs/)",
+        "nsmatrix: reports in {}/ (report.md, heatmap.svg, junit.xml, results.json, results.jsonl, logs/)",
         out_dir.display()
     );
+    if let Some(d) = &diff {
+        println!(
+            "nsmatrix: against the baseline {}: {} regressed, {} fixed, {} changed signature, {} timing regressions (diff.md)",
+            d.base.run_name,
+            d.regressions.len(),
+            d.fixes.len(),
+            d.signature_changes.len(),
+            d.timing.regressions.len()
+        );
+    }
     let code = results.exit_code();
     if results.interrupted.is_some() && code == exit::OK {
         exit::ERRORS
@@ -320,4 +368,282 @@ fn read_batch(path: &Path) -> anyhow::Result<crate::agent::protocol::BatchSpec> 
     };
     serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid batch spec", path.display()))
+}
+
+/// An error and its causes on one line: `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Markdown,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(
+    about = "What changed between two runs: regressions, fixes, signatures, timing, cells added/removed",
+    long_about = "Pair the cells of two runs by id. Regressions: PASS/XFAIL before, FAIL/XPASS/ERROR \
+                  now. Fixes: the reverse. Signature changes: failed in both, for another reason. \
+                  Timing: per environment × subject, the median cell time against the \
+                  baseline's, beyond a noise band. Exit code 1 when anything regressed (timing \
+                  too, unless --ignore-timing), 0 otherwise, 2 on unreadable input.",
+    after_help = "Examples:\n  nsmatrix diff reports/last-night reports/tonight\n  nsmatrix diff old/results.json new/results.json --format json > diff.json"
+)]
+pub struct DiffArgs {
+    /// The baseline run (directory or results.json).
+    pub base: PathBuf,
+    /// The new run (directory or results.json).
+    pub new: PathBuf,
+    #[arg(long, value_enum, default_value = "markdown")]
+    pub format: Format,
+    /// Timing: a group's median must grow by more than this percentage of the baseline's...
+    #[arg(long, default_value_t = 50.0, value_name = "PCT")]
+    pub time_threshold: f64,
+    /// ...and by more than this many milliseconds.
+    #[arg(long, default_value_t = 25, value_name = "MS")]
+    pub time_floor_ms: u64,
+    /// Report timing regressions but do not let them set the exit code.
+    #[arg(long)]
+    pub ignore_timing: bool,
+}
+
+/// `nsmatrix diff`.
+pub fn diff(a: DiffArgs) -> u8 {
+    let load = |p: &Path| {
+        crate::report::load::load(p).map_err(|e| {
+            eprintln!("nsmatrix diff: {}", error_chain(&e));
+            exit::BAD_INPUT
+        })
+    };
+    let (base, new) = match (load(&a.base), load(&a.new)) {
+        (Ok(b), Ok(n)) => (b, n),
+        (Err(c), _) | (_, Err(c)) => return c,
+    };
+    let d = crate::report::diff::diff(
+        &base,
+        &new,
+        crate::report::diff::DiffOptions {
+            time_threshold_pct: a.time_threshold,
+            time_floor_ms: a.time_floor_ms,
+        },
+    );
+    match a.format {
+        Format::Markdown => print!("{}", d.render_markdown()),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&d).expect("diff serialises")
+        ),
+    }
+    if d.has_regressions(!a.ignore_timing) {
+        exit::FAILURES
+    } else {
+        exit::OK
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(
+    about = "Release sign-off: pair the cells that differ only in one axis and give a verdict",
+    long_about = "Within one run, pair every cell whose AXIS is FROM with its twin whose AXIS is TO \
+                  and every other axis equal, and sort the pairs by what was observed: fixed, \
+                  broken, unchanged-pass, unchanged-fail (with the signatures of what still \
+                  fails, and where), inconclusive (ERROR/SKIP). Verdict: DO NOT SHIP when any \
+                  pair broke (exit 1), NO VERDICT when a pair has no answer (exit 3), else SHIP \
+                  (exit 0). Bad input exits 2.",
+    after_help = "Examples:\n  nsmatrix signoff --axis image --from bookworm --to bookworm-suid reports/nightly\n  nsmatrix signoff --axis setuid --from false --to true --format json"
+)]
+pub struct SignoffArgs {
+    /// The axis that differs (`image`, `profile`, `setuid`, `kernel`, ...).
+    #[arg(long)]
+    pub axis: String,
+    /// The value being replaced.
+    #[arg(long)]
+    pub from: String,
+    /// The candidate value.
+    #[arg(long)]
+    pub to: String,
+    /// The run (directory or results.json); default: the newest run under reports/.
+    pub run: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "markdown")]
+    pub format: Format,
+}
+
+/// The newest run directory under `reports/` (by name: run names sort by time).
+fn newest_run() -> Option<PathBuf> {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir("reports")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("results.json").is_file())
+        .collect();
+    runs.sort_by_key(|p| {
+        std::fs::metadata(p.join("results.json"))
+            .and_then(|m| m.modified())
+            .ok()
+    });
+    runs.pop()
+}
+
+/// `nsmatrix signoff`.
+pub fn signoff(a: SignoffArgs) -> u8 {
+    let Some(path) = a.run.clone().or_else(newest_run) else {
+        eprintln!(
+            "nsmatrix signoff: no run given and none under reports/: run `nsmatrix run` first or name a run directory"
+        );
+        return exit::BAD_INPUT;
+    };
+    let run = match crate::report::load::load(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nsmatrix signoff: {}", error_chain(&e));
+            return exit::BAD_INPUT;
+        }
+    };
+    let s = match crate::report::signoff::signoff(&run, &a.axis, &a.from, &a.to) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("nsmatrix signoff: {} ({})", error_chain(&e), path.display());
+            return exit::BAD_INPUT;
+        }
+    };
+    match a.format {
+        Format::Markdown => print!("{}", s.render_markdown()),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&s).expect("signoff serialises")
+        ),
+    }
+    s.exit_code()
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(
+    about = "Combine the outputs of `run --shard K/N` into one set of reports",
+    long_about = "Read the results.json of every shard, check that they are the N shards of one \
+                  run (none missing, none twice, no cell twice), and write results.json, \
+                  results.jsonl, junit.xml, report.md and heatmap.svg for the whole matrix, in the \
+                  matrix's order, as an unsharded run would; logs/ of the shards are copied. \
+                  The exit code is the merged run's (0, 1 or 3); 2 on bad input.",
+    after_help = "Examples:\n  nsmatrix merge reports/shard-1 reports/shard-2 reports/shard-3 --out reports/nightly\n  nsmatrix merge shards/*/ --out reports/nightly --baseline reports/last-night"
+)]
+pub struct MergeArgs {
+    /// The shards' run directories (or results.json files).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Where the merged reports go.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The merged run's name (default: the first shard's).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A previous run to compare with, as for `run --baseline`.
+    #[arg(long, value_name = "DIR")]
+    pub baseline: Option<PathBuf>,
+}
+
+/// `nsmatrix merge`.
+pub fn merge(a: MergeArgs) -> u8 {
+    let mut inputs = Vec::new();
+    for p in &a.runs {
+        match crate::report::load::load(p) {
+            Ok(r) => inputs.push((p.clone(), r)),
+            Err(e) => {
+                eprintln!("nsmatrix merge: {}", error_chain(&e));
+                return exit::BAD_INPUT;
+            }
+        }
+    }
+    let baseline = match a
+        .baseline
+        .as_deref()
+        .map(crate::report::load::load)
+        .transpose()
+    {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("nsmatrix merge: --baseline: {}", error_chain(&e));
+            return exit::BAD_INPUT;
+        }
+    };
+    let merged = match crate::report::merge::merge(inputs, a.name.clone()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("nsmatrix merge: {}", error_chain(&e));
+            return exit::BAD_INPUT;
+        }
+    };
+    let diff = baseline
+        .as_ref()
+        .map(|b| crate::report::diff::diff(b, &merged, Default::default()));
+    let written = crate::report::write_all_with(&merged, &a.out, diff.as_ref())
+        .and_then(|()| write_jsonl(&merged, &a.out))
+        .and_then(|()| copy_logs(&a.runs, &a.out));
+    if let Err(e) = written {
+        eprintln!("nsmatrix merge: {e:#}");
+        return exit::ERRORS;
+    }
+    let counts = merged.counts();
+    let summary: Vec<String> = crate::report::Status::ALL
+        .iter()
+        .map(|s| format!("{} {}", counts.get(s).copied().unwrap_or(0), s.as_str()))
+        .collect();
+    println!(
+        "nsmatrix merge: {} runs, {} cells: {}; reports in {}/",
+        a.runs.len(),
+        merged.cells.len(),
+        summary.join(", "),
+        a.out.display()
+    );
+    merged.exit_code()
+}
+
+fn write_jsonl(run: &crate::report::RunResults, dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut s = String::new();
+    for c in &run.cells {
+        s.push_str(&serde_json::to_string(c).expect("results serialise"));
+        s.push('\n');
+    }
+    let p = dir.join("results.jsonl");
+    std::fs::write(&p, s).with_context(|| format!("failed to write {}", p.display()))
+}
+
+/// Copy each shard's `logs/<batch>/` into `out/logs/` (batches never repeat across shards).
+fn copy_logs(runs: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            let dest = to.join(e.file_name());
+            if e.file_type()?.is_dir() {
+                copy_dir(&e.path(), &dest)?;
+            } else {
+                std::fs::copy(e.path(), dest)?;
+            }
+        }
+        Ok(())
+    }
+    for r in runs {
+        let dir = if r.is_dir() {
+            r.clone()
+        } else {
+            r.parent().map(Path::to_path_buf).unwrap_or_default()
+        };
+        let logs = dir.join("logs");
+        if logs.is_dir() && logs != out.join("logs") {
+            copy_dir(&logs, &out.join("logs")).with_context(|| {
+                format!("failed to copy {} into {}", logs.display(), out.display())
+            })?;
+        }
+    }
+    Ok(())
 }

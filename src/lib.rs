@@ -18,3 +18,4 @@ pub mod report;
 pub mod sandbox;
 pub mod scenario;
 pub mod schedule;
+pub mod shard;

@@ -20,7 +20,7 @@ use nsmatrix::cli;
                   pass/fail, timings and a diagnosis of each failure to JUnit, Markdown and JSON.\n\n\
                   Exit codes: 0 every cell met its expectation; 1 some cell FAILed or XPASSed; \
                   2 bad input, nothing run; 3 no unexpected failure but some cells ended in ERROR.",
-    after_help = "Examples:\n  nsmatrix doctor\n  nsmatrix list --filter backend=host\n  nsmatrix run\n  nsmatrix run --filter 'host-*/*/core/add_*' --jobs 2"
+    after_help = "Examples:\n  nsmatrix doctor\n  nsmatrix list --filter backend=host\n  nsmatrix run\n  nsmatrix run --filter 'host-*/*/core/add_*' --jobs 2\n  nsmatrix diff reports/last-night reports/tonight\n  nsmatrix signoff --axis image --from bookworm --to bookworm-suid reports/tonight\n  nsmatrix merge reports/shard-* --out reports/tonight"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +33,9 @@ enum Command {
     List(cli::ListArgs),
     Doctor(cli::DoctorArgs),
     Images(cli::ImagesArgs),
+    Diff(cli::DiffArgs),
+    Signoff(cli::SignoffArgs),
+    Merge(cli::MergeArgs),
     Kernels(nsmatrix::cli_vm::KernelsArgs),
     Shell(nsmatrix::cli_vm::ShellArgs),
     /// Apply a patch the way Codex's apply_patch does (PATCH as argument or on stdin).
@@ -74,6 +77,9 @@ fn main() -> ExitCode {
         Command::List(a) => cli::list(a),
         Command::Doctor(a) => cli::doctor(a),
         Command::Images(a) => cli::images(a),
+        Command::Diff(a) => cli::diff(a),
+        Command::Signoff(a) => cli::signoff(a),
+        Command::Merge(a) => cli::merge(a),
         Command::Kernels(a) => nsmatrix::cli_vm::kernels(a),
         Command::Shell(a) => nsmatrix::cli_vm::shell(a),
         Command::ApplyPatch { args } => apply_patch_main(&args),

@@ -29,6 +29,8 @@ pub struct RunOptions {
     pub mode: Mode,
     pub out_dir: PathBuf,
     pub run_name: String,
+    /// Run every batch this many times (`--repeat N`); 1 = once.
+    pub repeat: u32,
 }
 
 /// The backends of this run, probed once.
@@ -87,6 +89,10 @@ enum Msg {
 
 struct BatchState {
     env: Environment,
+    /// The batch id of the first attempt (retries are named after it).
+    base: String,
+    /// Which repeat (`--repeat N`) this batch is, 1-based.
+    repeat: u32,
     cells: Vec<Cell>,
     attempt: u32,
     reported: HashSet<String>,
@@ -115,7 +121,14 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     let run_id = format!("{}-{}", opts.run_name, std::process::id());
     let agent_bin = std::env::current_exe().context("failed to find the nsmatrix binary")?;
 
-    let mut progress = Progress::new(opts.mode, cells.len());
+    let repeat = opts.repeat.max(1);
+    let ordinals: HashMap<String, usize> = matrix
+        .cells
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.clone(), i))
+        .collect();
+    let mut progress = Progress::new(opts.mode, cells.len() * repeat as usize);
     let mut results: Vec<CellResult> = Vec::new();
     let mut record =
         |r: CellResult, progress: &mut Progress, results: &mut Vec<CellResult>| -> Result<()> {
@@ -208,24 +221,32 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     let mut infos: BTreeMap<String, BatchInfo> = BTreeMap::new();
     let mut stage_started: HashMap<(String, &'static str), Instant> = HashMap::new();
     for (env, cells) in by_env {
-        let batch = env.id.clone();
-        launcher.launch(&batch, &env, &cells);
+        for k in 1..=repeat {
+            let batch = if k == 1 {
+                env.id.clone()
+            } else {
+                format!("{}.repeat{k}", env.id)
+            };
+            launcher.launch(&batch, &env, &cells);
+            states.insert(
+                batch.clone(),
+                BatchState {
+                    env: env.clone(),
+                    base: batch,
+                    repeat: k,
+                    cells: cells.clone(),
+                    attempt: 1,
+                    reported: HashSet::new(),
+                    errors: Vec::new(),
+                },
+            );
+        }
         infos.insert(
             env.id.clone(),
             BatchInfo {
                 environment: env.id.clone(),
                 backend: env.backend.as_str().into(),
                 ..Default::default()
-            },
-        );
-        states.insert(
-            batch,
-            BatchState {
-                env,
-                cells,
-                attempt: 1,
-                reported: HashSet::new(),
-                errors: Vec::new(),
             },
         );
     }
@@ -316,7 +337,8 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
                                 st.errors.push((cell, rec));
                                 continue;
                             }
-                            let r = judge(&cell, &rec, st.attempt);
+                            let mut r = judge(&cell, &rec, st.attempt);
+                            r.repeat = st.repeat;
                             let unexpected =
                                 !r.status.is_ok() && r.status != crate::report::Status::Error;
                             record(r, &mut progress, &mut results)?;
@@ -341,7 +363,9 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
                     if cancel.is_cancelled() {
                         // Whatever did not finish is not reported: the run says it was interrupted.
                         for (cell, rec) in st.errors.drain(..) {
-                            record(judge(&cell, &rec, st.attempt), &mut progress, &mut results)?;
+                            let mut r = judge(&cell, &rec, st.attempt);
+                            r.repeat = st.repeat;
+                            record(r, &mut progress, &mut results)?;
                         }
                         continue;
                     }
@@ -364,7 +388,7 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
                     if st.attempt <= retries {
                         let retry_cells: Vec<Cell> = failed.into_iter().map(|(c, _)| c).collect();
                         let attempt = st.attempt + 1;
-                        let id = format!("{}.retry{}", st.env.id, attempt - 1);
+                        let id = format!("{}.retry{}", st.base, attempt - 1);
                         progress.println(&format!(
                             "nsmatrix: retrying {} cell(s) of {} after ERROR (attempt {attempt})",
                             retry_cells.len(),
@@ -375,6 +399,8 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
                             id,
                             BatchState {
                                 env: st.env,
+                                base: st.base,
+                                repeat: st.repeat,
                                 cells: retry_cells,
                                 attempt,
                                 reported: HashSet::new(),
@@ -384,7 +410,9 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
                         outstanding += 1;
                     } else {
                         for (cell, rec) in failed {
-                            record(judge(&cell, &rec, st.attempt), &mut progress, &mut results)?;
+                            let mut r = judge(&cell, &rec, st.attempt);
+                            r.repeat = st.repeat;
+                            record(r, &mut progress, &mut results)?;
                         }
                     }
                 }
@@ -396,6 +424,13 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
         // Every agent removes its own batch directory; this is the fallback for killed ones.
         let _ = std::fs::remove_dir_all(dir);
     }
+    // One cell per id (repeats folded), in the matrix's order: never the order batches
+    // happened to finish in, so shards merge into exactly an unsharded run's results.
+    for r in &mut results {
+        r.ordinal = ordinals.get(&r.id).copied().unwrap_or(usize::MAX);
+    }
+    let mut results = crate::report::model::fold_repeats(results);
+    results.sort_by(|a, b| a.ordinal.cmp(&b.ordinal).then_with(|| a.id.cmp(&b.id)));
     Ok(RunResults {
         schema_version: SCHEMA_VERSION,
         run_name: opts.run_name.clone(),
@@ -406,6 +441,8 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
         host: crate::agent::environment_facts(),
         batches: infos.into_values().collect(),
         cells: results,
+        shard: None,
+        repeat,
     })
 }
 

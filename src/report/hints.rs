@@ -132,6 +132,10 @@ mod tests {
             stderr_tail: String::new(),
             details: BTreeMap::new(),
             attempts: 1,
+            ordinal: 0,
+            repeat: 1,
+            repeats: Vec::new(),
+            flaky: false,
         }
     }
 

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use quick_junit::{NonSuccessKind, Property, Report, TestCase, TestCaseStatus, TestSuite};
+use quick_junit::{
+    FlakyOrRerun, NonSuccessKind, Property, Report, TestCase, TestCaseStatus, TestRerun, TestSuite,
+};
 
 use super::model::{CellResult, RunResults, Status};
 
@@ -65,11 +67,21 @@ fn testcase(c: &CellResult) -> TestCase {
             s
         }
     };
+    let mut status = status;
+    add_repeats(c, &mut status);
     let mut tc = TestCase::new(name, status);
     tc.set_classname(c.environment.clone());
     tc.set_time(Duration::from_millis(c.duration_ms));
     tc.add_property(Property::new("status", c.status.as_str()));
     tc.add_property(Property::new("observed", c.observed.as_str()));
+    if !c.repeats.is_empty() {
+        tc.add_property(Property::new(
+            "flaky",
+            if c.flaky { "true" } else { "false" },
+        ));
+        let reps: Vec<&str> = c.repeats.iter().map(|r| r.status.as_str()).collect();
+        tc.add_property(Property::new("repeats", reps.join(",")));
+    }
     for (k, v) in &c.axes {
         tc.add_property(Property::new(format!("axis.{k}"), v.as_str()));
     }
@@ -85,6 +97,56 @@ fn testcase(c: &CellResult) -> TestCase {
     tc
 }
 
+/// `--repeat N`: a flaky cell that counts as failed (its worst repeat) carries one
+/// `<flakyFailure>`/`<flakyError>` per failed repeat; a cell that failed every repeat carries
+/// one `<rerunFailure>`/`<rerunError>` per repeat after the first. Passing cells carry none.
+fn add_repeats(c: &CellResult, status: &mut TestCaseStatus) {
+    if c.repeats.len() < 2 || !matches!(status, TestCaseStatus::NonSuccess { .. }) {
+        return;
+    }
+    let kind_of = |s: Status| match s {
+        Status::Error => Some(NonSuccessKind::Error),
+        Status::Fail | Status::Xpass => Some(NonSuccessKind::Failure),
+        _ => None,
+    };
+    let n = c.repeats.len();
+    let runs: Vec<TestRerun> = c
+        .repeats
+        .iter()
+        .filter(|r| c.flaky || r.repeat != c.repeat)
+        .filter_map(|r| {
+            let kind = kind_of(r.status)?;
+            let mut t = TestRerun::new(kind);
+            t.set_message(format!(
+                "repeat {} of {n}: {} {}: {}",
+                r.repeat,
+                r.status.as_str(),
+                r.signature.as_deref().unwrap_or(&r.observed),
+                r.message
+            ));
+            t.set_time(Duration::from_millis(r.duration_ms));
+            Some(t)
+        })
+        .collect();
+    status.set_rerun_kind(if c.flaky {
+        FlakyOrRerun::Flaky
+    } else {
+        FlakyOrRerun::Rerun
+    });
+    status.add_reruns(runs);
+    if c.flaky
+        && let TestCaseStatus::NonSuccess { message, .. } = status
+    {
+        let reps: Vec<&str> = c.repeats.iter().map(|r| r.status.as_str()).collect();
+        let m = format!(
+            "flaky ({}): {}",
+            reps.join(", "),
+            message.as_ref().map(|m| m.as_str()).unwrap_or("")
+        );
+        status.set_message(m);
+    }
+}
+
 fn failure_text(c: &CellResult) -> String {
     let mut s = String::new();
     if let Some(r) = &c.remedy {
@@ -95,4 +157,73 @@ fn failure_text(c: &CellResult) -> String {
         s.push_str(&c.stderr_tail);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::model::{RunResults, SCHEMA_VERSION, fold_repeats, sample_cell};
+
+    fn run_of(cells: Vec<CellResult>) -> RunResults {
+        RunResults {
+            schema_version: SCHEMA_VERSION,
+            run_name: "t".into(),
+            matrix: "m".into(),
+            started: "s".into(),
+            duration_ms: 1,
+            interrupted: None,
+            host: Default::default(),
+            batches: vec![],
+            cells,
+            shard: None,
+            repeat: 3,
+        }
+    }
+
+    #[test]
+    fn flaky_and_rerun_elements() {
+        let rep = |id: &str, k: u32, st: Status, obs: &str| {
+            let mut c = sample_cell(id, st, obs);
+            c.repeat = k;
+            c
+        };
+        let cells = fold_repeats(vec![
+            rep("e/s/core/flaky", 1, Status::Pass, "pass"),
+            rep("e/s/core/flaky", 2, Status::Fail, "userns-denied"),
+            rep("e/s/core/flaky", 3, Status::Pass, "pass"),
+            rep("e/s/core/broken", 1, Status::Fail, "capset-denied"),
+            rep("e/s/core/broken", 2, Status::Fail, "capset-denied"),
+            rep("e/s/core/broken", 3, Status::Fail, "capset-denied"),
+            rep("e/s/core/fine", 1, Status::Pass, "pass"),
+            rep("e/s/core/fine", 2, Status::Pass, "pass"),
+            rep("e/s/core/fine", 3, Status::Pass, "pass"),
+        ]);
+        let xml = render(&run_of(cells));
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let case = |name: &str| {
+            doc.descendants()
+                .find(|n| n.has_tag_name("testcase") && n.attribute("name") == Some(name))
+                .unwrap()
+        };
+        let kids = |name: &str, tag: &str| {
+            case(name)
+                .children()
+                .filter(|n| n.has_tag_name(tag))
+                .count()
+        };
+        assert_eq!(kids("s/core/flaky", "failure"), 1);
+        assert_eq!(kids("s/core/flaky", "flakyFailure"), 1);
+        let msg = case("s/core/flaky")
+            .children()
+            .find(|n| n.has_tag_name("failure"))
+            .unwrap()
+            .attribute("message")
+            .unwrap()
+            .to_string();
+        assert!(msg.starts_with("flaky (PASS, FAIL, PASS)"), "{msg}");
+        assert_eq!(kids("s/core/broken", "failure"), 1);
+        assert_eq!(kids("s/core/broken", "rerunFailure"), 2);
+        assert_eq!(kids("s/core/fine", "failure"), 0);
+        assert_eq!(kids("s/core/fine", "flakyFailure"), 0);
+    }
 }

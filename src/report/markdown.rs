@@ -4,12 +4,29 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use super::diff::Diff;
 use super::model::{CellResult, RunResults, Status};
 
+/// What `report.md` shows beyond the run itself.
+#[derive(Default)]
+pub struct Extras<'a> {
+    /// Changes against a baseline: the first section of the report.
+    pub baseline: Option<&'a Diff>,
+    /// The heat map's file name, next to report.md.
+    pub heatmap: Option<&'a str>,
+}
+
 pub fn render(run: &RunResults) -> String {
+    render_with(run, &Extras::default())
+}
+
+pub fn render_with(run: &RunResults, extras: &Extras) -> String {
     let mut md = String::new();
     let counts = run.counts();
     let _ = writeln!(md, "# nsmatrix run `{}`\n", run.run_name);
+    if let Some(d) = extras.baseline {
+        md.push_str(&d.render_markdown());
+    }
     let _ = writeln!(
         md,
         "Matrix `{}`, started {}, took {:.1} s on kernel `{}`.{}\n",
@@ -44,6 +61,24 @@ pub fn render(run: &RunResults) -> String {
         "Legend: ✅ pass · ✅ˣ expected failure seen (XFAIL) · ❌ FAIL · ❌⁺ passed but expected to fail (XPASS) · ⚠ ERROR (harness) · ⏭ SKIP. \
          A grid cell counts the scenarios of the set; its signature is the most common one.\n"
     );
+    if let Some(shard) = &run.shard {
+        let _ = writeln!(
+            md,
+            "This is shard {}/{} of the matrix; `nsmatrix merge` combines the shards.\n",
+            shard.index, shard.count
+        );
+    }
+    if let Some(file) = extras.heatmap {
+        let _ = writeln!(
+            md,
+            "![heat map: environments × subjects, coloured by the worst status of their cells{}]({file})\n",
+            if extras.baseline.is_some() {
+                "; outlined where something changed against the baseline"
+            } else {
+                ""
+            }
+        );
+    }
 
     let mut sets: Vec<&str> = Vec::new();
     for c in &run.cells {
@@ -119,6 +154,32 @@ pub fn render(run: &RunResults) -> String {
             }
             md.push('\n');
         }
+    }
+
+    let flaky: Vec<&CellResult> = run.cells.iter().filter(|c| c.flaky).collect();
+    if !flaky.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Flaky cells ({}): the status differed across {} repeats\n",
+            flaky.len(),
+            run.repeat
+        );
+        let _ = writeln!(
+            md,
+            "Each counts with its worst repeat in the totals above.\n\n| cell | repeats |\n|---|---|"
+        );
+        for c in flaky {
+            let reps: Vec<String> = c
+                .repeats
+                .iter()
+                .map(|r| match &r.signature {
+                    Some(s) => format!("{} `{s}`", r.status.as_str()),
+                    None => r.status.as_str().to_string(),
+                })
+                .collect();
+            let _ = writeln!(md, "| `{}` | {} |", c.id, reps.join(" · "));
+        }
+        md.push('\n');
     }
 
     let mut xfail: BTreeMap<&str, Vec<&CellResult>> = BTreeMap::new();

@@ -1,9 +1,14 @@
 //! Reports: one result model, many renderers (JUnit, Markdown, JSON), written together.
 
+pub mod diff;
+pub mod heatmap;
 pub mod hints;
 pub mod junit;
+pub mod load;
 pub mod markdown;
+pub mod merge;
 pub mod model;
+pub mod signoff;
 
 use std::path::Path;
 
@@ -11,8 +16,14 @@ use anyhow::{Context, Result};
 
 pub use model::{CellResult, RunResults, Status};
 
-/// Write `results.json`, `junit.xml` and `report.md` into `dir`.
+/// Write `results.json`, `junit.xml`, `report.md` and `heatmap.svg` into `dir`.
 pub fn write_all(run: &RunResults, dir: &Path) -> Result<()> {
+    write_all_with(run, dir, None)
+}
+
+/// [`write_all`], with the changes against a baseline (`diff.md`, `diff.json`, the top of
+/// `report.md`, the heat map's marks) when one is given.
+pub fn write_all_with(run: &RunResults, dir: &Path, baseline: Option<&diff::Diff>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let w = |name: &str, text: String| {
         let p = dir.join(name);
@@ -23,7 +34,25 @@ pub fn write_all(run: &RunResults, dir: &Path) -> Result<()> {
         serde_json::to_string_pretty(run).expect("results serialise") + "\n",
     )?;
     w("junit.xml", junit::render(run))?;
-    w("report.md", markdown::render(run))?;
+    let changed = baseline.map(|d| d.changed_groups()).unwrap_or_default();
+    w(heatmap::FILE_NAME, heatmap::render(run, &changed))?;
+    if let Some(d) = baseline {
+        w("diff.md", d.render_markdown())?;
+        w(
+            "diff.json",
+            serde_json::to_string_pretty(d).expect("diff serialises") + "\n",
+        )?;
+    }
+    w(
+        "report.md",
+        markdown::render_with(
+            run,
+            &markdown::Extras {
+                baseline,
+                heatmap: Some(heatmap::FILE_NAME),
+            },
+        ),
+    )?;
     Ok(())
 }
 

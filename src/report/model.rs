@@ -89,6 +89,101 @@ pub struct CellResult {
     pub details: BTreeMap<String, String>,
     /// 1 for the first try; more when an ERROR was retried.
     pub attempts: u32,
+    /// Position of the cell in the expanded matrix: reports, shards and merges sort by it, so
+    /// their order never depends on which batch finished first. 0 in files written before it.
+    #[serde(default)]
+    pub ordinal: usize,
+    /// With `run --repeat N`: which repeat this record is (1-based); the folded cell in
+    /// `results.json` carries its worst repeat here and every repeat in `repeats`.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub repeat: u32,
+    /// With `run --repeat N` (N > 1): every repeat of the cell, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repeats: Vec<RepeatRecord>,
+    /// The status differed across repeats. Such a cell keeps its worst status, so it is never
+    /// hidden by a lucky repeat.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flaky: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+/// One repeat of a cell (`run --repeat N`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RepeatRecord {
+    pub repeat: u32,
+    pub status: Status,
+    pub observed: String,
+    pub signature: Option<String>,
+    pub message: String,
+    pub duration_ms: u64,
+}
+
+impl Status {
+    /// How bad a status is, for picking the representative of repeats: unexpected results
+    /// first, then harness errors, then the rest.
+    pub fn severity(self) -> u8 {
+        match self {
+            Status::Fail | Status::Xpass => 3,
+            Status::Error => 2,
+            Status::Xfail | Status::Pass => 1,
+            Status::Skip => 0,
+        }
+    }
+}
+
+/// Fold the records of `--repeat N` into one cell per id (in first-seen order): the worst
+/// repeat represents the cell, every repeat is kept, and a cell whose status differed across
+/// repeats is marked flaky.
+pub fn fold_repeats(records: Vec<CellResult>) -> Vec<CellResult> {
+    let mut order: Vec<String> = Vec::new();
+    let mut by_id: BTreeMap<String, Vec<CellResult>> = BTreeMap::new();
+    for r in records {
+        if !by_id.contains_key(&r.id) {
+            order.push(r.id.clone());
+        }
+        by_id.entry(r.id.clone()).or_default().push(r);
+    }
+    let mut out = Vec::with_capacity(order.len());
+    for id in order {
+        let mut reps = by_id.remove(&id).unwrap_or_default();
+        if reps.len() == 1 && reps[0].repeat == 1 {
+            out.extend(reps);
+            continue;
+        }
+        reps.sort_by_key(|r| r.repeat);
+        let records: Vec<RepeatRecord> = reps
+            .iter()
+            .map(|r| RepeatRecord {
+                repeat: r.repeat,
+                status: r.status,
+                observed: r.observed.clone(),
+                signature: r.signature.clone(),
+                message: r.message.clone(),
+                duration_ms: r.duration_ms,
+            })
+            .collect();
+        let flaky = records.iter().any(|r| r.status != records[0].status);
+        // The worst repeat; among equals, the first.
+        let worst = reps
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, r)| (r.status.severity(), std::cmp::Reverse(*i)))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let mut cell = reps.swap_remove(worst);
+        cell.repeats = records;
+        cell.flaky = flaky;
+        out.push(cell);
+    }
+    out
 }
 
 /// Judge an agent's record of a cell against the cell's expectation.
@@ -156,6 +251,10 @@ pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
         stderr_tail: rec.stderr_tail.clone(),
         details: rec.details.clone(),
         attempts,
+        ordinal: 0,
+        repeat: 1,
+        repeats: Vec::new(),
+        flaky: false,
     }
 }
 
@@ -198,6 +297,22 @@ pub struct RunResults {
     pub host: BTreeMap<String, String>,
     pub batches: Vec<BatchInfo>,
     pub cells: Vec<CellResult>,
+    /// `run --shard K/N`: which part of the matrix this run holds (`merge` checks them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardInfo>,
+    /// `run --repeat N`: how often every cell ran (1 when absent).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub repeat: u32,
+}
+
+/// Which shard of how many a run was, and which environments (batches) it held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ShardInfo {
+    pub index: u32,
+    pub count: u32,
+    /// Cells of the whole (filtered) matrix, across all shards: merge checks it got them all.
+    pub total_cells: usize,
 }
 
 impl RunResults {
@@ -214,10 +329,78 @@ impl RunResults {
     }
 }
 
+/// A cell result for unit tests of pure functions.
+#[cfg(test)]
+pub(crate) fn sample_cell(id: &str, status: Status, observed: &str) -> CellResult {
+    let (env, rest) = id.split_once('/').unwrap_or((id, "s"));
+    let subject = rest.split('/').next().unwrap_or("s");
+    CellResult {
+        id: id.into(),
+        environment: env.into(),
+        backend: "host".into(),
+        subject: subject.into(),
+        scenario_set: "core".into(),
+        scenario: id.rsplit('/').next().unwrap_or("a").into(),
+        axes: BTreeMap::new(),
+        status,
+        expected: Expectation::Pass,
+        observed: observed.into(),
+        signature: (observed != "pass" && observed != "error").then(|| observed.to_string()),
+        message: String::new(),
+        remedy: None,
+        exit_code: None,
+        duration_ms: 10,
+        stdout_tail: String::new(),
+        stderr_tail: String::new(),
+        details: BTreeMap::new(),
+        attempts: 1,
+        ordinal: 0,
+        repeat: 1,
+        repeats: Vec::new(),
+        flaky: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::exit;
+
+    #[test]
+    fn fold_keeps_every_repeat_and_the_worst_status() {
+        let rep = |k: u32, st: Status, obs: &str| {
+            let mut c = sample_cell("e/s/core/a", st, obs);
+            c.repeat = k;
+            c
+        };
+        let steady = |k: u32| {
+            let mut c = sample_cell("e/s/core/b", Status::Pass, "pass");
+            c.repeat = k;
+            c
+        };
+        let folded = fold_repeats(vec![
+            rep(1, Status::Pass, "pass"),
+            steady(1),
+            rep(2, Status::Fail, "userns-denied"),
+            steady(2),
+            rep(3, Status::Pass, "pass"),
+        ]);
+        assert_eq!(folded.len(), 2);
+        let a = &folded[0];
+        assert_eq!(a.id, "e/s/core/a");
+        assert!(a.flaky);
+        assert_eq!((a.status, a.repeat), (Status::Fail, 2));
+        assert_eq!(
+            a.repeats.iter().map(|r| r.status).collect::<Vec<_>>(),
+            vec![Status::Pass, Status::Fail, Status::Pass]
+        );
+        let b = &folded[1];
+        assert!(!b.flaky);
+        assert_eq!((b.status, b.repeats.len()), (Status::Pass, 2));
+        // A single run is left as it is.
+        let one = fold_repeats(vec![sample_cell("x/y/core/z", Status::Pass, "pass")]);
+        assert!(one[0].repeats.is_empty());
+    }
 
     #[test]
     fn exit_code_table() {
