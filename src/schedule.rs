@@ -252,6 +252,10 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     }
     let mut outstanding = states.len();
     let mut interrupted: Option<String> = None;
+    // One listener each for the whole run: a signal that arrives while the dispatcher is busy
+    // with a message is kept for the next turn (a listener made per turn would miss it).
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("failed to listen for SIGINT")?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("failed to listen for SIGTERM")?;
     let mut ctrl_c_count = 0;
@@ -262,7 +266,7 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
         let msg = tokio::select! {
             ev = brx.recv() => match ev { Some(ev) => Msg::Backend(ev), None => continue },
             m = rx.recv() => match m { Some(m) => m, None => break },
-            _ = tokio::signal::ctrl_c() => {
+            _ = sigint.recv() => {
                 ctrl_c_count += 1;
                 if ctrl_c_count == 1 {
                     progress.println("nsmatrix: interrupted; stopping running batches and cleaning up (Ctrl-C again to stop waiting)");
