@@ -161,16 +161,12 @@ pub fn run(a: RunArgs) -> u8 {
         eprintln!("nsmatrix: {e:#}");
         return exit::ERRORS;
     }
-    let counts = results.counts();
-    let summary: Vec<String> = crate::report::Status::ALL
-        .iter()
-        .map(|s| format!("{} {}", counts.get(s).copied().unwrap_or(0), s.as_str()))
-        .collect();
+    let summary = results.summary_line();
     println!(
         "nsmatrix: {} cells in {:.1} s: {}",
         results.cells.len(),
         results.duration_ms as f64 / 1000.0,
-        summary.join(", ")
+        summary
     );
     println!(
         "nsmatrix: reports in {}/ (report.md, heatmap.svg, junit.xml, results.json, results.jsonl, logs/)",
@@ -590,16 +586,12 @@ pub fn merge(a: MergeArgs) -> u8 {
         eprintln!("nsmatrix merge: {e:#}");
         return exit::ERRORS;
     }
-    let counts = merged.counts();
-    let summary: Vec<String> = crate::report::Status::ALL
-        .iter()
-        .map(|s| format!("{} {}", counts.get(s).copied().unwrap_or(0), s.as_str()))
-        .collect();
+    let summary = merged.summary_line();
     println!(
         "nsmatrix merge: {} runs, {} cells: {}; reports in {}/",
         a.runs.len(),
         merged.cells.len(),
-        summary.join(", "),
+        summary,
         a.out.display()
     );
     merged.exit_code()

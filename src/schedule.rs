@@ -451,15 +451,7 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
 }
 
 fn not_run_record(cell: &Cell, outcome: Outcome) -> CellRecord {
-    CellRecord {
-        id: cell.id.clone(),
-        outcome,
-        exit_code: None,
-        duration_ms: 0,
-        stdout_tail: String::new(),
-        stderr_tail: String::new(),
-        details: BTreeMap::new(),
-    }
+    CellRecord::outcome_only(&cell.id, outcome)
 }
 
 /// Starts batch tasks; each waits for its share of the concurrency budget.

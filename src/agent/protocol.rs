@@ -162,6 +162,21 @@ pub struct CellRecord {
     pub details: BTreeMap<String, String>,
 }
 
+impl CellRecord {
+    /// A record with an outcome and nothing measured (a skip, an error before the sandbox ran).
+    pub fn outcome_only(id: &str, outcome: Outcome) -> Self {
+        CellRecord {
+            id: id.to_string(),
+            outcome,
+            exit_code: None,
+            duration_ms: 0,
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
+            details: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Outcome {

@@ -219,15 +219,7 @@ pub(super) struct CellCtx<'a> {
 }
 
 pub(super) fn record(cell: &CellSpec, outcome: Outcome) -> CellRecord {
-    CellRecord {
-        id: cell.id.clone(),
-        outcome,
-        exit_code: None,
-        duration_ms: 0,
-        stdout_tail: String::new(),
-        stderr_tail: String::new(),
-        details: BTreeMap::new(),
-    }
+    CellRecord::outcome_only(&cell.id, outcome)
 }
 
 fn error(cell: &CellSpec, stage: &str, e: impl std::fmt::Display) -> CellRecord {

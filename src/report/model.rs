@@ -260,15 +260,7 @@ pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
 
 /// A cell that did not run: its record says why.
 pub fn not_run(cell: &Cell, outcome: Outcome, attempts: u32) -> CellResult {
-    let rec = CellRecord {
-        id: cell.id.clone(),
-        outcome,
-        exit_code: None,
-        duration_ms: 0,
-        stdout_tail: String::new(),
-        stderr_tail: String::new(),
-        details: BTreeMap::new(),
-    };
+    let rec = CellRecord::outcome_only(&cell.id, outcome);
     judge(cell, &rec, attempts)
 }
 
@@ -322,6 +314,16 @@ impl RunResults {
             *c.entry(cell.status).or_default() += 1;
         }
         c
+    }
+
+    /// `12 PASS, 0 FAIL, 3 XFAIL, 0 XPASS, 0 ERROR, 1 SKIP`.
+    pub fn summary_line(&self) -> String {
+        let counts = self.counts();
+        Status::ALL
+            .iter()
+            .map(|s| format!("{} {}", counts.get(s).copied().unwrap_or(0), s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub fn exit_code(&self) -> u8 {
