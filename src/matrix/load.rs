@@ -12,7 +12,7 @@ use toml::Spanned;
 use super::diag::{Diagnostic, MatrixError};
 use super::model::*;
 use super::raw::*;
-use crate::agent::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
+use super::select::selector_matches;
 use crate::sandbox::{restrict, signature};
 
 /// Axis values with where each was written.
@@ -67,18 +67,18 @@ pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
     }
 }
 
-struct Validator<'a> {
-    diags: Vec<Diagnostic>,
-    raw: &'a RawMatrix,
-    base: PathBuf,
+pub(super) struct Validator<'a> {
+    pub(super) diags: Vec<Diagnostic>,
+    pub(super) raw: &'a RawMatrix,
+    pub(super) base: PathBuf,
 }
 
-fn span<T>(s: &Spanned<T>) -> Option<Range<usize>> {
+pub(super) fn span<T>(s: &Spanned<T>) -> Option<Range<usize>> {
     Some(s.span())
 }
 
 /// Scalar → its text; arrays are handled by [`Validator::values`].
-fn scalar_text(v: &toml::Value) -> Option<String> {
+pub(super) fn scalar_text(v: &toml::Value) -> Option<String> {
     match v {
         toml::Value::String(s) => Some(s.clone()),
         toml::Value::Integer(i) => Some(i.to_string()),
@@ -105,13 +105,13 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (secs > 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
-const HOST_AXES: &[&str] = &["profile", "uid"];
+pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
 /// A docker environment's `sysctl` names host values it needs (Docker cannot set `user.*` per
 /// container): its cells run only where the host has them, else SKIP.
-const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
-const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
-const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
-const CODEX_AXES: &[&str] = &["version"];
+pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
+pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
+pub(super) const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
+pub(super) const CODEX_AXES: &[&str] = &["version"];
 /// Axes every cell has besides its environment's and subject's.
 const CELL_AXES: &[&str] = &[
     "id",
@@ -123,7 +123,7 @@ const CELL_AXES: &[&str] = &[
     "scenario",
 ];
 
-fn all_axes() -> BTreeSet<&'static str> {
+pub(super) fn all_axes() -> BTreeSet<&'static str> {
     [
         HOST_AXES,
         DOCKER_AXES,
@@ -138,7 +138,7 @@ fn all_axes() -> BTreeSet<&'static str> {
 }
 
 impl Validator<'_> {
-    fn err(
+    pub(super) fn err(
         &mut self,
         code: &'static str,
         span: Option<Range<usize>>,
@@ -149,7 +149,7 @@ impl Validator<'_> {
     }
 
     /// A scalar or an array of scalars → values with their spans.
-    fn values(&mut self, key: &str, v: &SValue) -> Vec<(String, Option<Range<usize>>)> {
+    pub(super) fn values(&mut self, key: &str, v: &SValue) -> Vec<(String, Option<Range<usize>>)> {
         let out: Vec<_> = match v.get_ref() {
             toml::Value::Array(items) => items
                 .iter()
@@ -210,7 +210,7 @@ impl Validator<'_> {
         }
     }
 
-    fn settings(&mut self) -> Settings {
+    pub(super) fn settings(&mut self) -> Settings {
         let mut s = Settings::default();
         let Some(r) = &self.raw.settings else {
             return s;
@@ -415,7 +415,7 @@ impl Validator<'_> {
     }
 
     /// Cartesian product of the given axes, then the entry's exclude and include.
-    fn expand(
+    pub(super) fn expand(
         &mut self,
         what: &str,
         axes: Vec<(&'static str, Values)>,
@@ -499,438 +499,6 @@ impl Validator<'_> {
             }
         }
         combos
-    }
-
-    fn environment(
-        &mut self,
-        e: &Spanned<RawEnvironment>,
-        profiles: &BTreeMap<String, (Profile, Range<usize>)>,
-        sysctl_sets: &BTreeMap<String, BTreeMap<String, String>>,
-    ) -> Vec<Environment> {
-        let r = e.get_ref();
-        let name = r.name.get_ref().clone();
-        let backend = match r.backend.get_ref().as_str() {
-            "host" => BackendKind::Host,
-            "docker" => BackendKind::Docker,
-            "qemu" => BackendKind::Qemu,
-            other => {
-                self.err(
-                    "bad-value",
-                    span(&r.backend),
-                    format!("unknown backend `{other}`"),
-                )
-                .help("use host, docker or qemu");
-                return Vec::new();
-            }
-        };
-        let allowed = match backend {
-            BackendKind::Host => HOST_AXES,
-            BackendKind::Docker => DOCKER_AXES,
-            BackendKind::Qemu => QEMU_AXES,
-        };
-        let given: [(&'static str, &Option<SValue>); 6] = [
-            ("profile", &r.profile),
-            ("uid", &r.uid),
-            ("image", &r.image),
-            ("read-only", &r.read_only),
-            ("kernel", &r.kernel),
-            ("sysctl", &r.sysctl),
-        ];
-        let mut axes = Vec::new();
-        for (k, v) in given {
-            match (v, allowed.contains(&k)) {
-                (Some(v), false) => {
-                    self.err(
-                        "unknown-axis",
-                        span(v),
-                        format!("a {} environment has no axis `{k}`", backend.as_str()),
-                    )
-                    .help(format!("its axes are: {}", allowed.join(", ")));
-                }
-                (Some(v), true) => {
-                    let vals = self.values(k, v);
-                    axes.push((k, vals));
-                }
-                (None, true) => {
-                    let default = match k {
-                        "uid" => Some("1000"),
-                        "read-only" => Some("false"),
-                        "sysctl" => Some("default"),
-                        "profile" if backend == BackendKind::Docker => Some("default"),
-                        "profile" => Some("none"),
-                        // A guest runs the root filesystem its kernel's catalog entry names.
-                        "image" if backend == BackendKind::Qemu => Some("kernel-default"),
-                        _ => None,
-                    };
-                    match default {
-                        Some(d) => axes.push((k, vec![(d.to_string(), None)])),
-                        None => {
-                            self.err(
-                                "missing-axis",
-                                span(&r.name),
-                                format!("environment `{name}` ({}) needs `{k}`", backend.as_str()),
-                            );
-                        }
-                    }
-                }
-                (None, false) => {}
-            }
-        }
-        if axes.len() != allowed.len() {
-            return Vec::new();
-        }
-        let combos = self.expand(
-            &format!("environment `{name}`"),
-            axes,
-            &r.exclude,
-            &r.include,
-        );
-        if combos.is_empty() {
-            self.err(
-                "empty-product",
-                span(e),
-                format!("environment `{name}` expands to nothing (everything excluded)"),
-            );
-        }
-        let varying = varying_axes(&combos);
-        let mut out = Vec::new();
-        for c in combos {
-            let val = |k: &str| c.get(k).map(|v| v.0.clone()).unwrap_or_default();
-            let sp = |k: &str| c.get(k).and_then(|v| v.1.clone());
-            let uid = match val("uid").parse::<u32>() {
-                Ok(u) => u,
-                Err(_) => {
-                    self.err(
-                        "bad-axis-value",
-                        sp("uid"),
-                        format!("uid `{}` is not a number", val("uid")),
-                    );
-                    continue;
-                }
-            };
-            let read_only = match val("read-only").as_str() {
-                "true" => true,
-                "false" | "" => false,
-                other => {
-                    self.err(
-                        "bad-axis-value",
-                        sp("read-only"),
-                        format!("read-only `{other}` is not true or false"),
-                    );
-                    false
-                }
-            };
-            let profile = if allowed.contains(&"profile") {
-                let pname = val("profile");
-                match profiles.get(&pname) {
-                    Some((p, _)) => {
-                        self.check_profile_for(backend, p, sp("profile"));
-                        Some(p.clone())
-                    }
-                    None if pname == "none" && backend == BackendKind::Host => Some(Profile {
-                        name: "none".into(),
-                        ..Default::default()
-                    }),
-                    None if pname == "default" && backend == BackendKind::Docker => Some(Profile {
-                        name: "default".into(),
-                        ..Default::default()
-                    }),
-                    None => {
-                        self.err(
-                            "bad-axis-value",
-                            sp("profile"),
-                            format!("no profile named `{pname}`"),
-                        )
-                        .help(format!(
-                            "define [profile.{pname}] or use one of: {}",
-                            profiles.keys().cloned().collect::<Vec<_>>().join(", ")
-                        ));
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let image = allowed
-                .contains(&"image")
-                .then(|| val("image"))
-                .filter(|i| i != "kernel-default");
-            if let Some(img) = &image
-                && backend == BackendKind::Docker
-                && !self.raw.image.contains_key(img)
-            {
-                self.err(
-                    "bad-axis-value",
-                    sp("image"),
-                    format!("no image named `{img}`"),
-                )
-                .help(format!("define [image.{img}] with a recipe or a reference"));
-            }
-            let image_source = match (backend, &image) {
-                (BackendKind::Docker | BackendKind::Qemu, Some(img)) => {
-                    match self.raw.image.get(img).map(|i| i.get_ref()) {
-                        Some(RawImage {
-                            reference: Some(r),
-                            recipe: None,
-                            ..
-                        }) => Some(ImageSource::Reference(r.clone())),
-                        Some(RawImage {
-                            recipe: Some(r),
-                            reference: None,
-                            ..
-                        }) => Some(ImageSource::Recipe(r.clone())),
-                        Some(_) => {
-                            self.err(
-                                "bad-image",
-                                sp("image"),
-                                format!(
-                                    "image `{img}` needs exactly one of `recipe` or `reference`"
-                                ),
-                            );
-                            None
-                        }
-                        // QEMU images may name a root filesystem recipe directly.
-                        None => {
-                            (backend == BackendKind::Qemu).then(|| ImageSource::Recipe(img.clone()))
-                        }
-                    }
-                }
-                _ => None,
-            };
-            let (sysctl_set, sysctls) = if allowed.contains(&"sysctl") {
-                let s = val("sysctl");
-                match sysctl_sets.get(&s) {
-                    Some(v) => (Some(s), v.clone()),
-                    None => {
-                        self.err(
-                            "bad-axis-value",
-                            sp("sysctl"),
-                            format!("no sysctl set named `{s}`"),
-                        )
-                        .help(format!("define [sysctl-set.{s}]"));
-                        (None, BTreeMap::new())
-                    }
-                }
-            } else {
-                (None, BTreeMap::new())
-            };
-            let mut id = name.clone();
-            for k in allowed {
-                if varying.contains(*k) {
-                    id.push('-');
-                    id.push_str(&axis_label(k, &val(k)));
-                }
-            }
-            let mut axes: BTreeMap<String, String> =
-                c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
-            axes.insert("backend".into(), backend.as_str().into());
-            axes.insert("environment".into(), name.clone());
-            out.push(Environment {
-                id,
-                name: name.clone(),
-                backend,
-                axes,
-                uid,
-                profile,
-                image,
-                image_source,
-                read_only,
-                kernel: allowed.contains(&"kernel").then(|| val("kernel")),
-                sysctl_set,
-                sysctls,
-            });
-        }
-        out
-    }
-
-    fn check_profile_for(&mut self, backend: BackendKind, p: &Profile, sp: Option<Range<usize>>) {
-        match backend {
-            BackendKind::Host => {
-                let docker_only = !p.cap_add.is_empty()
-                    || !p.cap_drop.is_empty()
-                    || p.privileged
-                    || p.systempaths_unconfined
-                    || !p.security_opt.is_empty()
-                    || p.seccomp
-                        .as_deref()
-                        .is_some_and(|s| s != "none" && s != "deny-userns");
-                if docker_only {
-                    self.err("profile-backend", sp.clone(), format!("profile `{}` uses settings only a docker environment has", p.name))
-                        .help("a host profile may set seccomp = \"deny-userns\", no-new-privileges, bounding-set, userns-limit");
-                }
-                if p.seccomp.as_deref() == Some("deny-userns") && p.userns_limit.is_some() {
-                    self.err(
-                        "profile-backend",
-                        sp,
-                        format!(
-                            "profile `{}`: seccomp deny-userns and userns-limit cannot combine",
-                            p.name
-                        ),
-                    );
-                }
-            }
-            BackendKind::Docker => {
-                if p.bounding_set.is_some()
-                    || p.userns_limit.is_some()
-                    || p.seccomp.as_deref() == Some("deny-userns")
-                {
-                    self.err("profile-backend", sp, format!("profile `{}` uses settings only the host backend has", p.name))
-                        .help("a docker profile uses seccomp (default/unconfined/file.json), cap-add, cap-drop, no-new-privileges, privileged, systempaths-unconfined, security-opt");
-                }
-            }
-            BackendKind::Qemu => {}
-        }
-    }
-
-    fn subject(&mut self, s: &Spanned<RawSubject>) -> Vec<Subject> {
-        let r = s.get_ref();
-        let name = r.name.get_ref().clone();
-        let kind = r.kind.get_ref().as_str();
-        let allowed = match kind {
-            "bwrap" => BWRAP_AXES,
-            "codex" => CODEX_AXES,
-            other => {
-                self.err(
-                    "bad-value",
-                    span(&r.kind),
-                    format!("unknown subject kind `{other}`"),
-                )
-                .help("use bwrap or codex");
-                return Vec::new();
-            }
-        };
-        let given: [(&'static str, &Option<SValue>); 4] = [
-            ("build", &r.build),
-            ("setuid", &r.setuid),
-            ("argv", &r.argv),
-            ("version", &r.version),
-        ];
-        let mut axes = Vec::new();
-        for (k, v) in given {
-            match (v, allowed.contains(&k)) {
-                (Some(v), false) => {
-                    self.err(
-                        "unknown-axis",
-                        span(v),
-                        format!("a {kind} subject has no axis `{k}`"),
-                    )
-                    .help(format!("its axes are: {}", allowed.join(", ")));
-                }
-                (Some(v), true) => {
-                    let vals = self.values(k, v);
-                    axes.push((k, vals));
-                }
-                (None, true) => {
-                    let d = match k {
-                        "build" => Some("system"),
-                        "setuid" => Some("as-is"),
-                        "argv" => Some("codex"),
-                        _ => None,
-                    };
-                    match d {
-                        Some(d) => axes.push((k, vec![(d.to_string(), None)])),
-                        None => {
-                            self.err(
-                                "missing-axis",
-                                span(&r.name),
-                                format!("subject `{name}` ({kind}) needs `{k}`"),
-                            );
-                        }
-                    }
-                }
-                (None, false) => {}
-            }
-        }
-        if axes.len() != allowed.len() {
-            return Vec::new();
-        }
-        let combos = self.expand(&format!("subject `{name}`"), axes, &r.exclude, &r.include);
-        if combos.is_empty() {
-            self.err(
-                "empty-product",
-                span(s),
-                format!("subject `{name}` expands to nothing"),
-            );
-        }
-        let mut out = Vec::new();
-        for c in combos {
-            let val = |k: &str| c.get(k).map(|v| v.0.clone()).unwrap_or_default();
-            let sp = |k: &str| c.get(k).and_then(|v| v.1.clone());
-            let (id, spec) = if kind == "bwrap" {
-                let build = val("build");
-                if build != "system" && !build.starts_with('/') {
-                    self.err(
-                        "bad-axis-value",
-                        sp("build"),
-                        format!("build `{build}` is neither `system` nor an absolute path"),
-                    );
-                }
-                let setuid = match val("setuid").as_str() {
-                    "true" => SetuidMode::Force,
-                    "false" => SetuidMode::Never,
-                    "as-is" => SetuidMode::AsIs,
-                    other => {
-                        self.err(
-                            "bad-axis-value",
-                            sp("setuid"),
-                            format!("setuid `{other}` is not true, false or \"as-is\""),
-                        );
-                        SetuidMode::AsIs
-                    }
-                };
-                let argv = match val("argv").as_str() {
-                    "codex" => ArgvProfile::Codex,
-                    "codex-legacy" => ArgvProfile::CodexLegacy,
-                    other => {
-                        self.err(
-                            "bad-axis-value",
-                            sp("argv"),
-                            format!("argv profile `{other}` is unknown"),
-                        )
-                        .help("use codex or codex-legacy");
-                        ArgvProfile::Codex
-                    }
-                };
-                let build_label = if build == "system" {
-                    build.clone()
-                } else {
-                    sanitize(&build)
-                };
-                let suid = match setuid {
-                    SetuidMode::Force => "+setuid",
-                    SetuidMode::Never => "",
-                    SetuidMode::AsIs => "+as-is",
-                };
-                (
-                    format!("{name}-{build_label}{suid}+{}", argv.as_str()),
-                    SubjectSpec::Bwrap {
-                        build,
-                        setuid,
-                        argv,
-                    },
-                )
-            } else {
-                let version = val("version");
-                (
-                    format!("{name}-{version}"),
-                    SubjectSpec::Codex {
-                        version,
-                        codex_bin: PathBuf::new(),
-                    },
-                )
-            };
-            let mut axes: BTreeMap<String, String> =
-                c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
-            axes.insert("subject".into(), name.clone());
-            axes.insert("kind".into(), kind.into());
-            out.push(Subject {
-                id,
-                name: name.clone(),
-                axes,
-                spec,
-            });
-        }
-        out
     }
 
     fn cells(
@@ -1077,7 +645,7 @@ impl Validator<'_> {
 }
 
 /// Axes whose value differs between combinations: they go into ids.
-fn varying_axes(combos: &[Combo]) -> BTreeSet<String> {
+pub(super) fn varying_axes(combos: &[Combo]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     if let Some(first) = combos.first() {
         for k in first.keys() {
@@ -1092,7 +660,7 @@ fn varying_axes(combos: &[Combo]) -> BTreeSet<String> {
     out
 }
 
-fn axis_label(k: &str, v: &str) -> String {
+pub(super) fn axis_label(k: &str, v: &str) -> String {
     match k {
         "uid" => format!("uid{v}"),
         "read-only" => {
@@ -1106,74 +674,8 @@ fn axis_label(k: &str, v: &str) -> String {
     }
 }
 
-fn sanitize(s: &str) -> String {
+pub(super) fn sanitize(s: &str) -> String {
     s.trim_matches('/').replace(['/', ' ', ':'], "_")
-}
-
-/// All keys of the selector match (values may be globs).
-pub fn selector_matches(sel: &Selector, get: &dyn Fn(&str) -> Option<String>) -> bool {
-    sel.iter().all(|(k, v)| {
-        let Some(have) = get(k) else { return false };
-        let want = scalar_text(v.get_ref()).unwrap_or_default();
-        glob_eq(&want, &have)
-    })
-}
-
-fn glob_eq(pattern: &str, value: &str) -> bool {
-    if pattern == value {
-        return true;
-    }
-    if pattern.contains(['*', '?', '[', '{']) {
-        return Glob::new(pattern)
-            .map(|g| g.compile_matcher().is_match(value))
-            .unwrap_or(false);
-    }
-    false
-}
-
-/// `--filter` expressions: `axis=value` (value may be a glob) or an id glob. All must match.
-#[derive(Debug, Clone)]
-pub struct Filter {
-    exprs: Vec<(Option<String>, String)>,
-}
-
-impl Filter {
-    pub fn parse(exprs: &[String]) -> Result<Filter, String> {
-        let known = all_axes();
-        let mut out = Vec::new();
-        for e in exprs {
-            match e.split_once('=') {
-                Some((k, v)) => {
-                    let k = k.trim();
-                    if !known.contains(k) {
-                        return Err(format!(
-                            "--filter {e}: no axis `{k}` (axes: {})",
-                            known.iter().copied().collect::<Vec<_>>().join(", ")
-                        ));
-                    }
-                    out.push((Some(k.to_string()), v.trim().to_string()));
-                }
-                None => {
-                    Glob::new(e).map_err(|err| format!("--filter {e}: {err}"))?;
-                    out.push((None, e.clone()));
-                }
-            }
-        }
-        Ok(Filter { exprs: out })
-    }
-
-    pub fn matches(&self, cell: &Cell) -> bool {
-        self.exprs.iter().all(|(k, v)| match k {
-            None => {
-                glob_eq(v, &cell.id)
-                    || Glob::new(v)
-                        .map(|g| g.compile_matcher().is_match(&cell.id))
-                        .unwrap_or(false)
-            }
-            Some(k) if k == "id" => glob_eq(v, &cell.id),
-            Some(k) => cell.axes.get(k).is_some_and(|have| glob_eq(v, have)),
-        })
-    }
 }
 
 #[cfg(test)]

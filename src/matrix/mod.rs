@@ -1,9 +1,12 @@
 //! `matrix.toml`: its model, validation with file:line:col errors, expansion into cells.
 
+mod axes;
 pub mod diag;
 mod load;
 pub mod model;
 mod raw;
+mod select;
 
 pub use diag::{Diagnostic, MatrixError};
-pub use load::{Filter, load, load_str, parse_duration, selector_matches};
+pub use load::{load, load_str, parse_duration};
+pub use select::{Filter, selector_matches};

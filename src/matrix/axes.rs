@@ -1,0 +1,455 @@
+//! The environment and subject entries of `matrix.toml`: their axes per backend or kind,
+//! defaults, validation of each value, and the ids they give cells.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use toml::Spanned;
+
+use super::load::{
+    BWRAP_AXES, CODEX_AXES, DOCKER_AXES, HOST_AXES, QEMU_AXES, Validator, axis_label, sanitize,
+    span, varying_axes,
+};
+use super::model::*;
+use super::raw::*;
+use crate::agent::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
+
+impl Validator<'_> {
+    pub(super) fn environment(
+        &mut self,
+        e: &Spanned<RawEnvironment>,
+        profiles: &BTreeMap<String, (Profile, Range<usize>)>,
+        sysctl_sets: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Vec<Environment> {
+        let r = e.get_ref();
+        let name = r.name.get_ref().clone();
+        let backend = match r.backend.get_ref().as_str() {
+            "host" => BackendKind::Host,
+            "docker" => BackendKind::Docker,
+            "qemu" => BackendKind::Qemu,
+            other => {
+                self.err(
+                    "bad-value",
+                    span(&r.backend),
+                    format!("unknown backend `{other}`"),
+                )
+                .help("use host, docker or qemu");
+                return Vec::new();
+            }
+        };
+        let allowed = match backend {
+            BackendKind::Host => HOST_AXES,
+            BackendKind::Docker => DOCKER_AXES,
+            BackendKind::Qemu => QEMU_AXES,
+        };
+        let given: [(&'static str, &Option<SValue>); 6] = [
+            ("profile", &r.profile),
+            ("uid", &r.uid),
+            ("image", &r.image),
+            ("read-only", &r.read_only),
+            ("kernel", &r.kernel),
+            ("sysctl", &r.sysctl),
+        ];
+        let mut axes = Vec::new();
+        for (k, v) in given {
+            match (v, allowed.contains(&k)) {
+                (Some(v), false) => {
+                    self.err(
+                        "unknown-axis",
+                        span(v),
+                        format!("a {} environment has no axis `{k}`", backend.as_str()),
+                    )
+                    .help(format!("its axes are: {}", allowed.join(", ")));
+                }
+                (Some(v), true) => {
+                    let vals = self.values(k, v);
+                    axes.push((k, vals));
+                }
+                (None, true) => {
+                    let default = match k {
+                        "uid" => Some("1000"),
+                        "read-only" => Some("false"),
+                        "sysctl" => Some("default"),
+                        "profile" if backend == BackendKind::Docker => Some("default"),
+                        "profile" => Some("none"),
+                        // A guest runs the root filesystem its kernel's catalog entry names.
+                        "image" if backend == BackendKind::Qemu => Some("kernel-default"),
+                        _ => None,
+                    };
+                    match default {
+                        Some(d) => axes.push((k, vec![(d.to_string(), None)])),
+                        None => {
+                            self.err(
+                                "missing-axis",
+                                span(&r.name),
+                                format!("environment `{name}` ({}) needs `{k}`", backend.as_str()),
+                            );
+                        }
+                    }
+                }
+                (None, false) => {}
+            }
+        }
+        if axes.len() != allowed.len() {
+            return Vec::new();
+        }
+        let combos = self.expand(
+            &format!("environment `{name}`"),
+            axes,
+            &r.exclude,
+            &r.include,
+        );
+        if combos.is_empty() {
+            self.err(
+                "empty-product",
+                span(e),
+                format!("environment `{name}` expands to nothing (everything excluded)"),
+            );
+        }
+        let varying = varying_axes(&combos);
+        let mut out = Vec::new();
+        for c in combos {
+            let val = |k: &str| c.get(k).map(|v| v.0.clone()).unwrap_or_default();
+            let sp = |k: &str| c.get(k).and_then(|v| v.1.clone());
+            let uid = match val("uid").parse::<u32>() {
+                Ok(u) => u,
+                Err(_) => {
+                    self.err(
+                        "bad-axis-value",
+                        sp("uid"),
+                        format!("uid `{}` is not a number", val("uid")),
+                    );
+                    continue;
+                }
+            };
+            let read_only = match val("read-only").as_str() {
+                "true" => true,
+                "false" | "" => false,
+                other => {
+                    self.err(
+                        "bad-axis-value",
+                        sp("read-only"),
+                        format!("read-only `{other}` is not true or false"),
+                    );
+                    false
+                }
+            };
+            let profile = if allowed.contains(&"profile") {
+                let pname = val("profile");
+                match profiles.get(&pname) {
+                    Some((p, _)) => {
+                        self.check_profile_for(backend, p, sp("profile"));
+                        Some(p.clone())
+                    }
+                    None if pname == "none" && backend == BackendKind::Host => Some(Profile {
+                        name: "none".into(),
+                        ..Default::default()
+                    }),
+                    None if pname == "default" && backend == BackendKind::Docker => Some(Profile {
+                        name: "default".into(),
+                        ..Default::default()
+                    }),
+                    None => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("profile"),
+                            format!("no profile named `{pname}`"),
+                        )
+                        .help(format!(
+                            "define [profile.{pname}] or use one of: {}",
+                            profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ));
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let image = allowed
+                .contains(&"image")
+                .then(|| val("image"))
+                .filter(|i| i != "kernel-default");
+            if let Some(img) = &image
+                && backend == BackendKind::Docker
+                && !self.raw.image.contains_key(img)
+            {
+                self.err(
+                    "bad-axis-value",
+                    sp("image"),
+                    format!("no image named `{img}`"),
+                )
+                .help(format!("define [image.{img}] with a recipe or a reference"));
+            }
+            let image_source = match (backend, &image) {
+                (BackendKind::Docker | BackendKind::Qemu, Some(img)) => {
+                    match self.raw.image.get(img).map(|i| i.get_ref()) {
+                        Some(RawImage {
+                            reference: Some(r),
+                            recipe: None,
+                            ..
+                        }) => Some(ImageSource::Reference(r.clone())),
+                        Some(RawImage {
+                            recipe: Some(r),
+                            reference: None,
+                            ..
+                        }) => Some(ImageSource::Recipe(r.clone())),
+                        Some(_) => {
+                            self.err(
+                                "bad-image",
+                                sp("image"),
+                                format!(
+                                    "image `{img}` needs exactly one of `recipe` or `reference`"
+                                ),
+                            );
+                            None
+                        }
+                        // QEMU images may name a root filesystem recipe directly.
+                        None => {
+                            (backend == BackendKind::Qemu).then(|| ImageSource::Recipe(img.clone()))
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let (sysctl_set, sysctls) = if allowed.contains(&"sysctl") {
+                let s = val("sysctl");
+                match sysctl_sets.get(&s) {
+                    Some(v) => (Some(s), v.clone()),
+                    None => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("sysctl"),
+                            format!("no sysctl set named `{s}`"),
+                        )
+                        .help(format!("define [sysctl-set.{s}]"));
+                        (None, BTreeMap::new())
+                    }
+                }
+            } else {
+                (None, BTreeMap::new())
+            };
+            let mut id = name.clone();
+            for k in allowed {
+                if varying.contains(*k) {
+                    id.push('-');
+                    id.push_str(&axis_label(k, &val(k)));
+                }
+            }
+            let mut axes: BTreeMap<String, String> =
+                c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+            axes.insert("backend".into(), backend.as_str().into());
+            axes.insert("environment".into(), name.clone());
+            out.push(Environment {
+                id,
+                name: name.clone(),
+                backend,
+                axes,
+                uid,
+                profile,
+                image,
+                image_source,
+                read_only,
+                kernel: allowed.contains(&"kernel").then(|| val("kernel")),
+                sysctl_set,
+                sysctls,
+            });
+        }
+        out
+    }
+
+    pub(super) fn check_profile_for(
+        &mut self,
+        backend: BackendKind,
+        p: &Profile,
+        sp: Option<Range<usize>>,
+    ) {
+        match backend {
+            BackendKind::Host => {
+                let docker_only = !p.cap_add.is_empty()
+                    || !p.cap_drop.is_empty()
+                    || p.privileged
+                    || p.systempaths_unconfined
+                    || !p.security_opt.is_empty()
+                    || p.seccomp
+                        .as_deref()
+                        .is_some_and(|s| s != "none" && s != "deny-userns");
+                if docker_only {
+                    self.err("profile-backend", sp.clone(), format!("profile `{}` uses settings only a docker environment has", p.name))
+                        .help("a host profile may set seccomp = \"deny-userns\", no-new-privileges, bounding-set, userns-limit");
+                }
+                if p.seccomp.as_deref() == Some("deny-userns") && p.userns_limit.is_some() {
+                    self.err(
+                        "profile-backend",
+                        sp,
+                        format!(
+                            "profile `{}`: seccomp deny-userns and userns-limit cannot combine",
+                            p.name
+                        ),
+                    );
+                }
+            }
+            BackendKind::Docker => {
+                if p.bounding_set.is_some()
+                    || p.userns_limit.is_some()
+                    || p.seccomp.as_deref() == Some("deny-userns")
+                {
+                    self.err("profile-backend", sp, format!("profile `{}` uses settings only the host backend has", p.name))
+                        .help("a docker profile uses seccomp (default/unconfined/file.json), cap-add, cap-drop, no-new-privileges, privileged, systempaths-unconfined, security-opt");
+                }
+            }
+            BackendKind::Qemu => {}
+        }
+    }
+
+    pub(super) fn subject(&mut self, s: &Spanned<RawSubject>) -> Vec<Subject> {
+        let r = s.get_ref();
+        let name = r.name.get_ref().clone();
+        let kind = r.kind.get_ref().as_str();
+        let allowed = match kind {
+            "bwrap" => BWRAP_AXES,
+            "codex" => CODEX_AXES,
+            other => {
+                self.err(
+                    "bad-value",
+                    span(&r.kind),
+                    format!("unknown subject kind `{other}`"),
+                )
+                .help("use bwrap or codex");
+                return Vec::new();
+            }
+        };
+        let given: [(&'static str, &Option<SValue>); 4] = [
+            ("build", &r.build),
+            ("setuid", &r.setuid),
+            ("argv", &r.argv),
+            ("version", &r.version),
+        ];
+        let mut axes = Vec::new();
+        for (k, v) in given {
+            match (v, allowed.contains(&k)) {
+                (Some(v), false) => {
+                    self.err(
+                        "unknown-axis",
+                        span(v),
+                        format!("a {kind} subject has no axis `{k}`"),
+                    )
+                    .help(format!("its axes are: {}", allowed.join(", ")));
+                }
+                (Some(v), true) => {
+                    let vals = self.values(k, v);
+                    axes.push((k, vals));
+                }
+                (None, true) => {
+                    let d = match k {
+                        "build" => Some("system"),
+                        "setuid" => Some("as-is"),
+                        "argv" => Some("codex"),
+                        _ => None,
+                    };
+                    match d {
+                        Some(d) => axes.push((k, vec![(d.to_string(), None)])),
+                        None => {
+                            self.err(
+                                "missing-axis",
+                                span(&r.name),
+                                format!("subject `{name}` ({kind}) needs `{k}`"),
+                            );
+                        }
+                    }
+                }
+                (None, false) => {}
+            }
+        }
+        if axes.len() != allowed.len() {
+            return Vec::new();
+        }
+        let combos = self.expand(&format!("subject `{name}`"), axes, &r.exclude, &r.include);
+        if combos.is_empty() {
+            self.err(
+                "empty-product",
+                span(s),
+                format!("subject `{name}` expands to nothing"),
+            );
+        }
+        let mut out = Vec::new();
+        for c in combos {
+            let val = |k: &str| c.get(k).map(|v| v.0.clone()).unwrap_or_default();
+            let sp = |k: &str| c.get(k).and_then(|v| v.1.clone());
+            let (id, spec) = if kind == "bwrap" {
+                let build = val("build");
+                if build != "system" && !build.starts_with('/') {
+                    self.err(
+                        "bad-axis-value",
+                        sp("build"),
+                        format!("build `{build}` is neither `system` nor an absolute path"),
+                    );
+                }
+                let setuid = match val("setuid").as_str() {
+                    "true" => SetuidMode::Force,
+                    "false" => SetuidMode::Never,
+                    "as-is" => SetuidMode::AsIs,
+                    other => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("setuid"),
+                            format!("setuid `{other}` is not true, false or \"as-is\""),
+                        );
+                        SetuidMode::AsIs
+                    }
+                };
+                let argv = match val("argv").as_str() {
+                    "codex" => ArgvProfile::Codex,
+                    "codex-legacy" => ArgvProfile::CodexLegacy,
+                    other => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("argv"),
+                            format!("argv profile `{other}` is unknown"),
+                        )
+                        .help("use codex or codex-legacy");
+                        ArgvProfile::Codex
+                    }
+                };
+                let build_label = if build == "system" {
+                    build.clone()
+                } else {
+                    sanitize(&build)
+                };
+                let suid = match setuid {
+                    SetuidMode::Force => "+setuid",
+                    SetuidMode::Never => "",
+                    SetuidMode::AsIs => "+as-is",
+                };
+                (
+                    format!("{name}-{build_label}{suid}+{}", argv.as_str()),
+                    SubjectSpec::Bwrap {
+                        build,
+                        setuid,
+                        argv,
+                    },
+                )
+            } else {
+                let version = val("version");
+                (
+                    format!("{name}-{version}"),
+                    SubjectSpec::Codex {
+                        version,
+                        codex_bin: PathBuf::new(),
+                    },
+                )
+            };
+            let mut axes: BTreeMap<String, String> =
+                c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+            axes.insert("subject".into(), name.clone());
+            axes.insert("kind".into(), kind.into());
+            out.push(Subject {
+                id,
+                name: name.clone(),
+                axes,
+                spec,
+            });
+        }
+        out
+    }
+}
