@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::run::{CellCtx, judge, lay_out, record, remove_any, run_program};
+use super::judge::judge;
+use super::run::{CellCtx, lay_out, record, remove_any, run_program};
 use crate::agent::protocol::{CellRecord, Outcome};
 use crate::scenario;
 

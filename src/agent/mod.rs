@@ -2,6 +2,7 @@
 
 mod codex;
 pub mod init;
+mod judge;
 pub mod protocol;
 mod run;
 

@@ -1,0 +1,146 @@
+//! [`judge`]: what one sandboxed run means for its scenario, most severe first: a write
+//! outside the workspace, the sandbox front end's own failure (by signature), a timeout, then
+//! apply_patch's exit code, output and tree.
+
+use std::fs;
+
+use super::run::{Layout, RunOutput, SENTINEL_TEXT, list_outside, tail};
+use crate::agent::protocol::Outcome;
+use crate::sandbox::signature;
+use crate::scenario::{self, Scenario};
+
+/// Decide what the run means for this scenario, most severe first.
+pub(super) fn judge(
+    sc: &Scenario,
+    layout: &Layout,
+    run: &RunOutput,
+    norm: &dyn Fn(&str) -> String,
+    setuid_ignored_by_nnp: bool,
+) -> Outcome {
+    let fail = |sig: &str, message: String| Outcome::Failed {
+        signature: sig.into(),
+        message,
+    };
+    // 1. Confinement: the sentinel and everything outside the workspace must be as before.
+    let sentinel_now = fs::read_to_string(&layout.sentinel).ok();
+    if sentinel_now.as_deref() != Some(SENTINEL_TEXT) {
+        return fail(
+            "sandbox-escape",
+            format!(
+                "the sentinel {} was changed or removed",
+                layout.sentinel.display()
+            ),
+        );
+    }
+    let after = list_outside(layout.outside_dir.parent().unwrap_or(&layout.outside_dir));
+    let created: Vec<_> = after
+        .difference(&layout.before_outside)
+        .filter(|p| !matches!(p.as_str(), "stdout" | "stderr"))
+        .collect();
+    if !created.is_empty() {
+        return fail(
+            "sandbox-escape",
+            format!("files appeared outside the workspace: {created:?}"),
+        );
+    }
+    if let Some(p) = layout
+        .absolute_targets
+        .iter()
+        .find(|p| fs::symlink_metadata(p).is_ok())
+    {
+        return fail(
+            "sandbox-escape",
+            format!("{} was written outside the workspace", p.display()),
+        );
+    }
+    // 2. The sandbox front end itself failed (bwrap's messages).
+    if let Some(sig) = signature::classify(&run.stderr) {
+        let msg = first_line_matching(&run.stderr, "bwrap")
+            .unwrap_or_else(|| run.stderr.trim().to_string());
+        if setuid_ignored_by_nnp && sig.name.starts_with("userns-") {
+            return fail(
+                "setuid-ignored-nnp",
+                format!("{msg} (setuid bit ignored under no-new-privileges)"),
+            );
+        }
+        return fail(sig.name, msg);
+    }
+    if let Some(line) = signature::front_end_line(&run.stderr) {
+        return fail(
+            "unknown",
+            format!("the sandbox failed with a message no signature knows: {line}"),
+        );
+    }
+    if run.timed_out {
+        return fail("timeout", "killed after the cell's timeout".into());
+    }
+    if let Some(sig) = run.signal {
+        return fail(
+            "unknown",
+            format!(
+                "killed by signal {sig}; stderr: {}",
+                tail(run.stderr.trim())
+            ),
+        );
+    }
+    // 3. apply_patch's exit code.
+    let want = match &sc.meta.confinement {
+        Some(c) => c.sandboxed_exit_code,
+        None => sc.meta.exit_code,
+    };
+    if run.code != Some(want) {
+        let sig = if run.code == Some(1) || run.code == Some(2) || run.code == Some(0) {
+            "apply-patch-error"
+        } else {
+            "unknown"
+        };
+        return fail(
+            sig,
+            format!(
+                "apply_patch exited {:?}, the scenario expects {want}; stderr: {}",
+                run.code,
+                tail(norm(run.stderr.trim()).as_str())
+            ),
+        );
+    }
+    // 4. Output, for ordinary scenarios (confined ones print the sandbox's own errno text).
+    if sc.meta.confinement.is_none() {
+        for (name, text, expect) in [
+            ("stdout", &run.stdout, &sc.meta.stdout),
+            ("stderr", &run.stderr, &sc.meta.stderr),
+        ] {
+            if let Some(e) = expect {
+                let got = norm(text);
+                if !e.matches(&got) {
+                    return fail(
+                        "output-mismatch",
+                        format!("{name} is {got:?}, expected {e:?}"),
+                    );
+                }
+            }
+        }
+    }
+    // 5. The tree: expected/ (or input/ when nothing may change). A confined patch fails
+    // part-way, so only `expected-sandboxed/`, where a scenario has one, says what stays.
+    let checked = match &sc.meta.confinement {
+        None => sc.check_tree(&layout.ws),
+        Some(_) => {
+            let exp = sc.dir.join("expected-sandboxed");
+            if exp.is_dir() {
+                scenario::compare_tree(&exp, &layout.ws)
+            } else {
+                Ok(())
+            }
+        }
+    };
+    if let Err(d) = checked {
+        return fail("tree-mismatch", format!("{}: {}", d.path, d.summary));
+    }
+    Outcome::Passed
+}
+
+fn first_line_matching(text: &str, needle: &str) -> Option<String> {
+    text.lines()
+        .find(|l| l.contains(needle))
+        .map(|l| l.trim().to_string())
+}
