@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use toml::Spanned;
 
 use super::load::{
-    BWRAP_AXES, CODEX_AXES, DOCKER_AXES, HOST_AXES, QEMU_AXES, Validator, axis_label, sanitize,
-    span, varying_axes,
+    BWRAP_AXES, CODEX_AXES, DOCKER_AXES, HOST_AXES, QEMU_AXES, Validator, Values, axis_label,
+    sanitize, span, varying_axes,
 };
 use super::model::*;
 use super::raw::*;
@@ -51,49 +51,22 @@ impl Validator<'_> {
             ("kernel", &r.kernel),
             ("sysctl", &r.sysctl),
         ];
-        let mut axes = Vec::new();
-        for (k, v) in given {
-            match (v, allowed.contains(&k)) {
-                (Some(v), false) => {
-                    self.err(
-                        "unknown-axis",
-                        span(v),
-                        format!("a {} environment has no axis `{k}`", backend.as_str()),
-                    )
-                    .help(format!("its axes are: {}", allowed.join(", ")));
-                }
-                (Some(v), true) => {
-                    let vals = self.values(k, v);
-                    axes.push((k, vals));
-                }
-                (None, true) => {
-                    let default = match k {
-                        "uid" => Some("1000"),
-                        "read-only" => Some("false"),
-                        "sysctl" => Some("default"),
-                        "profile" if backend == BackendKind::Docker => Some("default"),
-                        "profile" => Some("none"),
-                        // A guest runs the root filesystem its kernel's catalog entry names.
-                        "image" if backend == BackendKind::Qemu => Some("kernel-default"),
-                        _ => None,
-                    };
-                    match default {
-                        Some(d) => axes.push((k, vec![(d.to_string(), None)])),
-                        None => {
-                            self.err(
-                                "missing-axis",
-                                span(&r.name),
-                                format!("environment `{name}` ({}) needs `{k}`", backend.as_str()),
-                            );
-                        }
-                    }
-                }
-                (None, false) => {}
-            }
-        }
-        if axes.len() != allowed.len() {
+        let what = format!("a {} environment", backend.as_str());
+        let owner = format!("environment `{name}` ({})", backend.as_str());
+        let Some(axes) =
+            self.collect_axes(&what, &owner, span(&r.name), &given, allowed, |k| match k {
+                "uid" => Some("1000"),
+                "read-only" => Some("false"),
+                "sysctl" => Some("default"),
+                "profile" if backend == BackendKind::Docker => Some("default"),
+                "profile" => Some("none"),
+                // A guest runs the root filesystem its kernel's catalog entry names.
+                "image" if backend == BackendKind::Qemu => Some("kernel-default"),
+                _ => None,
+            })
+        else {
             return Vec::new();
-        }
+        };
         let combos = self.expand(
             &format!("environment `{name}`"),
             axes,
@@ -325,45 +298,18 @@ impl Validator<'_> {
             ("argv", &r.argv),
             ("version", &r.version),
         ];
-        let mut axes = Vec::new();
-        for (k, v) in given {
-            match (v, allowed.contains(&k)) {
-                (Some(v), false) => {
-                    self.err(
-                        "unknown-axis",
-                        span(v),
-                        format!("a {kind} subject has no axis `{k}`"),
-                    )
-                    .help(format!("its axes are: {}", allowed.join(", ")));
-                }
-                (Some(v), true) => {
-                    let vals = self.values(k, v);
-                    axes.push((k, vals));
-                }
-                (None, true) => {
-                    let d = match k {
-                        "build" => Some("system"),
-                        "setuid" => Some("as-is"),
-                        "argv" => Some("codex"),
-                        _ => None,
-                    };
-                    match d {
-                        Some(d) => axes.push((k, vec![(d.to_string(), None)])),
-                        None => {
-                            self.err(
-                                "missing-axis",
-                                span(&r.name),
-                                format!("subject `{name}` ({kind}) needs `{k}`"),
-                            );
-                        }
-                    }
-                }
-                (None, false) => {}
-            }
-        }
-        if axes.len() != allowed.len() {
+        let what = format!("a {kind} subject");
+        let owner = format!("subject `{name}` ({kind})");
+        let Some(axes) =
+            self.collect_axes(&what, &owner, span(&r.name), &given, allowed, |k| match k {
+                "build" => Some("system"),
+                "setuid" => Some("as-is"),
+                "argv" => Some("codex"),
+                _ => None,
+            })
+        else {
             return Vec::new();
-        }
+        };
         let combos = self.expand(&format!("subject `{name}`"), axes, &r.exclude, &r.include);
         if combos.is_empty() {
             self.err(
@@ -451,5 +397,43 @@ impl Validator<'_> {
             });
         }
         out
+    }
+
+    /// The axes an entry gives, checked against the ones its backend or kind has, with the
+    /// defaults of those it leaves out; `None` when something is missing or not allowed (the
+    /// problems are recorded).
+    fn collect_axes(
+        &mut self,
+        what: &str,
+        owner: &str,
+        at: Option<Range<usize>>,
+        given: &[(&'static str, &Option<SValue>)],
+        allowed: &[&'static str],
+        default: impl Fn(&str) -> Option<&'static str>,
+    ) -> Option<Vec<(&'static str, Values)>> {
+        let mut axes = Vec::new();
+        let mut ok = true;
+        for &(k, v) in given {
+            match (v, allowed.contains(&k)) {
+                (Some(v), false) => {
+                    ok = false;
+                    self.err("unknown-axis", span(v), format!("{what} has no axis `{k}`"))
+                        .help(format!("its axes are: {}", allowed.join(", ")));
+                }
+                (Some(v), true) => {
+                    let vals = self.values(k, v);
+                    axes.push((k, vals));
+                }
+                (None, true) => match default(k) {
+                    Some(d) => axes.push((k, vec![(d.to_string(), None)])),
+                    None => {
+                        ok = false;
+                        self.err("missing-axis", at.clone(), format!("{owner} needs `{k}`"));
+                    }
+                },
+                (None, false) => {}
+            }
+        }
+        (ok && axes.len() == allowed.len()).then_some(axes)
     }
 }

@@ -16,7 +16,7 @@ use super::select::selector_matches;
 use crate::sandbox::{restrict, signature};
 
 /// Axis values with where each was written.
-type Values = Vec<(String, Option<Range<usize>>)>;
+pub(super) type Values = Vec<(String, Option<Range<usize>>)>;
 
 /// One combination of axis values, with where each value was written.
 type Combo = BTreeMap<String, (String, Option<Range<usize>>)>;
