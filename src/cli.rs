@@ -212,6 +212,8 @@ pub fn list(a: ListArgs) -> u8 {
             return exit::ERRORS;
         }
     };
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
     for c in &cells {
         let expect = match &c.expect {
             crate::matrix::model::Expectation::Pass => "expect pass".to_string(),
@@ -219,13 +221,17 @@ pub fn list(a: ListArgs) -> u8 {
                 format!("expect fail {signature}")
             }
         };
-        match c
+        let line = match c
             .skip
             .clone()
             .or_else(|| backends.unavailable(c.env.backend).map(|u| u.to_string()))
         {
-            Some(reason) => println!("{}\t{expect}\tSKIP: {reason}", c.id),
-            None => println!("{}\t{expect}", c.id),
+            Some(reason) => writeln!(out, "{}\t{expect}\tSKIP: {reason}", c.id),
+            None => writeln!(out, "{}\t{expect}", c.id),
+        };
+        // A closed pipe (`nsmatrix list | head`) ends the listing quietly.
+        if line.is_err() {
+            return exit::OK;
         }
     }
     eprintln!("{} cells ({} in the matrix)", cells.len(), m.cells.len());
