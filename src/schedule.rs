@@ -219,7 +219,6 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
     };
     let mut states: HashMap<String, BatchState> = HashMap::new();
     let mut infos: BTreeMap<String, BatchInfo> = BTreeMap::new();
-    let mut stage_started: HashMap<(String, &'static str), Instant> = HashMap::new();
     for (env, cells) in by_env {
         for k in 1..=repeat {
             let batch = if k == 1 {
@@ -294,7 +293,6 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
         while let Some(msg) = queue.pop_front() {
             match msg {
                 Msg::Backend(BackendEvent::StageStarted { batch, stage }) => {
-                    stage_started.insert((batch.clone(), stage.as_str()), Instant::now());
                     progress.batch_stage(&batch, stage.as_str());
                 }
                 Msg::Backend(BackendEvent::StageFinished {
