@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nsmatrix::agent::protocol::{
-    AgentEvent, ArgvProfile, BatchSpec, CellSpec, Outcome, PROTOCOL_VERSION, SetuidMode,
-    SubjectSpec,
-};
 use nsmatrix::backend::docker::{DockerBackend, builtin_profiles, connect};
 use nsmatrix::backend::{BackendEvent, BatchCtx};
 use nsmatrix::matrix::model::{BackendKind, Environment, ImageSource};
+use nsmatrix::protocol::{
+    AgentEvent, ArgvProfile, BatchSpec, CellSpec, Outcome, PROTOCOL_VERSION, SetuidMode,
+    SubjectSpec,
+};
 use tokio_util::sync::CancellationToken;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_nsmatrix");

@@ -128,10 +128,9 @@ pub fn shell(a: ShellArgs) -> u8 {
     match cell.env.backend {
         BackendKind::Host => host_shell(&cell),
         BackendKind::Qemu => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let Some(rt) = crate::run::runtime() else {
+                return exit::ERRORS;
+            };
             rt.block_on(async {
                 let q = match crate::backend::qemu::QemuBackend::probe().await {
                     Ok(q) => q,
@@ -141,14 +140,14 @@ pub fn shell(a: ShellArgs) -> u8 {
                     }
                 };
                 let exe = std::env::current_exe().unwrap_or_default();
-                let spec = crate::schedule::batch_spec(
+                let base = crate::plan::base_spec(
                     "shell",
                     &cell.env,
                     std::slice::from_ref(&cell),
-                    &PathBuf::from("/nsmatrix-work"),
                     &exe,
                     m.settings.cell_timeout,
                 );
+                let spec = crate::backend::Backend::prepare(&q, "shell", &cell.env, base);
                 match q.shell(&cell.env, spec).await {
                     Ok(()) => exit::OK,
                     Err(e) => {
@@ -158,9 +157,10 @@ pub fn shell(a: ShellArgs) -> u8 {
                 }
             })
         }
-        BackendKind::Docker => {
+        other => {
             eprintln!(
-                "nsmatrix shell: docker environments are not supported yet; run the image with the profile's settings by hand (see docs/matrix.md)"
+                "nsmatrix shell: {} environments are not supported yet; run the image with the profile's settings by hand (see docs/matrix.md)",
+                other.as_str()
             );
             exit::ERRORS
         }

@@ -1,8 +1,9 @@
 //! nsmatrix: on which kernels, container setups and bubblewrap builds does a sandbox work?
 //!
-//! `matrix` expands `matrix.toml` into cells, `schedule` runs them in batches on a `backend`,
-//! where `agent` runs each cell's `scenario` through a `sandbox` with our `apply_patch`, and
-//! `report` turns the results into JUnit, Markdown and JSON.
+//! `matrix` expands `matrix.toml` into cells, `plan` groups them into batches on a `backend`,
+//! `schedule` dispatches the batches, where `agent` runs each cell's `scenario` through a
+//! `sandbox` with our `apply_patch` (speaking `protocol`), and `report` turns the results into
+//! JUnit, Markdown and JSON. `run` ties one run together.
 
 pub mod agent;
 pub mod apply_patch;
@@ -13,9 +14,13 @@ pub mod cli_vm;
 pub mod doctor;
 pub mod exit;
 pub mod matrix;
+pub(crate) mod plan;
 pub mod progress;
+pub mod protocol;
 pub mod report;
+pub(crate) mod run;
 pub mod sandbox;
 pub mod scenario;
-pub mod schedule;
+pub(crate) mod schedule;
 pub mod shard;
+pub(crate) mod text;

@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nsmatrix::agent::protocol::{
-    AgentEvent, ArgvProfile, BatchSpec, CellRecord, CellSpec, Outcome, PROTOCOL_VERSION,
-    SetuidMode, SubjectSpec,
-};
 use nsmatrix::backend::docker::{AgentPlacement, DockerBackend, builtin_profiles, connect};
 use nsmatrix::backend::{BackendEvent, BatchCtx, BatchError, Stage};
 use nsmatrix::matrix::model::{BackendKind, Environment, ImageSource};
+use nsmatrix::protocol::{
+    AgentEvent, ArgvProfile, BatchSpec, CellRecord, CellSpec, Outcome, PROTOCOL_VERSION,
+    SetuidMode, SubjectSpec,
+};
 use tokio_util::sync::CancellationToken;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_nsmatrix");

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nsmatrix::agent::protocol::*;
 use nsmatrix::backend::qemu::QemuBackend;
 use nsmatrix::backend::{BackendEvent, BatchCtx, BatchError, Stage};
 use nsmatrix::matrix::model::{BackendKind, Environment};
+use nsmatrix::protocol::*;
 use tokio_util::sync::CancellationToken;
 
 fn env(kernel: &str, set: &str, sysctls: &[(&str, &str)]) -> Environment {
@@ -94,6 +94,8 @@ async fn run(b: &QemuBackend, env: &Environment, spec: BatchSpec, timeout: Durat
         cancel: CancellationToken::new(),
         events: tx,
     };
+    // The backend adds its part (the environment's sysctls) as the plan does.
+    let spec = nsmatrix::backend::Backend::prepare(b, "test", env, spec);
     let t = std::time::Instant::now();
     let result = b.run_batch_timed(env, spec, &ctx).await;
     eprintln!("timings: {:?}", result.as_ref().ok());

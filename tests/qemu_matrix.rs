@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nsmatrix::agent::protocol::*;
 use nsmatrix::backend::qemu::QemuBackend;
 use nsmatrix::backend::{BackendEvent, BatchCtx};
 use nsmatrix::matrix::model::{BackendKind, Environment};
+use nsmatrix::protocol::*;
 use tokio_util::sync::CancellationToken;
 
 const CELLS: [(SetuidMode, ArgvProfile); 4] = [

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::agent::protocol::BatchSpec;
+use crate::protocol::BatchSpec;
 
 /// Where the launcher puts things in the initramfs (the guest's view).
 pub const GUEST_BATCH: &str = "/nsmatrix/batch.json";

@@ -287,7 +287,7 @@ fn build(recipe: &RootfsRecipe, entry: &Path, mirror: &str) -> Result<()> {
     };
     unmount_below(&partial);
     if !status.success() {
-        let tail = tail_of(&log_path, 20);
+        let tail = crate::text::tail_of_file(&log_path, 20);
         bail!(
             "debootstrap {} failed ({status}); log tail:\n{tail}",
             args.join(" ")
@@ -351,12 +351,6 @@ fn unmount_below(dir: &Path) {
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
-}
-
-fn tail_of(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let v: Vec<&str> = text.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]

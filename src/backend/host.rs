@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
-use super::{BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
-use crate::agent::protocol::{AgentEvent, BatchSpec, Restrictions};
-use crate::matrix::model::{Environment, Profile};
+use anyhow::Context;
+use futures_util::future::BoxFuture;
+
+use super::{Backend, BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
+use crate::matrix::model::{BackendKind, Environment, Profile, Settings};
+use crate::protocol::{AgentEvent, BatchSpec, Restrictions};
 
 /// How long an interrupted agent gets to clean up (kill its sandbox, remove its directory)
 /// before it is killed.
@@ -25,14 +28,16 @@ pub struct HostBackend {
 impl HostBackend {
     /// The host backend needs root: setuid copies, seccomp without no-new-privileges, the
     /// drop to the cell's uid.
-    pub fn probe() -> Result<(), Unavailable> {
+    pub fn probe(settings: &Settings) -> Result<HostBackend, Unavailable> {
         if unsafe { libc::geteuid() } != 0 {
             return Err(Unavailable {
                 reason: "the host backend must run as root (setuid copies, seccomp filters, the drop to the cell's uid)".into(),
                 fix: "run nsmatrix with sudo".into(),
             });
         }
-        Ok(())
+        Ok(HostBackend {
+            work_root: settings.host_work_dir.clone(),
+        })
     }
 
     /// The restrictions a host profile asks for.
@@ -196,11 +201,54 @@ impl HostBackend {
                 Stage::Run,
                 format!(
                     "the agent ended ({status}) before finishing the batch; its stderr: {}",
-                    crate::agent::tail(tail.trim())
+                    crate::text::tail(tail.trim())
                 ),
             ));
         }
         Ok(())
+    }
+}
+
+impl Backend for HostBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+
+    /// The profile's process-level restrictions; the work dir under this run's directory.
+    fn prepare(&self, run_id: &str, env: &Environment, mut spec: BatchSpec) -> BatchSpec {
+        spec.restrictions = HostBackend::restrictions(env.profile.as_ref());
+        spec.work_dir = self.run_dir(run_id).join(&spec.batch_id);
+        spec
+    }
+
+    fn begin_run<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            self.sweep();
+            self.claim(run_id)
+                .context("failed to create the host run directory")?;
+            Ok(())
+        })
+    }
+
+    fn run_batch<'a>(
+        &'a self,
+        env: &'a Environment,
+        spec: BatchSpec,
+        ctx: &'a BatchCtx,
+    ) -> BoxFuture<'a, Result<(), BatchError>> {
+        Box::pin(HostBackend::run_batch(self, env, spec, ctx))
+    }
+
+    /// Every agent removes its own batch directory; this is the fallback for killed ones (and,
+    /// after a second Ctrl-C, for agents still running).
+    fn end_run<'a>(&'a self, run_id: &'a str, _abort: bool) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = std::fs::remove_dir_all(self.run_dir(run_id));
+        })
+    }
+
+    fn describe(&self) -> Vec<(String, String)> {
+        vec![("host backend".into(), "available".into())]
     }
 }
 

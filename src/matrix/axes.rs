@@ -7,13 +7,10 @@ use std::path::PathBuf;
 
 use toml::Spanned;
 
-use super::load::{
-    BWRAP_AXES, CODEX_AXES, DOCKER_AXES, HOST_AXES, QEMU_AXES, Validator, Values, axis_label,
-    sanitize, span, varying_axes,
-};
+use super::load::{Validator, Values, axis_label, sanitize, span, varying_axes};
 use super::model::*;
 use super::raw::*;
-use crate::agent::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
+use crate::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
 
 impl Validator<'_> {
     pub(super) fn environment(
@@ -185,6 +182,45 @@ impl Validator<'_> {
                 }
                 _ => None,
             };
+            // A guest's kernel and root filesystem come from the catalog: a misspelt name is
+            // bad input here, not an ERROR at provisioning.
+            let kernel = allowed.contains(&"kernel").then(|| val("kernel"));
+            if backend == BackendKind::Qemu {
+                let catalog = crate::artifacts::kernels::Catalog::builtin();
+                if let Some(k) = &kernel
+                    && !catalog.kernels.iter().any(|c| &c.name == k)
+                {
+                    let names: Vec<&str> =
+                        catalog.kernels.iter().map(|c| c.name.as_str()).collect();
+                    self.err(
+                        "bad-axis-value",
+                        sp("kernel"),
+                        format!("no kernel named `{k}` in the kernel catalog"),
+                    )
+                    .help(format!(
+                        "use one of: {} (vm-images/kernels.toml)",
+                        names.join(", ")
+                    ));
+                }
+                let mut suites: Vec<&str> =
+                    catalog.kernels.iter().map(|c| c.rootfs.as_str()).collect();
+                suites.sort();
+                suites.dedup();
+                if let Some(img) = &image
+                    && !self.raw.image.contains_key(img)
+                    && !suites.contains(&img.as_str())
+                {
+                    self.err(
+                        "bad-axis-value",
+                        sp("image"),
+                        format!("no image or root filesystem named `{img}`"),
+                    )
+                    .help(format!(
+                        "use kernel-default, a Debian suite of the kernel catalog ({}), or define [image.{img}]",
+                        suites.join(", ")
+                    ));
+                }
+            }
             let (sysctl_set, sysctls) = if allowed.contains(&"sysctl") {
                 let s = val("sysctl");
                 match sysctl_sets.get(&s) {
@@ -223,7 +259,7 @@ impl Validator<'_> {
                 image,
                 image_source,
                 read_only,
-                kernel: allowed.contains(&"kernel").then(|| val("kernel")),
+                kernel,
                 sysctl_set,
                 sysctls,
             });

@@ -77,16 +77,6 @@ pub(super) fn span<T>(s: &Spanned<T>) -> Option<Range<usize>> {
     Some(s.span())
 }
 
-/// Scalar → its text; arrays are handled by [`Validator::values`].
-pub(super) fn scalar_text(v: &toml::Value) -> Option<String> {
-    match v {
-        toml::Value::String(s) => Some(s.clone()),
-        toml::Value::Integer(i) => Some(i.to_string()),
-        toml::Value::Boolean(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
 /// `90s`, `10m`, `1h`, `500ms`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -103,38 +93,6 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         _ => return None,
     };
     (secs > 0.0).then(|| Duration::from_secs_f64(secs))
-}
-
-pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
-/// A docker environment's `sysctl` names host values it needs (Docker cannot set `user.*` per
-/// container): its cells run only where the host has them, else SKIP.
-pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
-pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
-pub(super) const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
-pub(super) const CODEX_AXES: &[&str] = &["version"];
-/// Axes every cell has besides its environment's and subject's.
-const CELL_AXES: &[&str] = &[
-    "id",
-    "backend",
-    "environment",
-    "subject",
-    "kind",
-    "set",
-    "scenario",
-];
-
-pub(super) fn all_axes() -> BTreeSet<&'static str> {
-    [
-        HOST_AXES,
-        DOCKER_AXES,
-        QEMU_AXES,
-        BWRAP_AXES,
-        CODEX_AXES,
-        CELL_AXES,
-    ]
-    .concat()
-    .into_iter()
-    .collect()
 }
 
 impl Validator<'_> {

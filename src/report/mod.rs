@@ -100,6 +100,19 @@ fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
     )
 }
 
+/// The exit code of a run from its cells' statuses.
+pub fn for_statuses<'a>(statuses: impl IntoIterator<Item = &'a Status>) -> u8 {
+    let mut code = crate::exit::OK;
+    for s in statuses {
+        match s {
+            Status::Fail | Status::Xpass => return crate::exit::FAILURES,
+            Status::Error => code = crate::exit::ERRORS,
+            Status::Pass | Status::Xfail | Status::Skip => {}
+        }
+    }
+    code
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,15 +22,10 @@ use futures_util::StreamExt;
 use super::client::{DockerBackend, LABEL_BATCH, LABEL_OWNER, LABEL_RUN, Owner, error_chain};
 use super::place::{PLACE_DIR, Placement, WORK_MOUNT};
 use super::profile::{Seccomp, SecuritySettings, security_settings};
-use super::stream::{AgentReader, BatchLog};
-use crate::agent::protocol::BatchSpec;
-use crate::backend::{BackendEvent, BatchCtx, BatchError, Stage};
+use super::stream::{AgentReader, BatchLog, CELL_GRACE};
+use crate::backend::{BatchCtx, BatchError, Stage, Stages};
 use crate::matrix::model::{Environment, ImageSource};
-
-/// Past a cell's own timeout, how long the agent gets to report it before the harness kills
-/// the container (the agent enforces cell timeouts itself; this catches a hung agent).
-pub(super) const CELL_GRACE: Duration = Duration::from_secs(10);
-pub(super) const STDERR_TAIL: usize = 20;
+use crate::protocol::BatchSpec;
 
 impl DockerBackend {
     /// Run one batch in a fresh container and stream the agent's events to `ctx`. The
@@ -422,57 +417,6 @@ impl Drop for ContainerSlot {
             });
         }
         // No runtime: `sweep` on the next run removes it (it is labelled with its owner).
-    }
-}
-
-/// Sends stage start/finish events and knows which stage is current.
-pub(super) struct Stages<'a> {
-    ctx: &'a BatchCtx,
-    current: Mutex<Option<(Stage, Instant)>>,
-}
-
-impl<'a> Stages<'a> {
-    fn new(ctx: &'a BatchCtx) -> Self {
-        Stages {
-            ctx,
-            current: Mutex::new(None),
-        }
-    }
-
-    pub(super) fn start(&self, stage: Stage) {
-        *self.current.lock().expect("stage lock") = Some((stage, Instant::now()));
-        self.ctx.send(BackendEvent::StageStarted {
-            batch: self.ctx.batch_id.clone(),
-            stage,
-        });
-    }
-
-    pub(super) fn finish(&self, stage: Stage) {
-        let mut cur = self.current.lock().expect("stage lock");
-        if let Some((s, t)) = *cur
-            && s == stage
-        {
-            *cur = None;
-            self.ctx.send(BackendEvent::StageFinished {
-                batch: self.ctx.batch_id.clone(),
-                stage,
-                elapsed: t.elapsed(),
-            });
-        }
-    }
-
-    fn finish_current(&self) {
-        let cur = *self.current.lock().expect("stage lock");
-        if let Some((s, _)) = cur {
-            self.finish(s);
-        }
-    }
-
-    fn current(&self) -> Stage {
-        self.current
-            .lock()
-            .expect("stage lock")
-            .map_or(Stage::Run, |(s, _)| s)
     }
 }
 

@@ -139,7 +139,10 @@ impl DockerBackend {
             match item {
                 Ok(info) => {
                     if let Some(e) = info.error_detail.and_then(|d| d.message) {
-                        bail!("failed to build image {tag}: {e}\n{}", tail(&log, 15));
+                        bail!(
+                            "failed to build image {tag}: {e}\n{}",
+                            crate::text::tail_lines(&log, 15)
+                        );
                     }
                     if let Some(s) = info.stream {
                         log.push_str(&s);
@@ -148,14 +151,14 @@ impl DockerBackend {
                 Err(e) => bail!(
                     "failed to build image {tag}: {}\n{}",
                     error_chain(&e),
-                    tail(&log, 15)
+                    crate::text::tail_lines(&log, 15)
                 ),
             }
         }
         if !self.image_exists(&tag).await? {
             bail!(
                 "building image {tag} ended without an image:\n{}",
-                tail(&log, 15)
+                crate::text::tail_lines(&log, 15)
             );
         }
         Ok(())
@@ -352,9 +355,4 @@ fn file_chunks(
             Err(e) => Some((Err(e), None)),
         }
     })
-}
-
-fn tail(s: &str, lines: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
 }

@@ -6,9 +6,13 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 
-use super::batch::{CELL_GRACE, STDERR_TAIL, Stages};
-use crate::agent::protocol::AgentEvent;
-use crate::backend::{BatchCtx, Stage};
+use crate::backend::{BatchCtx, Stage, Stages};
+use crate::protocol::AgentEvent;
+
+/// Past a cell's own timeout, how long the agent gets to report it before the harness kills
+/// the container (the agent enforces cell timeouts itself; this catches a hung agent).
+pub(super) const CELL_GRACE: Duration = Duration::from_secs(10);
+pub(super) const STDERR_TAIL: usize = 20;
 
 /// Splits the agent's stdout into lines, forwards protocol lines, logs the rest, and tracks
 /// which cells are running and until when.

@@ -7,7 +7,6 @@
 //! a ~10 MB initramfs boots in a fraction of the time of a 200 MB image, and it needs neither a
 //! block driver nor ext4 in the guest (Debian's generic kernels have both as modules).
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -17,10 +16,10 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use crate::agent::init::{GUEST_AGENT, GUEST_BATCH, GUEST_MODULES_DIR, GUEST_MODULES_LIST};
-use crate::agent::protocol::BatchSpec;
 use crate::artifacts::cache::cache_dir;
 use crate::artifacts::debian::{Mirror, extract_deb};
 use crate::artifacts::kernels::Kernel;
+use crate::protocol::{BatchSpec, Carry, Layout, relocate};
 
 /// Bump when the root file system's recipe changes.
 const ROOTFS_RECIPE: &str = "debs:bubblewrap,busybox-static;merged-usr;pruned v1";
@@ -237,46 +236,60 @@ pub fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Where a batch's files land inside the guest.
-pub const GUEST_SCENARIOS: &str = "/nsmatrix/scenarios";
+/// The batch's work dir inside a guest.
 pub const GUEST_WORK_DIR: &str = "/var/tmp/nsmatrix-work";
 
-/// Relocate a batch to the guest's paths: the agent, each scenario directory, the work dir.
-/// Returns the guest's spec and the host directories to copy (host path → guest path).
-pub fn relocate(spec: &BatchSpec) -> (BatchSpec, BTreeMap<PathBuf, String>) {
-    let mut g = spec.clone();
-    g.agent_bin = PathBuf::from(GUEST_AGENT);
-    g.work_dir = PathBuf::from(GUEST_WORK_DIR);
-    let mut dirs: BTreeMap<PathBuf, String> = BTreeMap::new();
-    for c in &mut g.cells {
-        let n = dirs.len();
-        let guest = dirs
-            .entry(c.scenario_dir.clone())
-            .or_insert_with(|| format!("{GUEST_SCENARIOS}/{n}"))
-            .clone();
-        c.scenario_dir = PathBuf::from(guest);
-    }
-    (g, dirs)
-}
+/// Where a batch's files land inside a guest.
+pub const GUEST_LAYOUT: Layout<'static> = Layout {
+    agent: GUEST_AGENT,
+    root: "/nsmatrix",
+    work_dir: GUEST_WORK_DIR,
+};
 
-/// Write the per-batch initramfs: `base` followed by the agent, the spec and the scenarios.
+/// Write the per-batch initramfs: `base` followed by the agent, the spec and what
+/// [`relocate`] says the batch needs (scenarios, Codex). Returns the guest's spec.
 pub fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> Result<BatchSpec> {
-    let (guest_spec, dirs) = relocate(spec);
+    let (guest_spec, carry) = relocate(spec, &GUEST_LAYOUT);
     fs::copy(base, dest).with_context(|| format!("failed to copy {}", base.display()))?;
     let f = fs::OpenOptions::new().append(true).open(dest)?;
     let mut w = Cpio::new(BufWriter::new(f));
-    let agent = fs::read(stripped_agent(&spec.agent_bin)?)
-        .with_context(|| format!("failed to read the agent {}", spec.agent_bin.display()))?;
-    w.file(GUEST_AGENT.trim_start_matches('/'), 0o755, &agent)?;
+    let mut made = std::collections::BTreeSet::new();
+    for c in &carry {
+        let inside = match c {
+            Carry::File { inside, .. } | Carry::Dir { inside, .. } => inside,
+        };
+        // The kernel's unpacker creates no parents: every directory first.
+        let rel = Path::new(inside.trim_start_matches('/'));
+        let parents: Vec<&Path> = rel
+            .ancestors()
+            .skip(1)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
+        for p in parents.into_iter().rev() {
+            if made.insert(p.to_path_buf()) {
+                w.dir(&p.to_string_lossy(), 0o755)?;
+            }
+        }
+        match c {
+            // The agent: without debug info (every byte costs boot time under TCG).
+            Carry::File { host, inside, mode } if *host == spec.agent_bin => {
+                let agent = fs::read(stripped_agent(host)?)
+                    .with_context(|| format!("failed to read the agent {}", host.display()))?;
+                w.file(inside.trim_start_matches('/'), *mode, &agent)?;
+            }
+            Carry::File { host, inside, mode } => {
+                let data =
+                    fs::read(host).with_context(|| format!("failed to read {}", host.display()))?;
+                w.file(inside.trim_start_matches('/'), *mode, &data)?;
+            }
+            Carry::Dir { host, inside } => w.tree(host, inside.trim_start_matches('/'))?,
+        }
+    }
     w.file(
         GUEST_BATCH.trim_start_matches('/'),
         0o644,
         &serde_json::to_vec(&guest_spec)?,
     )?;
-    w.dir(GUEST_SCENARIOS.trim_start_matches('/'), 0o755)?;
-    for (host, guest) in &dirs {
-        w.tree(host, guest.trim_start_matches('/'))?;
-    }
     w.finish()?
         .into_inner()
         .map_err(|e| e.into_error())?
@@ -456,37 +469,5 @@ mod tests {
             assert!(list.contains("-rwsr-xr-x"), "{list}");
             assert!(list.contains("a/l -> f"), "{list}");
         }
-    }
-
-    #[test]
-    fn relocation_dedups_scenarios() {
-        use crate::agent::protocol::*;
-        let cell = |id: &str, dir: &str| CellSpec {
-            id: id.into(),
-            subject: SubjectSpec::Bwrap {
-                build: "system".into(),
-                setuid: SetuidMode::AsIs,
-                argv: ArgvProfile::Codex,
-            },
-            scenario_dir: dir.into(),
-            timeout_ms: 1000,
-            needs_sysctls: vec![],
-        };
-        let spec = BatchSpec {
-            version: 1,
-            batch_id: "b".into(),
-            work_dir: "/host/w".into(),
-            uid: 1000,
-            gid: 1000,
-            restrictions: Default::default(),
-            sysctls: Default::default(),
-            agent_bin: "/host/nsmatrix".into(),
-            cells: vec![cell("1", "/s/a"), cell("2", "/s/b"), cell("3", "/s/a")],
-        };
-        let (g, dirs) = relocate(&spec);
-        assert_eq!(dirs.len(), 2);
-        assert_eq!(g.cells[0].scenario_dir, g.cells[2].scenario_dir);
-        assert_ne!(g.cells[0].scenario_dir, g.cells[1].scenario_dir);
-        assert_eq!(g.agent_bin, PathBuf::from(GUEST_AGENT));
     }
 }

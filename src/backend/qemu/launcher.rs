@@ -11,7 +11,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::init::{GUEST_AGENT, RESULTS_PORT};
-use crate::agent::protocol::AgentEvent;
+use crate::protocol::AgentEvent;
 
 /// How the guest is accelerated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -304,15 +304,6 @@ impl Tail {
         }
         lines
     }
-}
-
-/// The last `n` lines of a file, for error messages.
-pub fn tail_of(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]
