@@ -6,4 +6,4 @@ pub mod init;
 mod judge;
 mod run;
 
-pub use run::{environment_facts, run_batch};
+pub(crate) use run::{environment_facts, run_batch};

@@ -1,12 +1,11 @@
 //! `matrix.toml`: its model, validation with file:line:col errors, expansion into cells.
 
 mod axes;
-pub mod diag;
+pub(crate) mod diag;
 mod load;
 pub mod model;
 mod raw;
 mod select;
 
-pub use diag::{Diagnostic, MatrixError};
-pub use load::{load, load_str, parse_duration};
-pub use select::{Filter, selector_matches};
+pub(crate) use load::load;
+pub(crate) use select::Filter;

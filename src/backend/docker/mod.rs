@@ -11,7 +11,5 @@ mod profile;
 mod stream;
 
 pub(crate) use backend::host_sysctl_mismatch;
-pub use client::{AgentPlacement, DockerBackend, EngineInfo, LABEL_RUN, connect};
-pub use images::{ImageInfo, Progress};
-pub use place::{PLACE_DIR, WORK_MOUNT};
-pub use profile::{ProfileError, Seccomp, SecuritySettings, builtin_profiles, security_settings};
+pub use client::{AgentPlacement, DockerBackend, EngineInfo, connect};
+pub use profile::builtin_profiles;

@@ -12,12 +12,10 @@ use anyhow::Context;
 
 use crate::protocol::BatchSpec;
 
-pub use accel::{kernel_boot, test_boot};
-pub use guest::{
-    Cpio, GUEST_LAYOUT, GUEST_WORK_DIR, cached_rootfs, ensure_base, ensure_rootfs,
-    write_batch_initrd,
-};
-pub use launcher::{Accel, Console, Ending, Launch, Watched, watch};
+pub(crate) use accel::test_boot;
+pub(crate) use guest::{ensure_base, ensure_rootfs, write_batch_initrd};
+pub use launcher::Accel;
+pub(crate) use launcher::{Console, Ending, Launch, watch};
 
 use crate::artifacts::kernels::{self, Kernel};
 use futures_util::future::BoxFuture;
