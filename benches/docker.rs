@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nsmatrix::backend::docker::{DockerBackend, builtin_profiles, connect};
+use nsmatrix::backend::docker::{DockerBackend, connect};
 use nsmatrix::backend::{BackendEvent, BatchCtx};
 use nsmatrix::matrix::model::{BackendKind, Environment, ImageSource};
 use nsmatrix::protocol::{
@@ -99,10 +99,13 @@ async fn bench(n: usize, profile: &str, image: &str) {
 }
 
 fn environment(image: &str, profile: &str) -> Environment {
-    let profile = builtin_profiles()
-        .into_iter()
-        .find(|p| p.name == profile)
-        .expect("a built-in profile");
+    let profile = nsmatrix::matrix::profiles(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+    )
+    .expect("matrix.toml loads")
+    .into_iter()
+    .find(|p| p.name == profile)
+    .expect("a built-in profile");
     Environment {
         id: format!("bench-{image}-{}", profile.name),
         name: "bench".into(),
@@ -202,7 +205,12 @@ fn docker_run_loop(
         .output()
         .ok()
         .filter(|o| o.status.success())?;
-    let p = builtin_profiles().into_iter().find(|p| p.name == profile)?;
+    let p = nsmatrix::matrix::profiles(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+    )
+    .expect("matrix.toml loads")
+    .into_iter()
+    .find(|p| p.name == profile)?;
     let mut flags =
         vec!["--network none --init --user 0:0 --tmpfs /nsmatrix-work:rw,exec,suid".to_string()];
     if p.privileged {

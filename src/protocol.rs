@@ -55,12 +55,6 @@ pub struct Restrictions {
     pub userns_limit: Option<u64>,
 }
 
-impl Restrictions {
-    pub fn is_empty(&self) -> bool {
-        self == &Restrictions::default()
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct CellSpec {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nsmatrix::backend::docker::{AgentPlacement, DockerBackend, builtin_profiles, connect};
+use nsmatrix::backend::docker::{AgentPlacement, DockerBackend, connect};
 use nsmatrix::backend::{BackendEvent, BatchCtx, BatchError, Stage};
 use nsmatrix::matrix::model::{BackendKind, Environment, ImageSource};
 use nsmatrix::protocol::{
@@ -32,10 +32,13 @@ async fn engine() -> Option<DockerBackend> {
 }
 
 fn env(image: &str, profile: &str, uid: u32, read_only: bool) -> Environment {
-    let profile = builtin_profiles()
-        .into_iter()
-        .find(|p| p.name == profile)
-        .expect("profile");
+    let profile = nsmatrix::matrix::profiles(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+    )
+    .expect("matrix.toml loads")
+    .into_iter()
+    .find(|p| p.name == profile)
+    .expect("profile");
     Environment {
         id: format!(
             "docker-{image}-{}-uid{uid}{}",
@@ -484,7 +487,11 @@ async fn measure_profiles_images_uids() {
         "no-bwrap",
     ];
     for image in images {
-        for p in builtin_profiles() {
+        for p in nsmatrix::matrix::profiles(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+        )
+        .expect("matrix.toml loads")
+        {
             for uid in [0, 1000] {
                 let mut cells = Vec::new();
                 for argv in [ArgvProfile::Codex, ArgvProfile::CodexLegacy] {

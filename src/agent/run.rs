@@ -27,7 +27,7 @@ use crate::text::tail;
 
 /// Run a whole batch, writing [`AgentEvent`] lines to `out`. The batch's `work_dir` is removed
 /// at the end whatever happens.
-pub fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
     install_signal_handlers();
     let mut emit = |ev: AgentEvent| -> Result<()> {
         out.write_all(ev.to_line().as_bytes())
@@ -153,7 +153,7 @@ fn apply_sysctls(
 }
 
 /// What the agent can tell about where it runs; the host stores it with the batch.
-pub fn environment_facts() -> BTreeMap<String, String> {
+pub(crate) fn environment_facts() -> BTreeMap<String, String> {
     let mut f = BTreeMap::new();
     let read = |p: &str| fs::read_to_string(p).ok().map(|s| s.trim().to_string());
     if let Some(v) = read("/proc/sys/kernel/osrelease") {

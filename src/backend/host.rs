@@ -20,7 +20,7 @@ use crate::protocol::{AgentEvent, BatchSpec, Restrictions};
 /// before it is killed.
 const GRACE: Duration = Duration::from_secs(5);
 
-pub struct HostBackend {
+pub(crate) struct HostBackend {
     /// Parent of every run's directory (`/var/tmp/nsmatrix` by default).
     pub work_root: PathBuf,
 }
@@ -28,7 +28,7 @@ pub struct HostBackend {
 impl HostBackend {
     /// The host backend needs root: setuid copies, seccomp without no-new-privileges, the
     /// drop to the cell's uid.
-    pub fn probe(settings: &Settings) -> Result<HostBackend, Unavailable> {
+    pub(crate) fn probe(settings: &Settings) -> Result<HostBackend, Unavailable> {
         if unsafe { libc::geteuid() } != 0 {
             return Err(Unavailable {
                 reason: "the host backend must run as root (setuid copies, seccomp filters, the drop to the cell's uid)".into(),
@@ -41,7 +41,7 @@ impl HostBackend {
     }
 
     /// The restrictions a host profile asks for.
-    pub fn restrictions(profile: Option<&Profile>) -> Restrictions {
+    pub(crate) fn restrictions(profile: Option<&Profile>) -> Restrictions {
         let Some(p) = profile else {
             return Restrictions::default();
         };
@@ -55,13 +55,13 @@ impl HostBackend {
 
     /// This run's private directory (0755: cells' uids must reach and read their workspaces'
     /// ancestors).
-    pub fn run_dir(&self, run_id: &str) -> PathBuf {
+    pub(crate) fn run_dir(&self, run_id: &str) -> PathBuf {
         self.work_root.join(run_id)
     }
 
     /// Remove directories of earlier runs whose nsmatrix process is gone (killed runs leave
     /// setuid copies behind otherwise).
-    pub fn sweep(&self) -> Vec<PathBuf> {
+    pub(crate) fn sweep(&self) -> Vec<PathBuf> {
         let mut removed = Vec::new();
         let Ok(rd) = std::fs::read_dir(&self.work_root) else {
             return removed;
@@ -80,7 +80,7 @@ impl HostBackend {
     }
 
     /// Create this run's directory and mark it as ours.
-    pub fn claim(&self, run_id: &str) -> std::io::Result<PathBuf> {
+    pub(crate) fn claim(&self, run_id: &str) -> std::io::Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         let dir = self.run_dir(run_id);
         std::fs::create_dir_all(&dir)?;
@@ -91,7 +91,7 @@ impl HostBackend {
         Ok(dir)
     }
 
-    pub async fn run_batch(
+    pub(crate) async fn run_batch(
         &self,
         _env: &Environment,
         spec: BatchSpec,

@@ -164,6 +164,7 @@ impl Validator<'_> {
         Matrix {
             path: path.to_path_buf(),
             settings,
+            profiles: profiles.into_values().map(|(p, _)| p).collect(),
             cells,
         }
     }

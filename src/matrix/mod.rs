@@ -8,4 +8,12 @@ mod raw;
 mod select;
 
 pub(crate) use load::load;
+
+/// The `[profile.NAME]`s of a matrix file (tests and benchmarks take their profiles from
+/// `matrix.toml` itself, never from a copy).
+pub fn profiles(path: &std::path::Path) -> anyhow::Result<Vec<model::Profile>> {
+    load(path)
+        .map(|m| m.profiles)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
 pub(crate) use select::Filter;

@@ -453,13 +453,15 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::backend::docker::profile::builtin_profiles;
 
     fn body_for(profile: &str, read_only: bool) -> HostConfig {
-        let p = builtin_profiles()
-            .into_iter()
-            .find(|p| p.name == profile)
-            .unwrap();
+        let p = crate::matrix::profiles(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+        )
+        .expect("matrix.toml loads")
+        .into_iter()
+        .find(|p| p.name == profile)
+        .unwrap();
         let sec = security_settings(Some(&p), read_only).unwrap();
         let spec: BatchSpec = serde_json::from_str(
             r#"{"version":1,"batch-id":"b","work-dir":"/w","uid":1000,"gid":1000,"agent-bin":"/a","cells":[]}"#,

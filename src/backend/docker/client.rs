@@ -12,10 +12,10 @@ use crate::backend::Unavailable;
 pub(super) use crate::text::error_chain;
 
 /// Every container nsmatrix creates carries this label, valued with the run id.
-pub const LABEL_RUN: &str = "nsmatrix.run";
+pub(crate) const LABEL_RUN: &str = "nsmatrix.run";
 /// `<boot id>/<pid>/<process start time>` of the nsmatrix process that created the container.
-pub const LABEL_OWNER: &str = "nsmatrix.owner";
-pub const LABEL_BATCH: &str = "nsmatrix.batch";
+pub(crate) const LABEL_OWNER: &str = "nsmatrix.owner";
+pub(crate) const LABEL_BATCH: &str = "nsmatrix.batch";
 
 /// Engine calls that return promptly (not streams): bollard applies this per request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -117,7 +117,7 @@ pub async fn connect() -> Result<DockerBackend, Unavailable> {
 }
 
 impl DockerBackend {
-    pub fn engine(&self) -> &EngineInfo {
+    pub(crate) fn engine(&self) -> &EngineInfo {
         &self.engine
     }
 
@@ -157,7 +157,7 @@ impl DockerBackend {
     }
 
     /// Remove every container of one run, live or not (a second Ctrl-C, tests).
-    pub async fn remove_run(&self, run_id: &str) -> Result<usize> {
+    pub(crate) async fn remove_run(&self, run_id: &str) -> Result<usize> {
         let list = self.labelled_containers(Some(run_id)).await?;
         for (id, _) in &list {
             self.remove_container(id).await?;

@@ -12,4 +12,3 @@ mod stream;
 
 pub(crate) use backend::host_sysctl_mismatch;
 pub use client::{AgentPlacement, DockerBackend, EngineInfo, connect};
-pub use profile::builtin_profiles;

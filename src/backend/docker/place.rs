@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 
 use crate::protocol::{BatchSpec, Carry, Layout, relocate};
 
-pub const PLACE_DIR: &str = "/nsmatrix";
-pub const WORK_MOUNT: &str = "/nsmatrix-work";
+pub(crate) const PLACE_DIR: &str = "/nsmatrix";
+pub(crate) const WORK_MOUNT: &str = "/nsmatrix-work";
 
 /// One thing to copy from the host, at a path relative to [`PLACE_DIR`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
+pub(crate) enum Entry {
     File {
         host: PathBuf,
         rel: String,
@@ -29,7 +29,7 @@ pub enum Entry {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Placement {
+pub(crate) struct Placement {
     /// The spec as the agent inside sees it.
     pub spec: BatchSpec,
     /// Absolute path of the spec inside the container.
@@ -41,7 +41,7 @@ pub struct Placement {
 
 impl Placement {
     /// Plan where everything goes; pure (no file is read).
-    pub fn plan(spec: &BatchSpec) -> Placement {
+    pub(crate) fn plan(spec: &BatchSpec) -> Placement {
         let agent_host = spec.agent_bin.clone();
         let layout = Layout {
             agent: &format!("{PLACE_DIR}/bin/nsmatrix"),
@@ -78,7 +78,7 @@ impl Placement {
     }
 
     /// The same placement with the agent bind-mounted at `spec.agent_bin` instead of uploaded.
-    pub fn without_agent_upload(mut self) -> Placement {
+    pub(crate) fn without_agent_upload(mut self) -> Placement {
         let agent = self.agent_host.clone();
         self.entries.retain(|e| !matches!(e, Entry::File { host, rel, .. } if *host == agent && rel == "bin/nsmatrix"));
         self
@@ -86,7 +86,7 @@ impl Placement {
 
     /// Write the tar to upload at [`PLACE_DIR`]: every entry, then `batch.json`. Owners are
     /// root and times are zero, so the upload does not depend on who owns the host's files.
-    pub fn write_tar(&self, w: impl Write) -> io::Result<()> {
+    pub(crate) fn write_tar(&self, w: impl Write) -> io::Result<()> {
         let mut b = tar::Builder::new(w);
         b.follow_symlinks(false);
         b.mode(tar::HeaderMode::Deterministic);

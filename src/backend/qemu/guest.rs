@@ -41,10 +41,10 @@ const APPLETS: &[&str] = &[
     "less", "wc", "sort", "tr", "poweroff", "reboot",
 ];
 /// The guest's user for the sandbox (the batch's uid decides; these are the names).
-pub const GUEST_USER_UID: u32 = 1000;
+pub(crate) const GUEST_USER_UID: u32 = 1000;
 
 /// The newest cached root file system of a suite, without asking the mirror.
-pub fn cached_rootfs(suite: &str) -> Option<PathBuf> {
+pub(crate) fn cached_rootfs(suite: &str) -> Option<PathBuf> {
     let prefix = format!("rootfs-{suite}-");
     let mut dirs: Vec<_> = fs::read_dir(cache_dir().join("guest"))
         .ok()?
@@ -61,7 +61,7 @@ pub fn cached_rootfs(suite: &str) -> Option<PathBuf> {
 
 /// The base root file system of a suite: the cached one, else built from the mirror's newest
 /// packages (`refresh` rebuilds it when the mirror has newer ones).
-pub fn ensure_rootfs(suite: &str, refresh: bool) -> Result<PathBuf> {
+pub(crate) fn ensure_rootfs(suite: &str, refresh: bool) -> Result<PathBuf> {
     if !refresh {
         if let Some(d) = cached_rootfs(suite) {
             return Ok(d);
@@ -189,7 +189,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// A cached base initramfs for a kernel and a root file system.
-pub fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
+pub(crate) fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
     let kkey = kernel
         .dir
         .file_name()
@@ -237,10 +237,10 @@ pub fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
 }
 
 /// The batch's work dir inside a guest.
-pub const GUEST_WORK_DIR: &str = "/var/tmp/nsmatrix-work";
+pub(crate) const GUEST_WORK_DIR: &str = "/var/tmp/nsmatrix-work";
 
 /// Where a batch's files land inside a guest.
-pub const GUEST_LAYOUT: Layout<'static> = Layout {
+pub(crate) const GUEST_LAYOUT: Layout<'static> = Layout {
     agent: GUEST_AGENT,
     root: "/nsmatrix",
     work_dir: GUEST_WORK_DIR,
@@ -248,7 +248,7 @@ pub const GUEST_LAYOUT: Layout<'static> = Layout {
 
 /// Write the per-batch initramfs: `base` followed by the agent, the spec and what
 /// [`relocate`] says the batch needs (scenarios, Codex). Returns the guest's spec.
-pub fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> Result<BatchSpec> {
+pub(crate) fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> Result<BatchSpec> {
     let (guest_spec, carry) = relocate(spec, &GUEST_LAYOUT);
     fs::copy(base, dest).with_context(|| format!("failed to copy {}", base.display()))?;
     let f = fs::OpenOptions::new().append(true).open(dest)?;
@@ -341,14 +341,14 @@ fn unique_tmp() -> String {
 }
 
 /// A `newc` cpio writer; every entry is owned by root (setuid copies in the guest need it).
-pub struct Cpio<W: Write> {
+pub(crate) struct Cpio<W: Write> {
     out: W,
     ino: u32,
     written: u64,
 }
 
 impl<W: Write> Cpio<W> {
-    pub fn new(out: W) -> Self {
+    pub(crate) fn new(out: W) -> Self {
         Cpio {
             out,
             ino: 1,
@@ -393,20 +393,20 @@ impl<W: Write> Cpio<W> {
         self.put(&[0u8; 3][..n])
     }
 
-    pub fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
+    pub(crate) fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
         self.entry(name, 0o040000 | perm, &[])
     }
 
-    pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> io::Result<()> {
         self.entry(name, 0o100000 | perm, data)
     }
 
-    pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
+    pub(crate) fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
         self.entry(name, 0o120777, target.as_bytes())
     }
 
     /// Add a host directory tree under `prefix` ("" = the archive's root).
-    pub fn tree(&mut self, dir: &Path, prefix: &str) -> Result<()> {
+    pub(crate) fn tree(&mut self, dir: &Path, prefix: &str) -> Result<()> {
         if !prefix.is_empty() {
             self.dir(prefix, fs::metadata(dir)?.mode() & 0o7777)?;
         }
@@ -433,7 +433,7 @@ impl<W: Write> Cpio<W> {
     }
 
     /// Write the trailer (padded to 512 bytes, so another archive may follow).
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(crate) fn finish(mut self) -> io::Result<W> {
         self.entry("TRAILER!!!", 0, &[])?;
         let n = (512 - (self.written % 512) as usize) % 512;
         self.put(&vec![0u8; n])?;

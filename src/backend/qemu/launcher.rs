@@ -22,7 +22,7 @@ pub enum Accel {
 }
 
 impl Accel {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
@@ -31,7 +31,7 @@ impl Accel {
 }
 
 /// The CPU model guests get (the KVM probe boots with the same one).
-pub fn cpu_model(accel: Accel) -> &'static str {
+pub(crate) fn cpu_model(accel: Accel) -> &'static str {
     match accel {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
@@ -40,7 +40,7 @@ pub fn cpu_model(accel: Accel) -> &'static str {
 
 /// Where the console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Console {
+pub(crate) enum Console {
     /// A log file (batches).
     File(PathBuf),
     /// The terminal (interactive shell); Ctrl-C goes to the guest.
@@ -49,7 +49,7 @@ pub enum Console {
 
 /// Everything one boot needs.
 #[derive(Debug, Clone)]
-pub struct Launch {
+pub(crate) struct Launch {
     pub qemu: PathBuf,
     pub accel: Accel,
     pub kernel: PathBuf,
@@ -63,7 +63,7 @@ pub struct Launch {
 }
 
 impl Launch {
-    pub fn argv(&self) -> Vec<String> {
+    pub(crate) fn argv(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|s| s.to_string()));
         push(&[
@@ -114,7 +114,7 @@ impl Launch {
 
 /// How a watched boot ended.
 #[derive(Debug)]
-pub enum Ending {
+pub(crate) enum Ending {
     /// QEMU exited by itself (the guest powered off, or QEMU failed).
     Exited {
         status: String,
@@ -129,7 +129,7 @@ pub enum Ending {
 
 /// What the watch loop saw.
 #[derive(Debug)]
-pub struct Watched {
+pub(crate) struct Watched {
     pub ending: Ending,
     /// From spawn to the agent's first line.
     pub boot_time: Option<Duration>,
@@ -146,7 +146,7 @@ const PANIC_MARKS: &[&str] = &["Kernel panic - not syncing", "end Kernel panic"]
 
 /// Run QEMU until the guest powers off, panics, times out or the run is cancelled; every agent
 /// event is passed to `on_event` as it arrives. QEMU is killed and reaped on every path.
-pub async fn watch(
+pub(crate) async fn watch(
     launch: &Launch,
     boot_timeout: Duration,
     batch_timeout: Duration,

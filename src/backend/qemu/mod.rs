@@ -88,7 +88,7 @@ impl QemuBackend {
     }
 
     /// Fetch/build the kernel and assemble the guest's base initramfs (blocking work).
-    pub async fn provision(&self, env: &Environment) -> anyhow::Result<(Kernel, PathBuf)> {
+    pub(crate) async fn provision(&self, env: &Environment) -> anyhow::Result<(Kernel, PathBuf)> {
         let kernel_name = env
             .kernel
             .clone()
@@ -112,17 +112,8 @@ impl QemuBackend {
     }
 
     /// Run one batch in one guest. Events stream to `ctx.events` as the agent writes them; the
-    /// console log and the raw agent output stay in `ctx.log_dir`.
-    pub async fn run_batch(
-        &self,
-        env: &Environment,
-        spec: BatchSpec,
-        ctx: &BatchCtx,
-    ) -> Result<(), BatchError> {
-        self.run_batch_timed(env, spec, ctx).await.map(|_| ())
-    }
-
-    /// [`run_batch`](Self::run_batch), also returning the guest's timings.
+    /// console log and the raw agent output stay in `ctx.log_dir`. Also returns
+    /// the guest's timings.
     pub async fn run_batch_timed(
         &self,
         env: &Environment,
@@ -254,7 +245,7 @@ impl QemuBackend {
 
     /// Boot `env` with `spec`'s sysctls applied and give an interactive shell as `spec.uid` on
     /// this terminal (`nsmatrix shell CELL`). Returns when the guest powers off.
-    pub async fn shell(&self, env: &Environment, spec: BatchSpec) -> anyhow::Result<()> {
+    pub(crate) async fn shell(&self, env: &Environment, spec: BatchSpec) -> anyhow::Result<()> {
         let run_dir = RunDir::new("shell", &spec.batch_id)?;
         let (kernel, base) = self.provision(env).await?;
         let initrd = run_dir.path.join("initrd.cpio");
