@@ -24,3 +24,6 @@ pub mod scenario;
 pub(crate) mod schedule;
 pub mod shard;
 pub(crate) mod text;
+
+#[cfg(test)]
+mod snapshots;

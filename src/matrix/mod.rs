@@ -8,6 +8,8 @@ mod raw;
 mod select;
 
 pub(crate) use load::load;
+#[cfg(test)]
+pub(crate) use load::load_str;
 
 /// The `[profile.NAME]`s of a matrix file (tests and benchmarks take their profiles from
 /// `matrix.toml` itself, never from a copy).
