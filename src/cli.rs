@@ -1,4 +1,7 @@
 //! One function per subcommand; each returns the process exit code (see [`crate::exit`]).
+//!
+//! Past 600 lines on purpose: the clap structs carry each subcommand's help text and examples
+//! (half the file); every function is a short translation of arguments into calls.
 
 use std::path::{Path, PathBuf};
 

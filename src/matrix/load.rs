@@ -1,5 +1,8 @@
 //! `matrix.toml` → [`Matrix`]: parse, validate (collecting every problem with its place),
 //! expand the axes, apply exclude/include and expect rules, and give every cell its id.
+//!
+//! Past 600 lines on purpose: the validator's core, one pass over the file collecting every
+//! problem; environment and subject axes live in `axes.rs`, selectors in `select.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;

@@ -54,7 +54,14 @@ pub enum AgentPlacement {
 /// Connect to `$DOCKER_HOST` or the local socket and negotiate the API version. Never panics
 /// and never hangs: an engine that does not answer in 10 s is unavailable.
 pub async fn connect() -> Result<DockerBackend, Unavailable> {
-    let host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
+    connect_to(std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty())).await
+}
+
+/// Connect to one engine endpoint (`unix:///path`, `tcp://host:port`; `None`: the local
+/// socket). An engine that runs elsewhere, in a guest say, is reached the same way through the
+/// endpoint forwarded to it; combine with [`AgentPlacement::Upload`] when that engine does
+/// not share this machine's files.
+pub async fn connect_to(host: Option<String>) -> Result<DockerBackend, Unavailable> {
     let endpoint = host
         .clone()
         .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
@@ -66,7 +73,7 @@ pub async fn connect() -> Result<DockerBackend, Unavailable> {
             None => format!("start dockerd ({detail}), or set DOCKER_HOST"),
         }
     };
-    let docker = Docker::connect_with_defaults().map_err(|e| Unavailable {
+    let docker = Docker::connect_with_host(&endpoint).map_err(|e| Unavailable {
         reason: format!("failed to set up a Docker client for {endpoint}: {e}"),
         fix: fix("as root: `dockerd &` or `systemctl start docker`"),
     })?;
