@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nsmatrix::backend::docker::{DockerBackend, connect};
 use nsmatrix::backend::{BackendEvent, BatchCtx};
-use nsmatrix::matrix::model::{BackendKind, Environment, ImageSource};
+use nsmatrix::matrix::model::{DockerEnv, EnvKind, Environment, ImageSource};
 use nsmatrix::protocol::{
     AgentEvent, ArgvProfile, BatchSpec, CellSpec, Outcome, PROTOCOL_VERSION, SetuidMode,
     SubjectSpec,
@@ -109,16 +109,15 @@ fn environment(image: &str, profile: &str) -> Environment {
     Environment {
         id: format!("bench-{image}-{}", profile.name),
         name: "bench".into(),
-        backend: BackendKind::Docker,
         axes: BTreeMap::new(),
         uid: 0,
-        profile: Some(profile),
-        image: Some(image.into()),
-        image_source: Some(ImageSource::Recipe(image.into())),
-        read_only: false,
-        kernel: None,
-        sysctl_set: None,
-        sysctls: BTreeMap::new(),
+        kind: EnvKind::Docker(DockerEnv {
+            image: image.into(),
+            image_source: Some(ImageSource::Recipe(image.into())),
+            profile: Some(profile),
+            read_only: false,
+            sysctls: BTreeMap::new(),
+        }),
     }
 }
 

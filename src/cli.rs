@@ -204,7 +204,7 @@ pub fn list(a: ListArgs) -> u8 {
     let Some(rt) = crate::run::runtime() else {
         return exit::ERRORS;
     };
-    let mut kinds: Vec<_> = cells.iter().map(|c| c.env.backend).collect();
+    let mut kinds: Vec<_> = cells.iter().map(|c| c.env.backend()).collect();
     kinds.sort();
     kinds.dedup();
     let backends = rt.block_on(crate::backend::Registry::probe(&kinds, &m.settings));
@@ -220,7 +220,7 @@ pub fn list(a: ListArgs) -> u8 {
         let line = match c
             .skip
             .clone()
-            .or_else(|| backends.unavailable(c.env.backend).map(|u| u.to_string()))
+            .or_else(|| backends.unavailable(c.env.backend()).map(|u| u.to_string()))
         {
             Some(reason) => writeln!(out, "{}\t{expect}\tSKIP: {reason}", c.id),
             None => writeln!(out, "{}\t{expect}", c.id),

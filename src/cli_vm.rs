@@ -125,7 +125,7 @@ pub fn shell(a: ShellArgs) -> u8 {
         .find(|c| c.env.id == *env_id)
         .expect("one env")
         .clone();
-    match cell.env.backend {
+    match cell.env.backend() {
         BackendKind::Host => host_shell(&cell),
         BackendKind::Qemu => {
             let Some(rt) = crate::run::runtime() else {
@@ -169,7 +169,8 @@ pub fn shell(a: ShellArgs) -> u8 {
 
 /// A shell under the cell's host restrictions, as its uid, in the current directory.
 fn host_shell(cell: &crate::matrix::model::Cell) -> u8 {
-    let r = crate::backend::host::HostBackend::restrictions(cell.env.profile.as_ref());
+    let profile = cell.env.host().and_then(|h| h.profile.as_ref());
+    let r = crate::backend::host::HostBackend::restrictions(profile);
     let prepared = match crate::sandbox::restrict::Prepared::new(&r, cell.env.uid, cell.env.uid) {
         Ok(p) => p,
         Err(e) => {
@@ -180,11 +181,7 @@ fn host_shell(cell: &crate::matrix::model::Cell) -> u8 {
     eprintln!(
         "nsmatrix shell: uid {} under profile `{}`; bwrap is on PATH as usual; exit to leave",
         cell.env.uid,
-        cell.env
-            .profile
-            .as_ref()
-            .map(|p| p.name.as_str())
-            .unwrap_or("none")
+        profile.map(|p| p.name.as_str()).unwrap_or("none")
     );
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.env("PS1", format!("[nsmatrix {}] $ ", cell.env.id));

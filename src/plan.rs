@@ -23,7 +23,7 @@ pub(crate) struct Group {
 impl Group {
     /// Estimated cost of running this group as one batch, for `--shard`.
     pub(crate) fn cost_ms(&self) -> u64 {
-        crate::backend::estimated_cost_ms(self.env.backend, self.cells.len())
+        crate::backend::estimated_cost_ms(self.env.backend(), self.cells.len())
     }
 }
 
@@ -115,13 +115,13 @@ pub(crate) async fn prepare(
             .into_iter()
             .map(|s| s.or_else(|| env_skip.clone()))
             .collect();
-        let backend = match registry.get(g.env.backend) {
+        let backend = match registry.get(g.env.backend()) {
             Ok(b) => b.clone(),
             Err(u) => {
-                if announced.insert(g.env.backend) {
+                if announced.insert(g.env.backend()) {
                     say(&format!(
                         "nsmatrix: skipping {} cells: {u}",
-                        g.env.backend.as_str()
+                        g.env.backend().as_str()
                     ));
                 }
                 for (cell, skip) in g.cells.into_iter().zip(skips) {
@@ -253,7 +253,7 @@ async fn resolve_codex(groups: Vec<Group>, say: &mut dyn FnMut(&str)) -> Vec<(Gr
 
 /// The backend kinds `groups` use, for probing only those.
 pub(crate) fn kinds(groups: &[Group]) -> Vec<BackendKind> {
-    let mut k: Vec<BackendKind> = groups.iter().map(|g| g.env.backend).collect();
+    let mut k: Vec<BackendKind> = groups.iter().map(|g| g.env.backend()).collect();
     k.sort();
     k.dedup();
     k

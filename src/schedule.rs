@@ -98,7 +98,7 @@ pub(crate) async fn dispatch(
             b.env.id.clone(),
             BatchInfo {
                 environment: b.env.id.clone(),
-                backend: b.env.backend.as_str().into(),
+                backend: b.env.backend().as_str().into(),
                 ..Default::default()
             },
         );

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nsmatrix::backend::docker::{AgentPlacement, DockerBackend, connect};
 use nsmatrix::backend::{BackendEvent, BatchCtx, BatchError, Stage};
-use nsmatrix::matrix::model::{BackendKind, Environment, ImageSource};
+use nsmatrix::matrix::model::{DockerEnv, EnvKind, Environment, ImageSource};
 use nsmatrix::protocol::{
     AgentEvent, ArgvProfile, BatchSpec, CellRecord, CellSpec, Outcome, PROTOCOL_VERSION,
     SetuidMode, SubjectSpec,
@@ -45,16 +45,15 @@ fn env(image: &str, profile: &str, uid: u32, read_only: bool) -> Environment {
             if read_only { "-ro" } else { "" }
         ),
         name: "test".into(),
-        backend: BackendKind::Docker,
         axes: BTreeMap::new(),
         uid,
-        profile: Some(profile),
-        image: Some(image.into()),
-        image_source: Some(ImageSource::Recipe(image.into())),
-        read_only,
-        kernel: None,
-        sysctl_set: None,
-        sysctls: BTreeMap::new(),
+        kind: EnvKind::Docker(DockerEnv {
+            image: image.into(),
+            image_source: Some(ImageSource::Recipe(image.into())),
+            profile: Some(profile),
+            read_only,
+            sysctls: BTreeMap::new(),
+        }),
     }
 }
 
@@ -560,8 +559,10 @@ async fn busybox_only_image_runs_the_placed_static_agent() {
         .expect("import");
     let id = run_id("busybox");
     let mut e = env("bookworm", "default", 1000, false);
-    e.image = Some(reference.clone());
-    e.image_source = Some(ImageSource::Reference(reference.clone()));
+    if let EnvKind::Docker(d) = &mut e.kind {
+        d.image = reference.clone();
+        d.image_source = Some(ImageSource::Reference(reference.clone()));
+    }
     let cells = vec![bwrap_cell("c", &sc, SetuidMode::AsIs, ArgvProfile::Codex)];
     let r = run(
         &d,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nsmatrix::backend::qemu::QemuBackend;
 use nsmatrix::backend::{BackendEvent, BatchCtx, BatchError, Stage};
-use nsmatrix::matrix::model::{BackendKind, Environment};
+use nsmatrix::matrix::model::{EnvKind, Environment, QemuEnv};
 use nsmatrix::protocol::*;
 use tokio_util::sync::CancellationToken;
 
@@ -18,19 +18,16 @@ fn env(kernel: &str, set: &str, sysctls: &[(&str, &str)]) -> Environment {
     Environment {
         id: format!("qemu-{kernel}-{set}"),
         name: "qemu".into(),
-        backend: BackendKind::Qemu,
         axes: BTreeMap::new(),
         uid: 1000,
-        profile: None,
-        image: None,
-        image_source: None,
-        read_only: false,
-        kernel: Some(kernel.into()),
-        sysctl_set: Some(set.into()),
-        sysctls: sysctls
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        kind: EnvKind::Qemu(QemuEnv {
+            kernel: kernel.into(),
+            image: None,
+            sysctls: sysctls
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }),
     }
 }
 

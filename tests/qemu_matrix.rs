@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nsmatrix::backend::qemu::QemuBackend;
 use nsmatrix::backend::{BackendEvent, BatchCtx};
-use nsmatrix::matrix::model::{BackendKind, Environment};
+use nsmatrix::matrix::model::{EnvKind, Environment, QemuEnv};
 use nsmatrix::protocol::*;
 use tokio_util::sync::CancellationToken;
 
@@ -49,16 +49,13 @@ async fn measure(
     let env = Environment {
         id: format!("qemu-{kernel}-{set}"),
         name: "qemu".into(),
-        backend: BackendKind::Qemu,
         axes: BTreeMap::new(),
         uid: 1000,
-        profile: None,
-        image: image.map(String::from),
-        image_source: None,
-        read_only: false,
-        kernel: Some(kernel.into()),
-        sysctl_set: Some(set.into()),
-        sysctls: sysctls.clone(),
+        kind: EnvKind::Qemu(QemuEnv {
+            kernel: kernel.into(),
+            image: image.map(String::from),
+            sysctls: sysctls.clone(),
+        }),
     };
     let batch = format!("matrix-{kernel}-{set}");
     let spec = BatchSpec {

@@ -216,7 +216,7 @@ impl Backend for HostBackend {
 
     /// The profile's process-level restrictions; the work dir under this run's directory.
     fn prepare(&self, run_id: &str, env: &Environment, mut spec: BatchSpec) -> BatchSpec {
-        spec.restrictions = HostBackend::restrictions(env.profile.as_ref());
+        spec.restrictions = HostBackend::restrictions(env.host().and_then(|h| h.profile.as_ref()));
         spec.work_dir = self.run_dir(run_id).join(&spec.batch_id);
         spec
     }

@@ -17,7 +17,7 @@ use futures_util::future::BoxFuture;
 pub(crate) use events::Stages;
 pub use events::{BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
 
-use crate::matrix::model::{BackendKind, Environment, Settings};
+use crate::matrix::model::{BackendKind, EnvKind, Environment, Settings};
 use crate::protocol::BatchSpec;
 
 /// Where a batch's work dir goes in a spec before a backend places it (a container's tmpfs, a
@@ -83,9 +83,9 @@ pub(crate) const KINDS: [BackendKind; 3] =
 /// Why cells of `env` cannot run on this machine whatever its backend's state: a host fact
 /// the environment needs and cannot set itself (the SKIP reason). Checked before availability.
 pub(crate) fn host_check(env: &Environment) -> Option<String> {
-    match env.backend {
-        BackendKind::Docker => docker::host_sysctl_mismatch(&env.sysctls),
-        BackendKind::Host | BackendKind::Qemu => None,
+    match &env.kind {
+        EnvKind::Docker(d) => docker::host_sysctl_mismatch(&d.sysctls),
+        EnvKind::Host(_) | EnvKind::Qemu(_) => None,
     }
 }
 

@@ -221,10 +221,10 @@ impl Validator<'_> {
                     ));
                 }
             }
-            let (sysctl_set, sysctls) = if allowed.contains(&"sysctl") {
+            let sysctls = if allowed.contains(&"sysctl") {
                 let s = val("sysctl");
                 match sysctl_sets.get(&s) {
-                    Some(v) => (Some(s), v.clone()),
+                    Some(v) => v.clone(),
                     None => {
                         self.err(
                             "bad-axis-value",
@@ -232,11 +232,11 @@ impl Validator<'_> {
                             format!("no sysctl set named `{s}`"),
                         )
                         .help(format!("define [sysctl-set.{s}]"));
-                        (None, BTreeMap::new())
+                        BTreeMap::new()
                     }
                 }
             } else {
-                (None, BTreeMap::new())
+                BTreeMap::new()
             };
             let mut id = name.clone();
             for k in allowed {
@@ -249,19 +249,38 @@ impl Validator<'_> {
                 c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
             axes.insert("backend".into(), backend.as_str().into());
             axes.insert("environment".into(), name.clone());
+            let kind = match backend {
+                BackendKind::Host => EnvKind::Host(HostEnv { profile }),
+                BackendKind::Docker => match image {
+                    Some(image) => EnvKind::Docker(DockerEnv {
+                        image,
+                        image_source,
+                        profile,
+                        read_only,
+                        sysctls,
+                    }),
+                    None => {
+                        self.err(
+                            "bad-axis-value",
+                            span(&r.name),
+                            format!("environment `{name}` names no image"),
+                        )
+                        .help("give it image = \"NAME\" with an [image.NAME]");
+                        continue;
+                    }
+                },
+                BackendKind::Qemu => EnvKind::Qemu(QemuEnv {
+                    kernel: kernel.unwrap_or_default(),
+                    image,
+                    sysctls,
+                }),
+            };
             out.push(Environment {
                 id,
                 name: name.clone(),
-                backend,
                 axes,
                 uid,
-                profile,
-                image,
-                image_source,
-                read_only,
-                kernel,
-                sysctl_set,
-                sysctls,
+                kind,
             });
         }
         out

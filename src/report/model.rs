@@ -234,7 +234,7 @@ pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
     CellResult {
         id: cell.id.clone(),
         environment: cell.env.id.clone(),
-        backend: cell.env.backend.as_str().to_string(),
+        backend: cell.env.backend().as_str().to_string(),
         subject: cell.subject.id.clone(),
         scenario_set: cell.scenario.set.clone(),
         scenario: cell.scenario.name.clone(),

@@ -24,7 +24,7 @@ use super::place::{PLACE_DIR, Placement, WORK_MOUNT};
 use super::profile::{Seccomp, SecuritySettings, security_settings};
 use super::stream::{AgentReader, BatchLog, CELL_GRACE};
 use crate::backend::{BatchCtx, BatchError, Stage, Stages};
-use crate::matrix::model::{Environment, ImageSource};
+use crate::matrix::model::{DockerEnv, Environment, ImageSource};
 use crate::protocol::BatchSpec;
 
 impl DockerBackend {
@@ -73,16 +73,11 @@ impl DockerBackend {
     }
 
     async fn provision(&self, env: &Environment) -> Result<String, BatchError> {
-        let r = match (&env.image_source, env.image.as_deref()) {
-            (Some(ImageSource::Recipe(name)), _) => self.ensure_recipe_image(name).await,
-            (Some(ImageSource::Reference(r)), _) => self.ensure_local_image(r).await,
-            (None, Some(name)) => self.ensure_image(name).await,
-            (None, None) => {
-                return Err(BatchError::new(
-                    Stage::Provision,
-                    format!("environment {} names no image", env.id),
-                ));
-            }
+        let d = docker_env(env)?;
+        let r = match &d.image_source {
+            Some(ImageSource::Recipe(name)) => self.ensure_recipe_image(name).await,
+            Some(ImageSource::Reference(r)) => self.ensure_local_image(r).await,
+            None => self.ensure_image(&d.image).await,
         };
         r.map_err(|e| BatchError::new(Stage::Provision, format!("{e:#}")))
     }
@@ -101,7 +96,8 @@ impl DockerBackend {
         let fail = |stage: Stage, what: &str, e: &dyn std::fmt::Display| {
             BatchError::new(stage, format!("failed to {what}: {e}"))
         };
-        let sec = security_settings(env.profile.as_ref(), env.read_only)
+        let d = docker_env(env)?;
+        let sec = security_settings(d.profile.as_ref(), d.read_only)
             .map_err(|e| fail(Stage::Start, "map the security profile", &e))?;
         let seccomp_json = match &sec.seccomp {
             Seccomp::File(path) => Some(
@@ -418,6 +414,16 @@ impl Drop for ContainerSlot {
         }
         // No runtime: `sweep` on the next run removes it (it is labelled with its owner).
     }
+}
+
+/// The container part of `env` (the plan gives this backend docker environments only).
+fn docker_env(env: &Environment) -> Result<&DockerEnv, BatchError> {
+    env.docker().ok_or_else(|| {
+        BatchError::new(
+            Stage::Provision,
+            format!("environment {} is not a docker environment", env.id),
+        )
+    })
 }
 
 const CHUNK: usize = 1 << 20;

@@ -89,11 +89,11 @@ impl QemuBackend {
 
     /// Fetch/build the kernel and assemble the guest's base initramfs (blocking work).
     pub(crate) async fn provision(&self, env: &Environment) -> anyhow::Result<(Kernel, PathBuf)> {
-        let kernel_name = env
-            .kernel
-            .clone()
-            .context("a qemu environment needs a kernel")?;
-        let image = env.image.clone();
+        let q = env
+            .qemu()
+            .with_context(|| format!("environment {} is not a qemu environment", env.id))?;
+        let kernel_name = q.kernel.clone();
+        let image = q.image.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<(Kernel, PathBuf)> {
             let kernel = kernels::ensure(&kernel_name)?;
             let suite = match image {
@@ -285,10 +285,11 @@ impl Backend for QemuBackend {
     /// Only a guest's agent writes sysctls (elsewhere they are the host's, checked, never set);
     /// every cell needs the set's keys to exist.
     fn prepare(&self, _run_id: &str, env: &Environment, mut spec: BatchSpec) -> BatchSpec {
-        spec.sysctls = env.sysctls.clone();
+        let sysctls = env.qemu().map(|q| q.sysctls.clone()).unwrap_or_default();
         for c in &mut spec.cells {
-            c.needs_sysctls = env.sysctls.keys().cloned().collect();
+            c.needs_sysctls = sysctls.keys().cloned().collect();
         }
+        spec.sysctls = sysctls;
         spec
     }
 
