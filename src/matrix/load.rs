@@ -70,6 +70,22 @@ pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
     }
 }
 
+/// Only the `[profile.NAME]`s of a matrix file, validated, without expanding it.
+pub(super) fn load_profiles(path: &Path) -> anyhow::Result<Vec<Profile>> {
+    let text = std::fs::read_to_string(path)?;
+    let raw: RawMatrix = toml::from_str(&text)?;
+    let mut v = Validator {
+        diags: Vec::new(),
+        raw: &raw,
+        base: PathBuf::from("."),
+    };
+    let profiles = v.profiles();
+    if let Some(d) = v.diags.first() {
+        anyhow::bail!("{}: {d:?}", path.display());
+    }
+    Ok(profiles.into_values().map(|(p, _)| p).collect())
+}
+
 pub(super) struct Validator<'a> {
     pub(super) diags: Vec<Diagnostic>,
     pub(super) raw: &'a RawMatrix,
@@ -167,7 +183,6 @@ impl Validator<'_> {
         Matrix {
             path: path.to_path_buf(),
             settings,
-            profiles: profiles.into_values().map(|(p, _)| p).collect(),
             cells,
         }
     }

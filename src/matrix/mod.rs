@@ -14,8 +14,6 @@ pub(crate) use load::load_str;
 /// The `[profile.NAME]`s of a matrix file (tests and benchmarks take their profiles from
 /// `matrix.toml` itself, never from a copy).
 pub fn profiles(path: &std::path::Path) -> anyhow::Result<Vec<model::Profile>> {
-    load(path)
-        .map(|m| m.profiles)
-        .map_err(|e| anyhow::anyhow!("{e}"))
+    load::load_profiles(path)
 }
 pub(crate) use select::Filter;

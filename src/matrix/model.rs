@@ -230,7 +230,5 @@ impl Default for Settings {
 pub struct Matrix {
     pub path: PathBuf,
     pub settings: Settings,
-    /// Every `[profile.NAME]`, used by an environment or not.
-    pub profiles: Vec<Profile>,
     pub cells: Vec<Cell>,
 }
