@@ -17,6 +17,7 @@ pub mod matrix;
 pub(crate) mod plan;
 pub(crate) mod progress;
 pub mod protocol;
+pub(crate) mod record;
 pub(crate) mod report;
 pub(crate) mod run;
 pub(crate) mod sandbox;

@@ -2,7 +2,6 @@
 //! matrix's order. `results.jsonl` gets each result the moment it is known.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,9 @@ use crate::matrix::model::Matrix;
 use crate::plan::{Group, PlanOptions};
 use crate::progress::{Mode, Progress};
 use crate::protocol::Outcome;
-use crate::report::model::{CellResult, RunResults, SCHEMA_VERSION, not_run};
+use crate::record::Recorder;
+use crate::report::model::{RunResults, SCHEMA_VERSION, not_run};
+use crate::schedule::DispatchOptions;
 
 /// How long a second Ctrl-C waits for the backends to remove what the run created.
 const ABORT_CLEANUP: Duration = Duration::from_secs(60);
@@ -26,26 +27,6 @@ pub(crate) struct RunOptions {
     pub run_name: String,
     /// Run every batch this many times (`--repeat N`); 1 = once.
     pub repeat: u32,
-}
-
-/// Where results go as they are known: `results.jsonl`, the progress display, the list.
-pub(crate) struct Recorder {
-    jsonl: std::fs::File,
-    pub(crate) progress: Progress,
-    pub(crate) results: Vec<CellResult>,
-}
-
-impl Recorder {
-    pub(crate) fn record(&mut self, r: CellResult) -> Result<()> {
-        let line = serde_json::to_string(&r).expect("results serialise");
-        // One line per cell, flushed at once: a crash loses nothing already measured.
-        writeln!(self.jsonl, "{line}")
-            .and_then(|_| self.jsonl.flush())
-            .context("failed to append to results.jsonl")?;
-        self.progress.cell(&r);
-        self.results.push(r);
-        Ok(())
-    }
 }
 
 /// Run `groups` (selected cells by environment) and return every result (reports are written
@@ -68,11 +49,7 @@ pub(crate) async fn run(
 
     let repeat = opts.repeat.max(1);
     let total: usize = groups.iter().map(|g| g.cells.len()).sum();
-    let mut rec = Recorder {
-        jsonl,
-        progress: Progress::new(opts.mode, total * repeat as usize),
-        results: Vec::new(),
-    };
+    let mut rec = Recorder::new(jsonl, Progress::new(opts.mode, total * repeat as usize));
     let plan_opts = PlanOptions {
         run_id: &run_id,
         agent_bin,
@@ -99,8 +76,14 @@ pub(crate) async fn run(
             .with_context(|| format!("failed to prepare the {} backend", b.kind().as_str()))?;
     }
 
+    let dispatch = DispatchOptions {
+        jobs: opts.jobs,
+        fail_fast: opts.fail_fast,
+        repeat,
+        log_root: opts.out_dir.join("logs"),
+    };
     let dispatched =
-        crate::schedule::dispatch(&plan, &run_id, &matrix.settings, opts, &mut rec).await?;
+        crate::schedule::dispatch(&plan, &run_id, &matrix.settings, &dispatch, &mut rec).await?;
     rec.progress.finish();
     for b in &plan.backends {
         let end = b.end_run(&run_id, dispatched.aborted);

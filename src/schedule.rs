@@ -15,8 +15,18 @@ use crate::backend::{Backend, BackendEvent, BatchCtx, BatchError, Stage};
 use crate::matrix::model::{Cell, Environment, Settings};
 use crate::plan::Plan;
 use crate::protocol::{AgentEvent, BatchSpec, CellRecord, Outcome};
+use crate::record::Recorder;
 use crate::report::model::{BatchInfo, judge};
-use crate::run::{Recorder, RunOptions};
+
+/// How to dispatch: the run's options the scheduler reads.
+pub(crate) struct DispatchOptions {
+    pub(crate) jobs: usize,
+    pub(crate) fail_fast: bool,
+    /// Run every batch this many times (`--repeat N`).
+    pub(crate) repeat: u32,
+    /// `logs/` of the run's output directory: one directory per batch.
+    pub(crate) log_root: PathBuf,
+}
 
 /// Messages to the dispatcher.
 enum Msg {
@@ -55,7 +65,7 @@ pub(crate) async fn dispatch(
     plan: &Plan,
     run_id: &str,
     settings: &Settings,
-    opts: &RunOptions,
+    opts: &DispatchOptions,
     rec: &mut Recorder,
 ) -> Result<Dispatched> {
     let cancel = CancellationToken::new();
@@ -68,7 +78,7 @@ pub(crate) async fn dispatch(
         btx,
         cancel: cancel.clone(),
         run_id: run_id.to_string(),
-        log_root: opts.out_dir.join("logs"),
+        log_root: opts.log_root.clone(),
         batch_timeout: settings.batch_timeout,
     };
     let mut states: HashMap<String, BatchState> = HashMap::new();
