@@ -209,6 +209,39 @@ impl AgentEvent {
     }
 }
 
+/// The one splitter of an agent's output, whatever carries it (a pipe, a container's attach
+/// stream, a file a guest's serial port writes): bytes in as they arrive, whole lines out
+/// (`\n` or `\r\n` ended, invalid UTF-8 replaced); [`AgentEvent::parse_line`] then tells a
+/// protocol line from noise.
+#[derive(Debug, Default)]
+pub struct LineBuf {
+    partial: Vec<u8>,
+}
+
+impl LineBuf {
+    /// The lines `chunk` completes.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.partial.extend_from_slice(chunk);
+        let mut lines = Vec::new();
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            lines.push(text_of(&line));
+        }
+        lines
+    }
+
+    /// What is left after the last newline, at the end of the stream.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.partial.is_empty()).then(|| text_of(&std::mem::take(&mut self.partial)))
+    }
+}
+
+fn text_of(line: &[u8]) -> String {
+    String::from_utf8_lossy(line)
+        .trim_end_matches(['\r', '\n'])
+        .to_string()
+}
+
 /// Where a batch's files go inside an environment (a container, a guest).
 #[derive(Debug, Clone, Copy)]
 pub struct Layout<'a> {
@@ -417,5 +450,20 @@ mod tests {
             inside: "/in/codex/0/codex-resources/bwrap".into(),
             mode: 0o755
         }));
+    }
+
+    #[test]
+    fn lines_split_across_chunks_and_at_the_end() {
+        let mut b = LineBuf::default();
+        assert!(b.push(b"{\"event\":").is_empty());
+        let l = b.push(b"\"batch-done\",\"cells\":1}\r\nnoise\npart");
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            AgentEvent::parse_line(&l[0]).unwrap().unwrap(),
+            AgentEvent::BatchDone { cells: 1 }
+        );
+        assert_eq!(l[1], "noise");
+        assert_eq!(b.finish().as_deref(), Some("part"));
+        assert_eq!(b.finish(), None);
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use anyhow::Context;
@@ -14,7 +14,7 @@ use futures_util::future::BoxFuture;
 
 use super::{Backend, BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
 use crate::matrix::model::{BackendKind, Environment, Profile, Settings};
-use crate::protocol::{AgentEvent, BatchSpec, Restrictions};
+use crate::protocol::{AgentEvent, BatchSpec, LineBuf, Restrictions};
 
 /// How long an interrupted agent gets to clean up (kill its sandbox, remove its directory)
 /// before it is killed.
@@ -132,7 +132,9 @@ impl HostBackend {
             batch: ctx.batch_id.clone(),
             stage: Stage::Run,
         });
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut lines = LineBuf::default();
+        let mut buf = vec![0u8; 64 * 1024];
         let stderr = child.stderr.take().expect("piped");
         let log_path = ctx.log_dir.join("agent.log");
         let stderr_task = tokio::spawn(copy_to_log(stderr, log_path.clone()));
@@ -144,23 +146,38 @@ impl HostBackend {
             .ok();
         let outcome: Result<(), BatchError> = loop {
             tokio::select! {
-                line = stdout.next_line() => match line {
-                    Ok(Some(line)) => {
-                        if let Some(f) = protocol_log.as_mut() {
-                            let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+                read = stdout.read(&mut buf) => match read {
+                    Ok(n) => {
+                        let mut got = lines.push(&buf[..n]);
+                        if n == 0 {
+                            got.extend(lines.finish());
                         }
-                        match AgentEvent::parse_line(&line) {
-                            Some(Ok(ev)) => {
-                                if matches!(ev, AgentEvent::BatchDone { .. }) {
-                                    finished = true;
-                                }
-                                ctx.agent_event(ev);
+                        let mut malformed = None;
+                        for line in got {
+                            if let Some(f) = protocol_log.as_mut() {
+                                let _ = f.write_all(format!("{line}\n").as_bytes()).await;
                             }
-                            Some(Err(e)) => break Err(BatchError::new(Stage::Run, format!("agent sent a malformed line ({e}): {line}"))),
-                            None => {}
+                            match AgentEvent::parse_line(&line) {
+                                Some(Ok(ev)) => {
+                                    if matches!(ev, AgentEvent::BatchDone { .. }) {
+                                        finished = true;
+                                    }
+                                    ctx.agent_event(ev);
+                                }
+                                Some(Err(e)) => {
+                                    malformed = Some(BatchError::new(Stage::Run, format!("agent sent a malformed line ({e}): {line}")));
+                                    break;
+                                }
+                                None => {}
+                            }
+                        }
+                        if let Some(e) = malformed {
+                            break Err(e);
+                        }
+                        if n == 0 {
+                            break Ok(());
                         }
                     }
-                    Ok(None) => break Ok(()),
                     Err(e) => break Err(BatchError::new(Stage::Run, format!("failed to read the agent's output: {e}"))),
                 },
                 _ = &mut deadline => {

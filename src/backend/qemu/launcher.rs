@@ -11,7 +11,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::init::{GUEST_AGENT, RESULTS_PORT};
-use crate::protocol::AgentEvent;
+use crate::protocol::{AgentEvent, LineBuf};
 
 /// How the guest is accelerated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -266,7 +266,7 @@ fn handle(
 struct Tail {
     path: Option<PathBuf>,
     file: Option<tokio::fs::File>,
-    partial: Vec<u8>,
+    lines: LineBuf,
 }
 
 impl Tail {
@@ -274,7 +274,7 @@ impl Tail {
         Tail {
             path,
             file: None,
-            partial: Vec::new(),
+            lines: LineBuf::default(),
         }
     }
 
@@ -292,17 +292,7 @@ impl Tail {
         if f.read_to_end(&mut buf).await.is_err() {
             return Vec::new();
         }
-        self.partial.extend_from_slice(&buf);
-        let mut lines = Vec::new();
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            lines.push(
-                String::from_utf8_lossy(&line)
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string(),
-            );
-        }
-        lines
+        self.lines.push(&buf)
     }
 }
 
