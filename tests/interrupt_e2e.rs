@@ -67,6 +67,28 @@ fn second_ctrl_c_removes_containers_and_batch_dirs_needs_root_and_docker() {
         .spawn()
         .expect("nsmatrix starts");
     let pid = child.id();
+    // Every stdout line, as it comes (the run's notes go there with --quiet).
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
     // Wait until the run has containers of its own: then there is something to remove.
     let start = Instant::now();
     let mut run_id = None;
@@ -82,14 +104,30 @@ fn second_ctrl_c_removes_containers_and_batch_dirs_needs_root_and_docker() {
     }
     let Some(run_id) = run_id else {
         let _ = child.kill();
-        let o = child.wait_with_output().unwrap();
-        panic!("the run never had a container:\n{}", text(&o));
+        let _ = child.wait();
+        panic!(
+            "the run never had a container:\n{}{}",
+            reader.join().unwrap(),
+            err_reader.join().unwrap()
+        );
     };
     let host_dir = Path::new("/var/tmp/nsmatrix").join(&run_id);
     sigint(pid);
-    std::thread::sleep(Duration::from_millis(50));
+    // The second Ctrl-C as soon as the run says it is stopping (its batches are still
+    // cleaning up then), not after a fixed delay that a fast clean-up can outrun.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        if line.contains("interrupted;") {
+            break;
+        }
+    }
     sigint(pid);
-    let o = child.wait_with_output().unwrap();
+    let status = child.wait().unwrap();
+    let o = std::process::Output {
+        status,
+        stdout: reader.join().unwrap().into_bytes(),
+        stderr: err_reader.join().unwrap().into_bytes(),
+    };
     let t = text(&o);
     assert_eq!(o.status.code(), Some(3), "exit code after two Ctrl-C:\n{t}");
     assert!(t.contains("second Ctrl-C"), "{t}");
