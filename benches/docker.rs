@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nsmatrix::agent::protocol::{
+use nsmatrix::backend::docker::{DockerBackend, connect};
+use nsmatrix::backend::{BackendEvent, BatchCtx};
+use nsmatrix::matrix::model::{DockerEnv, EnvKind, Environment, ImageSource};
+use nsmatrix::protocol::{
     AgentEvent, ArgvProfile, BatchSpec, CellSpec, Outcome, PROTOCOL_VERSION, SetuidMode,
     SubjectSpec,
 };
-use nsmatrix::backend::docker::{DockerBackend, builtin_profiles, connect};
-use nsmatrix::backend::{BackendEvent, BatchCtx};
-use nsmatrix::matrix::model::{BackendKind, Environment, ImageSource};
 use tokio_util::sync::CancellationToken;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_nsmatrix");
@@ -99,23 +99,25 @@ async fn bench(n: usize, profile: &str, image: &str) {
 }
 
 fn environment(image: &str, profile: &str) -> Environment {
-    let profile = builtin_profiles()
-        .into_iter()
-        .find(|p| p.name == profile)
-        .expect("a built-in profile");
+    let profile = nsmatrix::matrix::profiles(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+    )
+    .expect("matrix.toml loads")
+    .into_iter()
+    .find(|p| p.name == profile)
+    .expect("a built-in profile");
     Environment {
         id: format!("bench-{image}-{}", profile.name),
         name: "bench".into(),
-        backend: BackendKind::Docker,
         axes: BTreeMap::new(),
         uid: 0,
-        profile: Some(profile),
-        image: Some(image.into()),
-        image_source: Some(ImageSource::Recipe(image.into())),
-        read_only: false,
-        kernel: None,
-        sysctl_set: None,
-        sysctls: BTreeMap::new(),
+        kind: EnvKind::Docker(DockerEnv {
+            image: image.into(),
+            image_source: Some(ImageSource::Recipe(image.into())),
+            profile: Some(profile),
+            read_only: false,
+            sysctls: BTreeMap::new(),
+        }),
     }
 }
 
@@ -202,7 +204,12 @@ fn docker_run_loop(
         .output()
         .ok()
         .filter(|o| o.status.success())?;
-    let p = builtin_profiles().into_iter().find(|p| p.name == profile)?;
+    let p = nsmatrix::matrix::profiles(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+    )
+    .expect("matrix.toml loads")
+    .into_iter()
+    .find(|p| p.name == profile)?;
     let mut flags =
         vec!["--network none --init --user 0:0 --tmpfs /nsmatrix-work:rw,exec,suid".to_string()];
     if p.privileged {

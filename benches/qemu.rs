@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nsmatrix::agent::protocol::*;
 use nsmatrix::backend::BatchCtx;
 use nsmatrix::backend::qemu::{GuestTimings, QemuBackend};
-use nsmatrix::matrix::model::{BackendKind, Environment};
+use nsmatrix::matrix::model::{EnvKind, Environment, QemuEnv};
+use nsmatrix::protocol::*;
 use tokio_util::sync::CancellationToken;
 
 fn spec(cells: usize) -> BatchSpec {
@@ -42,16 +42,13 @@ async fn once(b: &QemuBackend, kernel: &str, cells: usize) -> GuestTimings {
     let env = Environment {
         id: format!("bench-{kernel}"),
         name: "bench".into(),
-        backend: BackendKind::Qemu,
         axes: BTreeMap::new(),
         uid: 1000,
-        profile: None,
-        image: None,
-        image_source: None,
-        read_only: false,
-        kernel: Some(kernel.into()),
-        sysctl_set: Some("default".into()),
-        sysctls: BTreeMap::new(),
+        kind: EnvKind::Qemu(QemuEnv {
+            kernel: kernel.into(),
+            image: None,
+            sysctls: BTreeMap::new(),
+        }),
     };
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = BatchCtx {

@@ -1,12 +1,17 @@
 //! One function per subcommand; each returns the process exit code (see [`crate::exit`]).
+//!
+//! Past 600 lines on purpose: the clap structs carry each subcommand's help text and examples
+//! (half the file); every function is a short translation of arguments into calls.
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use crate::text::error_chain;
+
 use crate::matrix::model::{Cell, Matrix};
 use crate::matrix::{self, Filter};
-use crate::{exit, progress, schedule};
+use crate::{exit, progress};
 
 #[derive(Args, Debug, Clone)]
 #[command(
@@ -115,16 +120,17 @@ pub fn run(a: RunArgs) -> u8 {
         }
     };
     let total_cells = cells.len();
-    let cells = match a.shard {
-        Some(sh) => sh.select(cells),
-        None => cells,
+    let groups = crate::plan::group(cells);
+    let groups = match a.shard {
+        Some(sh) => sh.select(groups),
+        None => groups,
     };
     let run_name = crate::report::run_name_now();
     let out_dir = a
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("reports").join(&run_name));
-    let opts = schedule::RunOptions {
+    let opts = crate::run::RunOptions {
         jobs: a.jobs.unwrap_or_else(default_jobs),
         fail_fast: a.fail_fast,
         mode: progress::detect_mode(a.quiet),
@@ -132,17 +138,10 @@ pub fn run(a: RunArgs) -> u8 {
         run_name,
         repeat: a.repeat,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nsmatrix: failed to start the runtime: {e}");
-            return exit::ERRORS;
-        }
+    let Some(rt) = crate::run::runtime() else {
+        return exit::ERRORS;
     };
-    let mut results = match rt.block_on(schedule::run(&m, cells, &opts)) {
+    let mut results = match rt.block_on(crate::run::run(&m, groups, &opts)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("nsmatrix: {e:#}");
@@ -202,16 +201,13 @@ pub fn list(a: ListArgs) -> u8 {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let backends = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(schedule::Backends::probe(&m, &cells)),
-        Err(e) => {
-            eprintln!("nsmatrix: failed to start the runtime: {e}");
-            return exit::ERRORS;
-        }
+    let Some(rt) = crate::run::runtime() else {
+        return exit::ERRORS;
     };
+    let mut kinds: Vec<_> = cells.iter().map(|c| c.env.backend()).collect();
+    kinds.sort();
+    kinds.dedup();
+    let backends = rt.block_on(crate::backend::Registry::probe(&kinds, &m.settings));
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     for c in &cells {
@@ -224,7 +220,7 @@ pub fn list(a: ListArgs) -> u8 {
         let line = match c
             .skip
             .clone()
-            .or_else(|| backends.unavailable(c.env.backend).map(|u| u.to_string()))
+            .or_else(|| backends.unavailable(c.env.backend()).map(|u| u.to_string()))
         {
             Some(reason) => writeln!(out, "{}\t{expect}\tSKIP: {reason}", c.id),
             None => writeln!(out, "{}\t{expect}", c.id),
@@ -273,15 +269,8 @@ pub enum ImagesAction {
 
 /// `nsmatrix images`.
 pub fn images(a: ImagesArgs) -> u8 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nsmatrix: failed to start the runtime: {e}");
-            return exit::ERRORS;
-        }
+    let Some(rt) = crate::run::runtime() else {
+        return exit::ERRORS;
     };
     rt.block_on(async {
         let d = match crate::backend::docker::connect().await {
@@ -358,7 +347,7 @@ pub fn agent(batch: &Path) -> u8 {
     }
 }
 
-fn read_batch(path: &Path) -> anyhow::Result<crate::agent::protocol::BatchSpec> {
+fn read_batch(path: &Path) -> anyhow::Result<crate::protocol::BatchSpec> {
     use anyhow::Context;
     let text = if path == Path::new("-") {
         let mut s = String::new();
@@ -370,18 +359,6 @@ fn read_batch(path: &Path) -> anyhow::Result<crate::agent::protocol::BatchSpec> 
     };
     serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid batch spec", path.display()))
-}
-
-/// An error and its causes on one line: `a: b: c`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

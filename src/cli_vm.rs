@@ -125,13 +125,12 @@ pub fn shell(a: ShellArgs) -> u8 {
         .find(|c| c.env.id == *env_id)
         .expect("one env")
         .clone();
-    match cell.env.backend {
+    match cell.env.backend() {
         BackendKind::Host => host_shell(&cell),
         BackendKind::Qemu => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let Some(rt) = crate::run::runtime() else {
+                return exit::ERRORS;
+            };
             rt.block_on(async {
                 let q = match crate::backend::qemu::QemuBackend::probe().await {
                     Ok(q) => q,
@@ -141,14 +140,14 @@ pub fn shell(a: ShellArgs) -> u8 {
                     }
                 };
                 let exe = std::env::current_exe().unwrap_or_default();
-                let spec = crate::schedule::batch_spec(
+                let base = crate::plan::base_spec(
                     "shell",
                     &cell.env,
                     std::slice::from_ref(&cell),
-                    &PathBuf::from("/nsmatrix-work"),
                     &exe,
                     m.settings.cell_timeout,
                 );
+                let spec = crate::backend::Backend::prepare(&q, "shell", &cell.env, base);
                 match q.shell(&cell.env, spec).await {
                     Ok(()) => exit::OK,
                     Err(e) => {
@@ -158,9 +157,10 @@ pub fn shell(a: ShellArgs) -> u8 {
                 }
             })
         }
-        BackendKind::Docker => {
+        other => {
             eprintln!(
-                "nsmatrix shell: docker environments are not supported yet; run the image with the profile's settings by hand (see docs/matrix.md)"
+                "nsmatrix shell: {} environments are not supported yet; run the image with the profile's settings by hand (see docs/matrix.md)",
+                other.as_str()
             );
             exit::ERRORS
         }
@@ -169,7 +169,8 @@ pub fn shell(a: ShellArgs) -> u8 {
 
 /// A shell under the cell's host restrictions, as its uid, in the current directory.
 fn host_shell(cell: &crate::matrix::model::Cell) -> u8 {
-    let r = crate::backend::host::HostBackend::restrictions(cell.env.profile.as_ref());
+    let profile = cell.env.host().and_then(|h| h.profile.as_ref());
+    let r = crate::backend::host::HostBackend::restrictions(profile);
     let prepared = match crate::sandbox::restrict::Prepared::new(&r, cell.env.uid, cell.env.uid) {
         Ok(p) => p,
         Err(e) => {
@@ -180,11 +181,7 @@ fn host_shell(cell: &crate::matrix::model::Cell) -> u8 {
     eprintln!(
         "nsmatrix shell: uid {} under profile `{}`; bwrap is on PATH as usual; exit to leave",
         cell.env.uid,
-        cell.env
-            .profile
-            .as_ref()
-            .map(|p| p.name.as_str())
-            .unwrap_or("none")
+        profile.map(|p| p.name.as_str()).unwrap_or("none")
     );
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.env("PS1", format!("[nsmatrix {}] $ ", cell.env.id));

@@ -1,6 +1,5 @@
 //! `nsmatrix doctor`: what this host offers, each fact read, not assumed.
 
-use std::path::Path;
 use std::process::Command;
 
 /// (fact, value) rows in display order.
@@ -29,13 +28,6 @@ pub fn report() -> Vec<(String, String)> {
         add(k, read(p).unwrap_or_else(|_| "absent".into()));
     }
     add("running as", format!("euid {}", unsafe { libc::geteuid() }));
-    add(
-        "host backend",
-        match crate::backend::host::HostBackend::probe() {
-            Ok(()) => "available".into(),
-            Err(u) => format!("unavailable: {u}"),
-        },
-    );
     match crate::sandbox::subject::resolve_build("system") {
         Ok(p) => {
             let version = Command::new(&p)
@@ -60,58 +52,30 @@ pub fn report() -> Vec<(String, String)> {
             format!("missing: {e} (fix: apt-get install bubblewrap)"),
         ),
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    add(
-        "docker",
-        match rt
-            .as_ref()
-            .map(|rt| rt.block_on(crate::backend::docker::connect()))
-        {
-            Ok(Ok(d)) => {
-                let e = d.engine();
-                format!(
-                    "engine {} (API {}) at {}",
-                    e.version, e.api_version, e.endpoint
-                )
+    // Each backend's own probe: the qemu backend boots a real cached kernel under KVM with a
+    // timeout (guests can hang here where a boot sector does not) and caches the answer.
+    match crate::run::runtime() {
+        Some(rt) => {
+            let registry = rt.block_on(crate::backend::Registry::probe(
+                &crate::backend::KINDS,
+                &Default::default(),
+            ));
+            for kind in crate::backend::KINDS {
+                match registry.get(kind) {
+                    Ok(b) => {
+                        for (k, v) in b.describe() {
+                            add(&k, v);
+                        }
+                    }
+                    Err(u) => add(
+                        &format!("{} backend", kind.as_str()),
+                        format!("unavailable: {u}"),
+                    ),
+                }
             }
-            Ok(Err(u)) => format!("unavailable: {u}"),
-            Err(e) => format!("not probed: {e}"),
-        },
-    );
-    add(
-        "qemu",
-        match Command::new("qemu-system-x86_64").arg("--version").output() {
-            Ok(o) => String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("?")
-                .to_string(),
-            Err(_) => "missing (fix: apt-get install qemu-system-x86)".into(),
-        },
-    );
-    add(
-        "/dev/kvm",
-        if Path::new("/dev/kvm").exists() {
-            "present".into()
-        } else {
-            "absent: guests run under TCG".into()
-        },
-    );
-    // The qemu backend boots a real cached kernel under KVM with a timeout (guests can hang
-    // here where a boot sector does not) and caches the answer per host.
-    let accel = rt
-        .as_ref()
-        .map(|rt| rt.block_on(crate::backend::qemu::QemuBackend::probe()));
-    add(
-        "qemu acceleration",
-        match accel {
-            Ok(Ok(q)) => q.accel_note.clone(),
-            Ok(Err(u)) => format!("unavailable: {u}"),
-            Err(e) => format!("not probed: {e}"),
-        },
-    );
+        }
+        None => add("backends", "not probed: no runtime".into()),
+    }
     add(
         "cache",
         crate::artifacts::cache::cache_dir().display().to_string(),

@@ -1,6 +1,4 @@
-//! Exit codes, from one table (ARCHITECTURE.md), mapped in one function.
-
-use crate::report::Status;
+//! Exit codes, from one table; `report::for_statuses` maps a run's statuses onto them.
 
 /// Every cell met its expectation.
 pub const OK: u8 = 0;
@@ -10,16 +8,3 @@ pub const FAILURES: u8 = 1;
 pub const BAD_INPUT: u8 = 2;
 /// No unexpected failure, but some cells ended in ERROR.
 pub const ERRORS: u8 = 3;
-
-/// The exit code of a run from its cells' statuses.
-pub fn for_statuses<'a>(statuses: impl IntoIterator<Item = &'a Status>) -> u8 {
-    let mut code = OK;
-    for s in statuses {
-        match s {
-            Status::Fail | Status::Xpass => return FAILURES,
-            Status::Error => code = ERRORS,
-            Status::Pass | Status::Xfail | Status::Skip => {}
-        }
-    }
-    code
-}

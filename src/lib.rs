@@ -1,8 +1,9 @@
 //! nsmatrix: on which kernels, container setups and bubblewrap builds does a sandbox work?
 //!
-//! `matrix` expands `matrix.toml` into cells, `schedule` runs them in batches on a `backend`,
-//! where `agent` runs each cell's `scenario` through a `sandbox` with our `apply_patch`, and
-//! `report` turns the results into JUnit, Markdown and JSON.
+//! `matrix` expands `matrix.toml` into cells, `plan` groups them into batches on a `backend`,
+//! `schedule` dispatches the batches, where `agent` runs each cell's `scenario` through a
+//! `sandbox` with our `apply_patch` (speaking `protocol`), and `report` turns the results into
+//! JUnit, Markdown and JSON. `run` ties one run together.
 
 pub mod agent;
 pub mod apply_patch;
@@ -10,12 +11,20 @@ pub mod artifacts;
 pub mod backend;
 pub mod cli;
 pub mod cli_vm;
-pub mod doctor;
-pub mod exit;
+pub(crate) mod doctor;
+pub(crate) mod exit;
 pub mod matrix;
-pub mod progress;
-pub mod report;
-pub mod sandbox;
+pub(crate) mod plan;
+pub(crate) mod progress;
+pub mod protocol;
+pub(crate) mod record;
+pub(crate) mod report;
+pub(crate) mod run;
+pub(crate) mod sandbox;
 pub mod scenario;
-pub mod schedule;
+pub(crate) mod schedule;
 pub mod shard;
+pub(crate) mod text;
+
+#[cfg(test)]
+mod snapshots;

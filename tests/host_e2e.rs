@@ -170,6 +170,24 @@ fn malformed_matrices_exit_2_with_file_line_col() {
             ),
             "m.toml:4:11",
         ),
+        // Typed environments: a guest's kernel and root filesystem are checked against the
+        // catalog before anything runs, not found missing at provisioning.
+        (
+            "misspelt kernel",
+            base.replace(
+                "backend = \"host\"",
+                "backend = \"qemu\"\nkernel = \"debian-6.1x\"",
+            ),
+            "m.toml:4:10: error[bad-axis-value]: no kernel named `debian-6.1x`",
+        ),
+        (
+            "misspelt guest image",
+            base.replace(
+                "backend = \"host\"",
+                "backend = \"qemu\"\nkernel = \"debian-6.1\"\nimage = \"bookwrm\"",
+            ),
+            "m.toml:5:9: error[bad-axis-value]: no image or root filesystem named `bookwrm`",
+        ),
     ];
     for (what, toml, at) in cases {
         let p = dir.path().join("m.toml");

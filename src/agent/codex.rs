@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use super::cell::{CellCtx, lay_out, record, remove_any, run_program};
 use super::judge::judge;
-use super::run::{CellCtx, lay_out, record, remove_any, run_program};
-use crate::agent::protocol::{CellRecord, Outcome};
+use crate::protocol::{CellRecord, Outcome};
 use crate::scenario;
 
 /// Readable copies of Codex packages in the batch's directory (the cache may sit under a
@@ -266,8 +266,8 @@ pub(super) fn prepare_and_run_codex(
         outcome,
         exit_code: run.code,
         duration_ms: 0,
-        stdout_tail: super::tail(&norm(&run.stdout)),
-        stderr_tail: super::tail(&norm(&run.stderr)),
+        stdout_tail: crate::text::tail(&norm(&run.stdout)),
+        stderr_tail: crate::text::tail(&norm(&run.stderr)),
         details,
     })
 }

@@ -15,18 +15,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::agent::protocol::BatchSpec;
+use crate::protocol::BatchSpec;
 
 /// Where the launcher puts things in the initramfs (the guest's view).
-pub const GUEST_BATCH: &str = "/nsmatrix/batch.json";
-pub const GUEST_AGENT: &str = "/nsmatrix/nsmatrix";
-pub const GUEST_MODULES_DIR: &str = "/nsmatrix/modules";
-pub const GUEST_MODULES_LIST: &str = "/nsmatrix/modules/load";
+pub(crate) const GUEST_BATCH: &str = "/nsmatrix/batch.json";
+pub(crate) const GUEST_AGENT: &str = "/nsmatrix/nsmatrix";
+pub(crate) const GUEST_MODULES_DIR: &str = "/nsmatrix/modules";
+pub(crate) const GUEST_MODULES_LIST: &str = "/nsmatrix/modules/load";
 /// The virtio-serial port name the results travel on.
-pub const RESULTS_PORT: &str = "nsmatrix.results";
+pub(crate) const RESULTS_PORT: &str = "nsmatrix.results";
 /// Printed on the console when the batch is about to run; the launcher times the boot by it.
-pub const READY_MARK: &str = "nsmatrix-init: ready";
-pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const READY_MARK: &str = "nsmatrix-init: ready";
+pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Whether this process should act as a guest's init: PID 1 and not inside a container (a
 /// container's PID 1 has a `/.dockerenv` or a `container` variable; a guest has neither).

@@ -4,10 +4,11 @@
 
 use std::fs;
 
-use super::run::{Layout, RunOutput, SENTINEL_TEXT, list_outside, tail};
-use crate::agent::protocol::Outcome;
+use super::cell::{Layout, RunOutput, SENTINEL_TEXT, list_outside};
+use crate::protocol::Outcome;
 use crate::sandbox::signature;
 use crate::scenario::{self, Scenario};
+use crate::text::tail;
 
 /// Decide what the run means for this scenario, most severe first.
 pub(super) fn judge(

@@ -1,9 +1,9 @@
 //! The agent: what runs inside an environment. A batch in, JSON lines out.
 
+mod cell;
 mod codex;
 pub mod init;
 mod judge;
-pub mod protocol;
 mod run;
 
-pub use run::{environment_facts, run_batch, tail};
+pub(crate) use run::{environment_facts, run_batch};

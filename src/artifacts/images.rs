@@ -15,11 +15,11 @@ use crate::artifacts::rootfs::RootfsRecipe;
 const BUILD_FORMAT: u32 = 1;
 
 /// On every image nsmatrix imports or builds: the catalog name (or `rootfs-NAME` for a base).
-pub const LABEL_IMAGE: &str = "nsmatrix.image";
+pub(crate) const LABEL_IMAGE: &str = "nsmatrix.image";
 /// The recipe hash the image was built from.
-pub const LABEL_RECIPE: &str = "nsmatrix.recipe";
+pub(crate) const LABEL_RECIPE: &str = "nsmatrix.recipe";
 /// Repository prefix of every image nsmatrix makes.
-pub const REPO_PREFIX: &str = "nsmatrix/";
+pub(crate) const REPO_PREFIX: &str = "nsmatrix/";
 
 const CATALOG: &str = include_str!("../../vm-images/docker/images.toml");
 const DOCKERFILES: &[(&str, &str)] = &[
@@ -87,7 +87,7 @@ impl ImageRecipe {
     }
 
     /// Hex SHA-256 of everything the image is made of (its root filesystem's hash included).
-    pub fn hash(&self) -> String {
+    pub(crate) fn hash(&self) -> String {
         let mut h = Sha256::new();
         h.update(format!("format={BUILD_FORMAT}\0name={}\0", self.name));
         h.update(format!("rootfs={}\0", self.rootfs.hash()));
@@ -101,7 +101,7 @@ impl ImageRecipe {
     }
 
     /// The tar the engine builds from: just the Dockerfile.
-    pub fn build_context(&self) -> Result<Vec<u8>> {
+    pub(crate) fn build_context(&self) -> Result<Vec<u8>> {
         let mut b = tar::Builder::new(Vec::new());
         let mut header = tar::Header::new_gnu();
         header.set_size(self.dockerfile.len() as u64);
@@ -114,7 +114,7 @@ impl ImageRecipe {
 }
 
 /// The base image a root filesystem is imported as: `nsmatrix/rootfs-NAME:HASH12`.
-pub fn base_tag(rootfs: &RootfsRecipe) -> String {
+pub(crate) fn base_tag(rootfs: &RootfsRecipe) -> String {
     format!(
         "{REPO_PREFIX}rootfs-{}:{}",
         rootfs.name,
@@ -123,7 +123,7 @@ pub fn base_tag(rootfs: &RootfsRecipe) -> String {
 }
 
 /// The recipe hash of a base image (its root filesystem's, plus how it is imported).
-pub fn base_hash(rootfs: &RootfsRecipe) -> String {
+pub(crate) fn base_hash(rootfs: &RootfsRecipe) -> String {
     let mut h = Sha256::new();
     h.update(format!(
         "format={BUILD_FORMAT}\0base\0rootfs={}",

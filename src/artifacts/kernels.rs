@@ -5,6 +5,9 @@
 //! cached under `cache_dir()/kernels/NAME/KEY/` (KEY from the package's SHA-256, or from the
 //! source's SHA-256 + base + fragment) with its `vmlinuz`, `config`, `System.map`, the modules a
 //! guest needs (decompressed, in load order) and a `kernel.json` of facts read from the config.
+//!
+//! Past 600 lines on purpose: the catalog, fetching a packaged kernel and building one from
+//! source share one cache layout and one verification.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -1,9 +1,9 @@
 //! Artifacts fetched or built once and cached by content: Debian packages, kernels, images,
 //! npm packages.
 
-pub mod cache;
-pub mod debian;
+pub(crate) mod cache;
+pub(crate) mod debian;
 pub mod images;
-pub mod kernels;
+pub(crate) mod kernels;
 pub mod npm;
 pub mod rootfs;

@@ -17,7 +17,7 @@ use flate2::read::GzDecoder;
 use super::cache::{Checksum, cache_dir, fetch_verified, http_agent};
 
 /// The registry, unless `$NSMATRIX_NPM_REGISTRY` names another (a mirror).
-pub const DEFAULT_REGISTRY: &str = "https://registry.npmjs.org";
+pub(crate) const DEFAULT_REGISTRY: &str = "https://registry.npmjs.org";
 
 /// An unpacked Codex CLI release.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,7 +22,7 @@ const BUILD_FORMAT: u32 = 1;
 
 /// `$NSMATRIX_DEBIAN_MIRROR`, else Debian's own redirector. Not part of a recipe's hash: every
 /// mirror serves the same packages.
-pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+pub(crate) const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 const BUILTIN: &[(&str, &str)] = &[
     (
@@ -66,7 +66,7 @@ fn default_arch() -> String {
 }
 
 impl RootfsRecipe {
-    pub fn from_toml_str(text: &str) -> Result<Self> {
+    pub(crate) fn from_toml_str(text: &str) -> Result<Self> {
         toml::from_str(text).context("failed to parse a root filesystem recipe")
     }
 
@@ -77,13 +77,9 @@ impl RootfsRecipe {
         })
     }
 
-    pub fn builtin_names() -> impl Iterator<Item = &'static str> {
-        BUILTIN.iter().map(|(n, _)| *n)
-    }
-
     /// Hex SHA-256 over everything that changes the tree: not the name, the description or
     /// the mirror; package lists are order-insensitive.
-    pub fn hash(&self) -> String {
+    pub(crate) fn hash(&self) -> String {
         let mut include = self.include.clone();
         include.sort();
         include.dedup();
@@ -103,7 +99,7 @@ impl RootfsRecipe {
     }
 
     /// The cache entry's directory name: readable name plus a short hash.
-    pub fn cache_key(&self) -> String {
+    pub(crate) fn cache_key(&self) -> String {
         let name: String = self
             .name
             .chars()
@@ -138,7 +134,7 @@ impl RootfsRecipe {
 }
 
 /// The mirror debootstrap uses: `$NSMATRIX_DEBIAN_MIRROR` or [`DEFAULT_MIRROR`].
-pub fn mirror() -> String {
+pub(crate) fn mirror() -> String {
     std::env::var("NSMATRIX_DEBIAN_MIRROR")
         .ok()
         .filter(|m| !m.is_empty())
@@ -169,7 +165,7 @@ pub fn ensure_rootfs(recipe: &RootfsRecipe) -> Result<PathBuf> {
 }
 
 /// A tarball (uncompressed, numeric owners) of [`ensure_rootfs`]'s tree, cached beside it.
-pub fn ensure_rootfs_tar(recipe: &RootfsRecipe) -> Result<PathBuf> {
+pub(crate) fn ensure_rootfs_tar(recipe: &RootfsRecipe) -> Result<PathBuf> {
     let root = ensure_rootfs(recipe)?;
     let entry = root.parent().expect("root has a parent").to_path_buf();
     let tarball = entry.join("rootfs.tar");
@@ -204,24 +200,6 @@ pub fn ensure_rootfs_tar(recipe: &RootfsRecipe) -> Result<PathBuf> {
     fs::rename(&partial, &tarball)
         .with_context(|| format!("failed to move {} into place", tarball.display()))?;
     Ok(tarball)
-}
-
-/// Every cached root filesystem: (directory name, path).
-pub fn list_cached() -> Result<Vec<(String, PathBuf)>> {
-    let dir = rootfs_cache_root();
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(&dir) else {
-        return Ok(out);
-    };
-    for e in rd {
-        let e = e?;
-        let p = e.path();
-        if p.join("manifest.json").exists() {
-            out.push((e.file_name().to_string_lossy().into_owned(), p));
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 /// Holds an exclusive `flock` on `<entry>.lock` until dropped.
@@ -287,7 +265,7 @@ fn build(recipe: &RootfsRecipe, entry: &Path, mirror: &str) -> Result<()> {
     };
     unmount_below(&partial);
     if !status.success() {
-        let tail = tail_of(&log_path, 20);
+        let tail = crate::text::tail_of_file(&log_path, 20);
         bail!(
             "debootstrap {} failed ({status}); log tail:\n{tail}",
             args.join(" ")
@@ -353,19 +331,13 @@ fn unmount_below(dir: &Path) {
     }
 }
 
-fn tail_of(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let v: Vec<&str> = text.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn builtins_parse() {
-        for name in RootfsRecipe::builtin_names() {
+        for name in BUILTIN.iter().map(|(n, _)| *n) {
             let r = RootfsRecipe::builtin(name).unwrap();
             assert_eq!(r.name, name);
             assert!(r.include.iter().any(|p| p == "bubblewrap"));

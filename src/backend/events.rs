@@ -1,12 +1,13 @@
 //! What every backend reports while it runs a batch, and the context it runs it in.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::protocol::AgentEvent;
+use crate::protocol::AgentEvent;
 
 /// The stages of a batch, each reported when it starts and ends, so the progress display, the
 /// logs and the timings all come from the same events.
@@ -111,5 +112,56 @@ impl BatchError {
 impl std::fmt::Display for BatchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} failed: {}", self.stage.as_str(), self.message)
+    }
+}
+
+/// Sends stage start/finish events and knows which stage is current.
+pub(crate) struct Stages<'a> {
+    ctx: &'a BatchCtx,
+    current: Mutex<Option<(Stage, Instant)>>,
+}
+
+impl<'a> Stages<'a> {
+    pub(crate) fn new(ctx: &'a BatchCtx) -> Self {
+        Stages {
+            ctx,
+            current: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn start(&self, stage: Stage) {
+        *self.current.lock().expect("stage lock") = Some((stage, Instant::now()));
+        self.ctx.send(BackendEvent::StageStarted {
+            batch: self.ctx.batch_id.clone(),
+            stage,
+        });
+    }
+
+    pub(crate) fn finish(&self, stage: Stage) {
+        let mut cur = self.current.lock().expect("stage lock");
+        if let Some((s, t)) = *cur
+            && s == stage
+        {
+            *cur = None;
+            self.ctx.send(BackendEvent::StageFinished {
+                batch: self.ctx.batch_id.clone(),
+                stage,
+                elapsed: t.elapsed(),
+            });
+        }
+    }
+
+    pub(crate) fn finish_current(&self) {
+        let cur = *self.current.lock().expect("stage lock");
+        if let Some((s, _)) = cur {
+            self.finish(s);
+        }
+    }
+
+    pub(crate) fn current(&self) -> Stage {
+        self.current
+            .lock()
+            .expect("stage lock")
+            .map_or(Stage::Run, |(s, _)| s)
     }
 }

@@ -6,18 +6,21 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use super::{BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
-use crate::agent::protocol::{AgentEvent, BatchSpec, Restrictions};
-use crate::matrix::model::{Environment, Profile};
+use anyhow::Context;
+use futures_util::future::BoxFuture;
+
+use super::{Backend, BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
+use crate::matrix::model::{BackendKind, Environment, Profile, Settings};
+use crate::protocol::{AgentEvent, BatchSpec, LineBuf, Restrictions};
 
 /// How long an interrupted agent gets to clean up (kill its sandbox, remove its directory)
 /// before it is killed.
 const GRACE: Duration = Duration::from_secs(5);
 
-pub struct HostBackend {
+pub(crate) struct HostBackend {
     /// Parent of every run's directory (`/var/tmp/nsmatrix` by default).
     pub work_root: PathBuf,
 }
@@ -25,18 +28,20 @@ pub struct HostBackend {
 impl HostBackend {
     /// The host backend needs root: setuid copies, seccomp without no-new-privileges, the
     /// drop to the cell's uid.
-    pub fn probe() -> Result<(), Unavailable> {
+    pub(crate) fn probe(settings: &Settings) -> Result<HostBackend, Unavailable> {
         if unsafe { libc::geteuid() } != 0 {
             return Err(Unavailable {
                 reason: "the host backend must run as root (setuid copies, seccomp filters, the drop to the cell's uid)".into(),
                 fix: "run nsmatrix with sudo".into(),
             });
         }
-        Ok(())
+        Ok(HostBackend {
+            work_root: settings.host_work_dir.clone(),
+        })
     }
 
     /// The restrictions a host profile asks for.
-    pub fn restrictions(profile: Option<&Profile>) -> Restrictions {
+    pub(crate) fn restrictions(profile: Option<&Profile>) -> Restrictions {
         let Some(p) = profile else {
             return Restrictions::default();
         };
@@ -50,13 +55,13 @@ impl HostBackend {
 
     /// This run's private directory (0755: cells' uids must reach and read their workspaces'
     /// ancestors).
-    pub fn run_dir(&self, run_id: &str) -> PathBuf {
+    pub(crate) fn run_dir(&self, run_id: &str) -> PathBuf {
         self.work_root.join(run_id)
     }
 
     /// Remove directories of earlier runs whose nsmatrix process is gone (killed runs leave
     /// setuid copies behind otherwise).
-    pub fn sweep(&self) -> Vec<PathBuf> {
+    pub(crate) fn sweep(&self) -> Vec<PathBuf> {
         let mut removed = Vec::new();
         let Ok(rd) = std::fs::read_dir(&self.work_root) else {
             return removed;
@@ -75,7 +80,7 @@ impl HostBackend {
     }
 
     /// Create this run's directory and mark it as ours.
-    pub fn claim(&self, run_id: &str) -> std::io::Result<PathBuf> {
+    pub(crate) fn claim(&self, run_id: &str) -> std::io::Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         let dir = self.run_dir(run_id);
         std::fs::create_dir_all(&dir)?;
@@ -86,7 +91,7 @@ impl HostBackend {
         Ok(dir)
     }
 
-    pub async fn run_batch(
+    pub(crate) async fn run_batch(
         &self,
         _env: &Environment,
         spec: BatchSpec,
@@ -127,7 +132,9 @@ impl HostBackend {
             batch: ctx.batch_id.clone(),
             stage: Stage::Run,
         });
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut stdout = child.stdout.take().expect("piped");
+        let mut lines = LineBuf::default();
+        let mut buf = vec![0u8; 64 * 1024];
         let stderr = child.stderr.take().expect("piped");
         let log_path = ctx.log_dir.join("agent.log");
         let stderr_task = tokio::spawn(copy_to_log(stderr, log_path.clone()));
@@ -139,23 +146,38 @@ impl HostBackend {
             .ok();
         let outcome: Result<(), BatchError> = loop {
             tokio::select! {
-                line = stdout.next_line() => match line {
-                    Ok(Some(line)) => {
-                        if let Some(f) = protocol_log.as_mut() {
-                            let _ = f.write_all(format!("{line}\n").as_bytes()).await;
+                read = stdout.read(&mut buf) => match read {
+                    Ok(n) => {
+                        let mut got = lines.push(&buf[..n]);
+                        if n == 0 {
+                            got.extend(lines.finish());
                         }
-                        match AgentEvent::parse_line(&line) {
-                            Some(Ok(ev)) => {
-                                if matches!(ev, AgentEvent::BatchDone { .. }) {
-                                    finished = true;
-                                }
-                                ctx.agent_event(ev);
+                        let mut malformed = None;
+                        for line in got {
+                            if let Some(f) = protocol_log.as_mut() {
+                                let _ = f.write_all(format!("{line}\n").as_bytes()).await;
                             }
-                            Some(Err(e)) => break Err(BatchError::new(Stage::Run, format!("agent sent a malformed line ({e}): {line}"))),
-                            None => {}
+                            match AgentEvent::parse_line(&line) {
+                                Some(Ok(ev)) => {
+                                    if matches!(ev, AgentEvent::BatchDone { .. }) {
+                                        finished = true;
+                                    }
+                                    ctx.agent_event(ev);
+                                }
+                                Some(Err(e)) => {
+                                    malformed = Some(BatchError::new(Stage::Run, format!("agent sent a malformed line ({e}): {line}")));
+                                    break;
+                                }
+                                None => {}
+                            }
+                        }
+                        if let Some(e) = malformed {
+                            break Err(e);
+                        }
+                        if n == 0 {
+                            break Ok(());
                         }
                     }
-                    Ok(None) => break Ok(()),
                     Err(e) => break Err(BatchError::new(Stage::Run, format!("failed to read the agent's output: {e}"))),
                 },
                 _ = &mut deadline => {
@@ -196,11 +218,54 @@ impl HostBackend {
                 Stage::Run,
                 format!(
                     "the agent ended ({status}) before finishing the batch; its stderr: {}",
-                    crate::agent::tail(tail.trim())
+                    crate::text::tail(tail.trim())
                 ),
             ));
         }
         Ok(())
+    }
+}
+
+impl Backend for HostBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+
+    /// The profile's process-level restrictions; the work dir under this run's directory.
+    fn prepare(&self, run_id: &str, env: &Environment, mut spec: BatchSpec) -> BatchSpec {
+        spec.restrictions = HostBackend::restrictions(env.host().and_then(|h| h.profile.as_ref()));
+        spec.work_dir = self.run_dir(run_id).join(&spec.batch_id);
+        spec
+    }
+
+    fn begin_run<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            self.sweep();
+            self.claim(run_id)
+                .context("failed to create the host run directory")?;
+            Ok(())
+        })
+    }
+
+    fn run_batch<'a>(
+        &'a self,
+        env: &'a Environment,
+        spec: BatchSpec,
+        ctx: &'a BatchCtx,
+    ) -> BoxFuture<'a, Result<(), BatchError>> {
+        Box::pin(HostBackend::run_batch(self, env, spec, ctx))
+    }
+
+    /// Every agent removes its own batch directory; this is the fallback for killed ones (and,
+    /// after a second Ctrl-C, for agents still running).
+    fn end_run<'a>(&'a self, run_id: &'a str, _abort: bool) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let _ = std::fs::remove_dir_all(self.run_dir(run_id));
+        })
+    }
+
+    fn describe(&self) -> Vec<(String, String)> {
+        vec![("host backend".into(), "available".into())]
     }
 }
 

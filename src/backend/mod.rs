@@ -1,9 +1,146 @@
 //! Backends start an environment, place the agent and the scenarios, run `nsmatrix agent` on a
 //! batch, stream its events back and clean up. They know nothing of scenarios' content.
+//!
+//! [`Backend`] is the one interface the plan, the scheduler and `doctor` use; [`Registry`]
+//! probes the kinds a run needs and is the only place that names every kind.
 
 pub mod docker;
 mod events;
 pub mod host;
 pub mod qemu;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
+pub(crate) use events::Stages;
 pub use events::{BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
+
+use crate::matrix::model::{BackendKind, EnvKind, Environment, Settings};
+use crate::protocol::BatchSpec;
+
+/// Where a batch's work dir goes in a spec before a backend places it (a container's tmpfs, a
+/// guest's disk); the host backend puts it under its run directory instead.
+pub(crate) const DEFAULT_WORK_ROOT: &str = "/nsmatrix-work";
+
+/// One kind of environment, probed and ready. Implementations own everything they create and
+/// remove it on every path.
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// How many of `--jobs`' permits one batch takes (a guest weighs more than a process).
+    fn weight(&self, _jobs: usize) -> u32 {
+        1
+    }
+
+    /// Add this backend's part to a batch spec (restrictions, sysctls, work dir).
+    fn prepare(&self, _run_id: &str, _env: &Environment, spec: BatchSpec) -> BatchSpec {
+        spec
+    }
+
+    /// Before the run's first batch: remove leftovers of killed runs, claim this run's space.
+    fn begin_run<'a>(&'a self, _run_id: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Run one batch, streaming its events to `ctx.events`, and remove what it created.
+    fn run_batch<'a>(
+        &'a self,
+        env: &'a Environment,
+        spec: BatchSpec,
+        ctx: &'a BatchCtx,
+    ) -> BoxFuture<'a, Result<(), BatchError>>;
+
+    /// After the run: remove what its batches should have removed themselves (a fallback).
+    /// With `abort` (a second Ctrl-C), also what batches still running own.
+    fn end_run<'a>(&'a self, _run_id: &'a str, _abort: bool) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    /// (fact, value) rows for `nsmatrix doctor`.
+    fn describe(&self) -> Vec<(String, String)>;
+}
+
+/// Estimated cost of a batch in milliseconds: starting its environment plus its cells, for
+/// `--shard` (it must not depend on what this machine offers, so every shard agrees).
+/// Measured on this project's machines: a host batch starts in ~0.1 s and runs a cell in
+/// ~10 ms; a container starts in ~1.5 s and execs a cell in ~50 ms; a QEMU guest boots in
+/// ~15 s.
+pub(crate) fn estimated_cost_ms(kind: BackendKind, cells: usize) -> u64 {
+    let (start, per_cell) = match kind {
+        BackendKind::Host => (100, 10),
+        BackendKind::Docker => (1_500, 50),
+        BackendKind::Qemu => (15_000, 50),
+    };
+    start + per_cell * cells as u64
+}
+
+/// Every kind, in `doctor`'s order.
+pub(crate) const KINDS: [BackendKind; 3] =
+    [BackendKind::Host, BackendKind::Docker, BackendKind::Qemu];
+
+/// Why cells of `env` cannot run on this machine whatever its backend's state: a host fact
+/// the environment needs and cannot set itself (the SKIP reason). Checked before availability.
+pub(crate) fn host_check(env: &Environment) -> Option<String> {
+    match &env.kind {
+        EnvKind::Docker(d) => docker::host_sysctl_mismatch(&d.sysctls),
+        EnvKind::Host(_) | EnvKind::Qemu(_) => None,
+    }
+}
+
+/// Probe one kind.
+async fn probe(kind: BackendKind, settings: &Settings) -> Result<Arc<dyn Backend>, Unavailable> {
+    Ok(match kind {
+        BackendKind::Host => Arc::new(host::HostBackend::probe(settings)?),
+        BackendKind::Docker => Arc::new(docker::connect().await?),
+        BackendKind::Qemu => Arc::new(qemu::QemuBackend::probe().await?),
+    })
+}
+
+/// The backends of one run (or of `doctor`), each probed once.
+pub struct Registry {
+    probed: BTreeMap<BackendKind, Result<Arc<dyn Backend>, Unavailable>>,
+}
+
+impl Registry {
+    /// Probe `kinds` only (no Docker connection for a host-only run).
+    pub async fn probe(kinds: &[BackendKind], settings: &Settings) -> Registry {
+        let mut probed = BTreeMap::new();
+        for &k in kinds {
+            probed.insert(k, probe(k, settings).await);
+        }
+        Registry { probed }
+    }
+
+    pub fn get(&self, kind: BackendKind) -> Result<&Arc<dyn Backend>, Unavailable> {
+        match self.probed.get(&kind) {
+            Some(Ok(b)) => Ok(b),
+            Some(Err(u)) => Err(u.clone()),
+            None => Err(Unavailable {
+                reason: "not used by this run".into(),
+                fix: String::new(),
+            }),
+        }
+    }
+
+    /// Why a backend cannot run cells here, if it cannot.
+    pub fn unavailable(&self, kind: BackendKind) -> Option<Unavailable> {
+        self.get(kind).err()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_orders_backends() {
+        assert!(
+            estimated_cost_ms(BackendKind::Qemu, 3) > estimated_cost_ms(BackendKind::Docker, 3)
+        );
+        assert!(
+            estimated_cost_ms(BackendKind::Docker, 3) > estimated_cost_ms(BackendKind::Host, 3)
+        );
+    }
+}

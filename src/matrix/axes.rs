@@ -7,13 +7,10 @@ use std::path::PathBuf;
 
 use toml::Spanned;
 
-use super::load::{
-    BWRAP_AXES, CODEX_AXES, DOCKER_AXES, HOST_AXES, QEMU_AXES, Validator, Values, axis_label,
-    sanitize, span, varying_axes,
-};
+use super::load::{Validator, Values, axis_label, sanitize, span, varying_axes};
 use super::model::*;
 use super::raw::*;
-use crate::agent::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
+use crate::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
 
 impl Validator<'_> {
     pub(super) fn environment(
@@ -185,10 +182,49 @@ impl Validator<'_> {
                 }
                 _ => None,
             };
-            let (sysctl_set, sysctls) = if allowed.contains(&"sysctl") {
+            // A guest's kernel and root filesystem come from the catalog: a misspelt name is
+            // bad input here, not an ERROR at provisioning.
+            let kernel = allowed.contains(&"kernel").then(|| val("kernel"));
+            if backend == BackendKind::Qemu {
+                let catalog = crate::artifacts::kernels::Catalog::builtin();
+                if let Some(k) = &kernel
+                    && !catalog.kernels.iter().any(|c| &c.name == k)
+                {
+                    let names: Vec<&str> =
+                        catalog.kernels.iter().map(|c| c.name.as_str()).collect();
+                    self.err(
+                        "bad-axis-value",
+                        sp("kernel"),
+                        format!("no kernel named `{k}` in the kernel catalog"),
+                    )
+                    .help(format!(
+                        "use one of: {} (vm-images/kernels.toml)",
+                        names.join(", ")
+                    ));
+                }
+                let mut suites: Vec<&str> =
+                    catalog.kernels.iter().map(|c| c.rootfs.as_str()).collect();
+                suites.sort();
+                suites.dedup();
+                if let Some(img) = &image
+                    && !self.raw.image.contains_key(img)
+                    && !suites.contains(&img.as_str())
+                {
+                    self.err(
+                        "bad-axis-value",
+                        sp("image"),
+                        format!("no image or root filesystem named `{img}`"),
+                    )
+                    .help(format!(
+                        "use kernel-default, a Debian suite of the kernel catalog ({}), or define [image.{img}]",
+                        suites.join(", ")
+                    ));
+                }
+            }
+            let sysctls = if allowed.contains(&"sysctl") {
                 let s = val("sysctl");
                 match sysctl_sets.get(&s) {
-                    Some(v) => (Some(s), v.clone()),
+                    Some(v) => v.clone(),
                     None => {
                         self.err(
                             "bad-axis-value",
@@ -196,11 +232,11 @@ impl Validator<'_> {
                             format!("no sysctl set named `{s}`"),
                         )
                         .help(format!("define [sysctl-set.{s}]"));
-                        (None, BTreeMap::new())
+                        BTreeMap::new()
                     }
                 }
             } else {
-                (None, BTreeMap::new())
+                BTreeMap::new()
             };
             let mut id = name.clone();
             for k in allowed {
@@ -213,19 +249,38 @@ impl Validator<'_> {
                 c.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
             axes.insert("backend".into(), backend.as_str().into());
             axes.insert("environment".into(), name.clone());
+            let kind = match backend {
+                BackendKind::Host => EnvKind::Host(HostEnv { profile }),
+                BackendKind::Docker => match image {
+                    Some(image) => EnvKind::Docker(DockerEnv {
+                        image,
+                        image_source,
+                        profile,
+                        read_only,
+                        sysctls,
+                    }),
+                    None => {
+                        self.err(
+                            "bad-axis-value",
+                            span(&r.name),
+                            format!("environment `{name}` names no image"),
+                        )
+                        .help("give it image = \"NAME\" with an [image.NAME]");
+                        continue;
+                    }
+                },
+                BackendKind::Qemu => EnvKind::Qemu(QemuEnv {
+                    kernel: kernel.unwrap_or_default(),
+                    image,
+                    sysctls,
+                }),
+            };
             out.push(Environment {
                 id,
                 name: name.clone(),
-                backend,
                 axes,
                 uid,
-                profile,
-                image,
-                image_source,
-                read_only,
-                kernel: allowed.contains(&"kernel").then(|| val("kernel")),
-                sysctl_set,
-                sysctls,
+                kind,
             });
         }
         out

@@ -1,5 +1,8 @@
 //! `matrix.toml` → [`Matrix`]: parse, validate (collecting every problem with its place),
 //! expand the axes, apply exclude/include and expect rules, and give every cell its id.
+//!
+//! Past 600 lines on purpose: the validator's core, one pass over the file collecting every
+//! problem; environment and subject axes live in `axes.rs`, selectors in `select.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -67,6 +70,22 @@ pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
     }
 }
 
+/// Only the `[profile.NAME]`s of a matrix file, validated, without expanding it.
+pub(super) fn load_profiles(path: &Path) -> anyhow::Result<Vec<Profile>> {
+    let text = std::fs::read_to_string(path)?;
+    let raw: RawMatrix = toml::from_str(&text)?;
+    let mut v = Validator {
+        diags: Vec::new(),
+        raw: &raw,
+        base: PathBuf::from("."),
+    };
+    let profiles = v.profiles();
+    if let Some(d) = v.diags.first() {
+        anyhow::bail!("{}: {d:?}", path.display());
+    }
+    Ok(profiles.into_values().map(|(p, _)| p).collect())
+}
+
 pub(super) struct Validator<'a> {
     pub(super) diags: Vec<Diagnostic>,
     pub(super) raw: &'a RawMatrix,
@@ -75,16 +94,6 @@ pub(super) struct Validator<'a> {
 
 pub(super) fn span<T>(s: &Spanned<T>) -> Option<Range<usize>> {
     Some(s.span())
-}
-
-/// Scalar → its text; arrays are handled by [`Validator::values`].
-pub(super) fn scalar_text(v: &toml::Value) -> Option<String> {
-    match v {
-        toml::Value::String(s) => Some(s.clone()),
-        toml::Value::Integer(i) => Some(i.to_string()),
-        toml::Value::Boolean(b) => Some(b.to_string()),
-        _ => None,
-    }
 }
 
 /// `90s`, `10m`, `1h`, `500ms`, or a plain number of seconds.
@@ -103,38 +112,6 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         _ => return None,
     };
     (secs > 0.0).then(|| Duration::from_secs_f64(secs))
-}
-
-pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
-/// A docker environment's `sysctl` names host values it needs (Docker cannot set `user.*` per
-/// container): its cells run only where the host has them, else SKIP.
-pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
-pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
-pub(super) const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
-pub(super) const CODEX_AXES: &[&str] = &["version"];
-/// Axes every cell has besides its environment's and subject's.
-const CELL_AXES: &[&str] = &[
-    "id",
-    "backend",
-    "environment",
-    "subject",
-    "kind",
-    "set",
-    "scenario",
-];
-
-pub(super) fn all_axes() -> BTreeSet<&'static str> {
-    [
-        HOST_AXES,
-        DOCKER_AXES,
-        QEMU_AXES,
-        BWRAP_AXES,
-        CODEX_AXES,
-        CELL_AXES,
-    ]
-    .concat()
-    .into_iter()
-    .collect()
 }
 
 impl Validator<'_> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::protocol::SubjectSpec;
+use crate::protocol::SubjectSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -59,22 +59,90 @@ pub struct Environment {
     pub id: String,
     /// The `[[environment]]` entry's name.
     pub name: String,
-    pub backend: BackendKind,
     /// The axis values that made this environment (`profile`, `image`, `kernel`, `uid`, ...).
     pub axes: BTreeMap<String, String>,
     pub uid: u32,
+    /// What only its backend reads, validated by `matrix/` for that backend.
+    pub kind: EnvKind,
+}
+
+impl Environment {
+    pub fn backend(&self) -> BackendKind {
+        match self.kind {
+            EnvKind::Host(_) => BackendKind::Host,
+            EnvKind::Docker(_) => BackendKind::Docker,
+            EnvKind::Qemu(_) => BackendKind::Qemu,
+        }
+    }
+
+    /// The host part, when this is a host environment.
+    pub fn host(&self) -> Option<&HostEnv> {
+        match &self.kind {
+            EnvKind::Host(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The container part, when this is a docker environment.
+    pub fn docker(&self) -> Option<&DockerEnv> {
+        match &self.kind {
+            EnvKind::Docker(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The guest part, when this is a qemu environment.
+    pub fn qemu(&self) -> Option<&QemuEnv> {
+        match &self.kind {
+            EnvKind::Qemu(q) => Some(q),
+            _ => None,
+        }
+    }
+}
+
+/// One variant per backend kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "kebab-case")]
+pub enum EnvKind {
+    Host(HostEnv),
+    Docker(DockerEnv),
+    Qemu(QemuEnv),
+}
+
+/// This machine, under process-level restrictions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HostEnv {
+    /// A profile with host settings only (checked at load).
     pub profile: Option<Profile>,
-    /// Docker: the image name from `[image.NAME]` or a local image reference. QEMU: the root
-    /// filesystem recipe.
-    pub image: Option<String>,
-    /// Docker: where the image comes from (`[image.NAME]`).
+}
+
+/// A container of a local or remote engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DockerEnv {
+    /// The image name from `[image.NAME]` (checked at load).
+    pub image: String,
+    /// Where the image comes from (`[image.NAME]`).
     pub image_source: Option<ImageSource>,
-    /// Docker: mount the root filesystem read-only.
+    /// A profile with container settings only (checked at load).
+    pub profile: Option<Profile>,
+    /// Mount the root filesystem read-only.
     pub read_only: bool,
-    /// QEMU: the kernel's catalog name.
-    pub kernel: Option<String>,
-    /// QEMU: the sysctl set's name and its values.
-    pub sysctl_set: Option<String>,
+    /// Host sysctl values the cells need (Docker cannot set them per container): checked
+    /// against the host, never set.
+    pub sysctls: BTreeMap<String, String>,
+}
+
+/// A QEMU guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct QemuEnv {
+    /// The kernel's catalog name (checked against the catalog at load).
+    pub kernel: String,
+    /// The root filesystem (a Debian suite or `[image.NAME]`); `None`: the kernel's own.
+    pub image: Option<String>,
+    /// The sysctl values the guest's agent writes before its cells run.
     pub sysctls: BTreeMap<String, String>,
 }
 

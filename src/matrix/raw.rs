@@ -1,7 +1,7 @@
 //! The raw shape of `matrix.toml`, as serde reads it. Unknown keys are rejected here (with
 //! their position); everything else is checked in `load`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -131,4 +131,46 @@ pub struct RawExpect {
     pub fail: Option<Spanned<String>>,
     pub pass: Option<bool>,
     pub reason: Option<String>,
+}
+
+/// Scalar → its text; arrays are handled by the validator.
+pub(super) fn scalar_text(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
+/// A docker environment's `sysctl` names host values it needs (Docker cannot set `user.*` per
+/// container): its cells run only where the host has them, else SKIP.
+pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
+pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
+pub(super) const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
+pub(super) const CODEX_AXES: &[&str] = &["version"];
+/// Axes every cell has besides its environment's and subject's.
+pub(super) const CELL_AXES: &[&str] = &[
+    "id",
+    "backend",
+    "environment",
+    "subject",
+    "kind",
+    "set",
+    "scenario",
+];
+
+pub(super) fn all_axes() -> BTreeSet<&'static str> {
+    [
+        HOST_AXES,
+        DOCKER_AXES,
+        QEMU_AXES,
+        BWRAP_AXES,
+        CODEX_AXES,
+        CELL_AXES,
+    ]
+    .concat()
+    .into_iter()
+    .collect()
 }

@@ -2,9 +2,9 @@
 
 use globset::Glob;
 
-use super::load::{all_axes, scalar_text};
 use super::model::Cell;
 use super::raw::Selector;
+use super::raw::{all_axes, scalar_text};
 
 /// All keys of the selector match (values may be globs).
 pub fn selector_matches(sel: &Selector, get: &dyn Fn(&str) -> Option<String>) -> bool {

@@ -16,10 +16,6 @@ pub struct Extras<'a> {
     pub heatmap: Option<&'a str>,
 }
 
-pub fn render(run: &RunResults) -> String {
-    render_with(run, &Extras::default())
-}
-
 pub fn render_with(run: &RunResults, extras: &Extras) -> String {
     let mut md = String::new();
     let counts = run.counts();

@@ -16,12 +16,8 @@ use anyhow::{Context, Result};
 
 pub use model::{CellResult, RunResults, Status};
 
-/// Write `results.json`, `junit.xml`, `report.md` and `heatmap.svg` into `dir`.
-pub fn write_all(run: &RunResults, dir: &Path) -> Result<()> {
-    write_all_with(run, dir, None)
-}
-
-/// [`write_all`], with the changes against a baseline (`diff.md`, `diff.json`, the top of
+/// Write `results.json`, `junit.xml`, `report.md` and `heatmap.svg` into `dir`, with the
+/// changes against a baseline (`diff.md`, `diff.json`, the top of
 /// `report.md`, the heat map's marks) when one is given.
 pub fn write_all_with(run: &RunResults, dir: &Path, baseline: Option<&diff::Diff>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
@@ -98,6 +94,19 @@ fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
         (rem % 3600 / 60) as u32,
         (rem % 60) as u32,
     )
+}
+
+/// The exit code of a run from its cells' statuses.
+pub fn for_statuses<'a>(statuses: impl IntoIterator<Item = &'a Status>) -> u8 {
+    let mut code = crate::exit::OK;
+    for s in statuses {
+        match s {
+            Status::Fail | Status::Xpass => return crate::exit::FAILURES,
+            Status::Error => code = crate::exit::ERRORS,
+            Status::Pass | Status::Xfail | Status::Skip => {}
+        }
+    }
+    code
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::protocol::{CellRecord, Outcome};
 use crate::matrix::model::{Cell, Expectation};
+use crate::protocol::{CellRecord, Outcome};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -234,7 +234,7 @@ pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
     CellResult {
         id: cell.id.clone(),
         environment: cell.env.id.clone(),
-        backend: cell.env.backend.as_str().to_string(),
+        backend: cell.env.backend().as_str().to_string(),
         subject: cell.subject.id.clone(),
         scenario_set: cell.scenario.set.clone(),
         scenario: cell.scenario.name.clone(),
@@ -327,7 +327,7 @@ impl RunResults {
     }
 
     pub fn exit_code(&self) -> u8 {
-        crate::exit::for_statuses(self.cells.iter().map(|c| &c.status))
+        super::for_statuses(self.cells.iter().map(|c| &c.status))
     }
 }
 
@@ -415,7 +415,7 @@ mod tests {
             (&[Xpass, Error], exit::FAILURES),
         ];
         for (st, want) in cases {
-            assert_eq!(exit::for_statuses(st.iter()), *want, "{st:?}");
+            assert_eq!(super::super::for_statuses(st.iter()), *want, "{st:?}");
         }
     }
 }

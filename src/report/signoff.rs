@@ -80,6 +80,8 @@ pub struct PairGroup {
     pub to_message: Option<String>,
 }
 
+// `no-verdict` is the serialised name reports and CI scripts read.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {

@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use crate::agent::protocol::ArgvProfile;
+use crate::protocol::ArgvProfile;
 
 /// What the bwrap build in use supports (probed from its `--help`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

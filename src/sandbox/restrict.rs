@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use crate::agent::protocol::Restrictions;
+use crate::protocol::Restrictions;
 
 /// Capability names in kernel order (`CAP_CHOWN` = 0 ...).
 const CAP_NAMES: &[&str] = &[

@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::agent::protocol::SetuidMode;
+use crate::protocol::SetuidMode;
 use crate::sandbox::argv::BwrapFeatures;
 
 /// A bwrap ready to run.

@@ -22,15 +22,10 @@ use futures_util::StreamExt;
 use super::client::{DockerBackend, LABEL_BATCH, LABEL_OWNER, LABEL_RUN, Owner, error_chain};
 use super::place::{PLACE_DIR, Placement, WORK_MOUNT};
 use super::profile::{Seccomp, SecuritySettings, security_settings};
-use super::stream::{AgentReader, BatchLog};
-use crate::agent::protocol::BatchSpec;
-use crate::backend::{BackendEvent, BatchCtx, BatchError, Stage};
-use crate::matrix::model::{Environment, ImageSource};
-
-/// Past a cell's own timeout, how long the agent gets to report it before the harness kills
-/// the container (the agent enforces cell timeouts itself; this catches a hung agent).
-pub(super) const CELL_GRACE: Duration = Duration::from_secs(10);
-pub(super) const STDERR_TAIL: usize = 20;
+use super::stream::{AgentReader, BatchLog, CELL_GRACE};
+use crate::backend::{BatchCtx, BatchError, Stage, Stages};
+use crate::matrix::model::{DockerEnv, Environment, ImageSource};
+use crate::protocol::BatchSpec;
 
 impl DockerBackend {
     /// Run one batch in a fresh container and stream the agent's events to `ctx`. The
@@ -78,16 +73,11 @@ impl DockerBackend {
     }
 
     async fn provision(&self, env: &Environment) -> Result<String, BatchError> {
-        let r = match (&env.image_source, env.image.as_deref()) {
-            (Some(ImageSource::Recipe(name)), _) => self.ensure_recipe_image(name).await,
-            (Some(ImageSource::Reference(r)), _) => self.ensure_local_image(r).await,
-            (None, Some(name)) => self.ensure_image(name).await,
-            (None, None) => {
-                return Err(BatchError::new(
-                    Stage::Provision,
-                    format!("environment {} names no image", env.id),
-                ));
-            }
+        let d = docker_env(env)?;
+        let r = match &d.image_source {
+            Some(ImageSource::Recipe(name)) => self.ensure_recipe_image(name).await,
+            Some(ImageSource::Reference(r)) => self.ensure_local_image(r).await,
+            None => self.ensure_image(&d.image).await,
         };
         r.map_err(|e| BatchError::new(Stage::Provision, format!("{e:#}")))
     }
@@ -106,7 +96,8 @@ impl DockerBackend {
         let fail = |stage: Stage, what: &str, e: &dyn std::fmt::Display| {
             BatchError::new(stage, format!("failed to {what}: {e}"))
         };
-        let sec = security_settings(env.profile.as_ref(), env.read_only)
+        let d = docker_env(env)?;
+        let sec = security_settings(d.profile.as_ref(), d.read_only)
             .map_err(|e| fail(Stage::Start, "map the security profile", &e))?;
         let seccomp_json = match &sec.seccomp {
             Seccomp::File(path) => Some(
@@ -425,55 +416,14 @@ impl Drop for ContainerSlot {
     }
 }
 
-/// Sends stage start/finish events and knows which stage is current.
-pub(super) struct Stages<'a> {
-    ctx: &'a BatchCtx,
-    current: Mutex<Option<(Stage, Instant)>>,
-}
-
-impl<'a> Stages<'a> {
-    fn new(ctx: &'a BatchCtx) -> Self {
-        Stages {
-            ctx,
-            current: Mutex::new(None),
-        }
-    }
-
-    pub(super) fn start(&self, stage: Stage) {
-        *self.current.lock().expect("stage lock") = Some((stage, Instant::now()));
-        self.ctx.send(BackendEvent::StageStarted {
-            batch: self.ctx.batch_id.clone(),
-            stage,
-        });
-    }
-
-    pub(super) fn finish(&self, stage: Stage) {
-        let mut cur = self.current.lock().expect("stage lock");
-        if let Some((s, t)) = *cur
-            && s == stage
-        {
-            *cur = None;
-            self.ctx.send(BackendEvent::StageFinished {
-                batch: self.ctx.batch_id.clone(),
-                stage,
-                elapsed: t.elapsed(),
-            });
-        }
-    }
-
-    fn finish_current(&self) {
-        let cur = *self.current.lock().expect("stage lock");
-        if let Some((s, _)) = cur {
-            self.finish(s);
-        }
-    }
-
-    fn current(&self) -> Stage {
-        self.current
-            .lock()
-            .expect("stage lock")
-            .map_or(Stage::Run, |(s, _)| s)
-    }
+/// The container part of `env` (the plan gives this backend docker environments only).
+fn docker_env(env: &Environment) -> Result<&DockerEnv, BatchError> {
+    env.docker().ok_or_else(|| {
+        BatchError::new(
+            Stage::Provision,
+            format!("environment {} is not a docker environment", env.id),
+        )
+    })
 }
 
 const CHUNK: usize = 1 << 20;
@@ -509,13 +459,15 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::backend::docker::profile::builtin_profiles;
 
     fn body_for(profile: &str, read_only: bool) -> HostConfig {
-        let p = builtin_profiles()
-            .into_iter()
-            .find(|p| p.name == profile)
-            .unwrap();
+        let p = crate::matrix::profiles(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+        )
+        .expect("matrix.toml loads")
+        .into_iter()
+        .find(|p| p.name == profile)
+        .unwrap();
         let sec = security_settings(Some(&p), read_only).unwrap();
         let spec: BatchSpec = serde_json::from_str(
             r#"{"version":1,"batch-id":"b","work-dir":"/w","uid":1000,"gid":1000,"agent-bin":"/a","cells":[]}"#,

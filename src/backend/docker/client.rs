@@ -9,12 +9,13 @@ use bollard::Docker;
 use bollard::query_parameters::{ListContainersOptions, RemoveContainerOptions};
 
 use crate::backend::Unavailable;
+pub(super) use crate::text::error_chain;
 
 /// Every container nsmatrix creates carries this label, valued with the run id.
-pub const LABEL_RUN: &str = "nsmatrix.run";
+pub(crate) const LABEL_RUN: &str = "nsmatrix.run";
 /// `<boot id>/<pid>/<process start time>` of the nsmatrix process that created the container.
-pub const LABEL_OWNER: &str = "nsmatrix.owner";
-pub const LABEL_BATCH: &str = "nsmatrix.batch";
+pub(crate) const LABEL_OWNER: &str = "nsmatrix.owner";
+pub(crate) const LABEL_BATCH: &str = "nsmatrix.batch";
 
 /// Engine calls that return promptly (not streams): bollard applies this per request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -53,7 +54,14 @@ pub enum AgentPlacement {
 /// Connect to `$DOCKER_HOST` or the local socket and negotiate the API version. Never panics
 /// and never hangs: an engine that does not answer in 10 s is unavailable.
 pub async fn connect() -> Result<DockerBackend, Unavailable> {
-    let host = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
+    connect_to(std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty())).await
+}
+
+/// Connect to one engine endpoint (`unix:///path`, `tcp://host:port`; `None`: the local
+/// socket). An engine that runs elsewhere, in a guest say, is reached the same way through the
+/// endpoint forwarded to it; combine with [`AgentPlacement::Upload`] when that engine does
+/// not share this machine's files.
+pub async fn connect_to(host: Option<String>) -> Result<DockerBackend, Unavailable> {
     let endpoint = host
         .clone()
         .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
@@ -65,7 +73,7 @@ pub async fn connect() -> Result<DockerBackend, Unavailable> {
             None => format!("start dockerd ({detail}), or set DOCKER_HOST"),
         }
     };
-    let docker = Docker::connect_with_defaults().map_err(|e| Unavailable {
+    let docker = Docker::connect_with_host(&endpoint).map_err(|e| Unavailable {
         reason: format!("failed to set up a Docker client for {endpoint}: {e}"),
         fix: fix("as root: `dockerd &` or `systemctl start docker`"),
     })?;
@@ -116,7 +124,7 @@ pub async fn connect() -> Result<DockerBackend, Unavailable> {
 }
 
 impl DockerBackend {
-    pub fn engine(&self) -> &EngineInfo {
+    pub(crate) fn engine(&self) -> &EngineInfo {
         &self.engine
     }
 
@@ -156,7 +164,7 @@ impl DockerBackend {
     }
 
     /// Remove every container of one run, live or not (a second Ctrl-C, tests).
-    pub async fn remove_run(&self, run_id: &str) -> Result<usize> {
+    pub(crate) async fn remove_run(&self, run_id: &str) -> Result<usize> {
         let list = self.labelled_containers(Some(run_id)).await?;
         for (id, _) in &list {
             self.remove_container(id).await?;
@@ -272,21 +280,6 @@ fn start_time(pid: u32) -> Option<u64> {
     // The command name (field 2) may hold spaces and parentheses: count after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(19)?.parse().ok()
-}
-
-/// An error and its sources on one line.
-pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

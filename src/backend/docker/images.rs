@@ -34,7 +34,7 @@ pub struct ImageInfo {
 }
 
 /// How `images build` reports progress: one line per step.
-pub type Progress<'a> = &'a mut (dyn FnMut(&str) + Send);
+pub(crate) type Progress<'a> = &'a mut (dyn FnMut(&str) + Send);
 
 impl DockerBackend {
     /// The image reference to run for `name`: a catalog image is built (or found by its recipe
@@ -47,7 +47,7 @@ impl DockerBackend {
     }
 
     /// Build (or find) a catalog image; its reference is `nsmatrix/NAME:HASH12`.
-    pub async fn ensure_recipe_image(&self, name: &str) -> Result<String> {
+    pub(crate) async fn ensure_recipe_image(&self, name: &str) -> Result<String> {
         let recipe = ImageRecipe::builtin(name).ok_or_else(|| {
             anyhow!("no image {name:?} in the catalog (vm-images/docker/images.toml)")
         })?;
@@ -56,7 +56,7 @@ impl DockerBackend {
     }
 
     /// An image that must already be in the engine (there is no registry to pull from).
-    pub async fn ensure_local_image(&self, name: &str) -> Result<String> {
+    pub(crate) async fn ensure_local_image(&self, name: &str) -> Result<String> {
         match self.docker.inspect_image(name).await {
             Ok(_) => Ok(name.to_string()),
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -139,7 +139,10 @@ impl DockerBackend {
             match item {
                 Ok(info) => {
                     if let Some(e) = info.error_detail.and_then(|d| d.message) {
-                        bail!("failed to build image {tag}: {e}\n{}", tail(&log, 15));
+                        bail!(
+                            "failed to build image {tag}: {e}\n{}",
+                            crate::text::tail_lines(&log, 15)
+                        );
                     }
                     if let Some(s) = info.stream {
                         log.push_str(&s);
@@ -148,14 +151,14 @@ impl DockerBackend {
                 Err(e) => bail!(
                     "failed to build image {tag}: {}\n{}",
                     error_chain(&e),
-                    tail(&log, 15)
+                    crate::text::tail_lines(&log, 15)
                 ),
             }
         }
         if !self.image_exists(&tag).await? {
             bail!(
                 "building image {tag} ended without an image:\n{}",
-                tail(&log, 15)
+                crate::text::tail_lines(&log, 15)
             );
         }
         Ok(())
@@ -298,7 +301,7 @@ impl DockerBackend {
     /// `images prune`: remove images nsmatrix made from recipes that changed since (`all`:
     /// every nsmatrix image). Returns the removed tags (or ids). Built images go before the
     /// bases they stand on.
-    pub async fn prune_images(&self, all: bool) -> Result<Vec<String>> {
+    pub(crate) async fn prune_images(&self, all: bool) -> Result<Vec<String>> {
         let mut victims: Vec<ImageInfo> = self
             .list_images()
             .await?
@@ -352,9 +355,4 @@ fn file_chunks(
             Err(e) => Some((Err(e), None)),
         }
     })
-}
-
-fn tail(s: &str, lines: usize) -> String {
-    let v: Vec<&str> = s.lines().collect();
-    v[v.len().saturating_sub(lines)..].join("\n")
 }

@@ -2,6 +2,7 @@
 //! nsmatrix's images without a registry and maps security profiles onto containers. Every
 //! bollard call of nsmatrix lives under this module; no bollard type leaves it.
 
+mod backend;
 mod batch;
 mod client;
 mod images;
@@ -9,7 +10,5 @@ mod place;
 mod profile;
 mod stream;
 
-pub use client::{AgentPlacement, DockerBackend, EngineInfo, LABEL_RUN, connect};
-pub use images::{ImageInfo, Progress};
-pub use place::{PLACE_DIR, WORK_MOUNT};
-pub use profile::{ProfileError, Seccomp, SecuritySettings, builtin_profiles, security_settings};
+pub(crate) use backend::host_sysctl_mismatch;
+pub use client::{AgentPlacement, DockerBackend, EngineInfo, connect};

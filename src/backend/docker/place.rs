@@ -6,18 +6,17 @@
 //! the scenarios and the spec; a tmpfs mounted `exec,suid` at [`WORK_MOUNT`] is the agent's
 //! work dir, so its setuid copies of bwrap keep their bit.
 
-use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::agent::protocol::{BatchSpec, SubjectSpec};
+use crate::protocol::{BatchSpec, Carry, Layout, relocate};
 
-pub const PLACE_DIR: &str = "/nsmatrix";
-pub const WORK_MOUNT: &str = "/nsmatrix-work";
+pub(crate) const PLACE_DIR: &str = "/nsmatrix";
+pub(crate) const WORK_MOUNT: &str = "/nsmatrix-work";
 
 /// One thing to copy from the host, at a path relative to [`PLACE_DIR`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
+pub(crate) enum Entry {
     File {
         host: PathBuf,
         rel: String,
@@ -30,7 +29,7 @@ pub enum Entry {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Placement {
+pub(crate) struct Placement {
     /// The spec as the agent inside sees it.
     pub spec: BatchSpec,
     /// Absolute path of the spec inside the container.
@@ -42,61 +41,34 @@ pub struct Placement {
 
 impl Placement {
     /// Plan where everything goes; pure (no file is read).
-    pub fn plan(spec: &BatchSpec) -> Placement {
-        let mut spec = spec.clone();
+    pub(crate) fn plan(spec: &BatchSpec) -> Placement {
         let agent_host = spec.agent_bin.clone();
-        let mut entries = vec![Entry::File {
-            host: spec.agent_bin.clone(),
-            rel: "bin/nsmatrix".into(),
-            mode: 0o755,
-        }];
-        spec.agent_bin = PathBuf::from(format!("{PLACE_DIR}/bin/nsmatrix"));
-        spec.work_dir = PathBuf::from(format!("{WORK_MOUNT}/batch"));
-
-        let mut scenarios: BTreeMap<PathBuf, String> = BTreeMap::new();
-        let mut codex: BTreeMap<PathBuf, String> = BTreeMap::new();
-        for cell in &mut spec.cells {
-            let n = scenarios.len();
-            let rel = scenarios
-                .entry(cell.scenario_dir.clone())
-                .or_insert_with(|| format!("scenarios/{n}-{}", base_name(&cell.scenario_dir)))
-                .clone();
-            cell.scenario_dir = PathBuf::from(format!("{PLACE_DIR}/{rel}"));
-            if let SubjectSpec::Codex { codex_bin, .. } = &mut cell.subject {
-                let n = codex.len();
-                let rel = codex
-                    .entry(codex_bin.clone())
-                    .or_insert_with(|| format!("codex/{n}/bin/codex"))
-                    .clone();
-                *codex_bin = PathBuf::from(format!("{PLACE_DIR}/{rel}"));
-            }
-        }
-        entries.extend(
-            scenarios
-                .into_iter()
-                .map(|(host, rel)| Entry::Dir { host, rel }),
-        );
-        // Codex's package layout, so it finds its bundled bwrap (`../codex-resources/bwrap`)
-        // where the image has none on PATH.
-        for (host, rel) in codex {
-            let bundled = host
-                .parent()
-                .and_then(Path::parent)
-                .map(|d| d.join("codex-resources/bwrap"));
-            let bundled_rel = rel.replace("/bin/codex", "/codex-resources/bwrap");
-            entries.push(Entry::File {
-                host,
-                rel,
-                mode: 0o755,
-            });
-            if let Some(b) = bundled {
-                entries.push(Entry::File {
-                    host: b,
-                    rel: bundled_rel,
-                    mode: 0o755,
-                });
-            }
-        }
+        let layout = Layout {
+            agent: &format!("{PLACE_DIR}/bin/nsmatrix"),
+            root: PLACE_DIR,
+            work_dir: &format!("{WORK_MOUNT}/batch"),
+        };
+        let (spec, carry) = relocate(spec, &layout);
+        let rel = |inside: String| {
+            inside
+                .strip_prefix(&format!("{PLACE_DIR}/"))
+                .expect("relocated under PLACE_DIR")
+                .to_string()
+        };
+        let entries = carry
+            .into_iter()
+            .map(|c| match c {
+                Carry::File { host, inside, mode } => Entry::File {
+                    host,
+                    rel: rel(inside),
+                    mode,
+                },
+                Carry::Dir { host, inside } => Entry::Dir {
+                    host,
+                    rel: rel(inside),
+                },
+            })
+            .collect();
         Placement {
             spec,
             spec_path: format!("{PLACE_DIR}/batch.json"),
@@ -106,7 +78,7 @@ impl Placement {
     }
 
     /// The same placement with the agent bind-mounted at `spec.agent_bin` instead of uploaded.
-    pub fn without_agent_upload(mut self) -> Placement {
+    pub(crate) fn without_agent_upload(mut self) -> Placement {
         let agent = self.agent_host.clone();
         self.entries.retain(|e| !matches!(e, Entry::File { host, rel, .. } if *host == agent && rel == "bin/nsmatrix"));
         self
@@ -114,7 +86,7 @@ impl Placement {
 
     /// Write the tar to upload at [`PLACE_DIR`]: every entry, then `batch.json`. Owners are
     /// root and times are zero, so the upload does not depend on who owns the host's files.
-    pub fn write_tar(&self, w: impl Write) -> io::Result<()> {
+    pub(crate) fn write_tar(&self, w: impl Write) -> io::Result<()> {
         let mut b = tar::Builder::new(w);
         b.follow_symlinks(false);
         b.mode(tar::HeaderMode::Deterministic);
@@ -174,27 +146,12 @@ fn with_path(err: io::Error, path: &Path) -> io::Error {
     io::Error::new(err.kind(), format!("{}: {err}", path.display()))
 }
 
-fn base_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| {
-            n.to_string_lossy()
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect()
-        })
-        .unwrap_or_else(|| "scenario".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::protocol::{ArgvProfile, CellSpec, SetuidMode};
+    use std::collections::BTreeMap;
+
+    use crate::protocol::{ArgvProfile, CellSpec, SetuidMode, SubjectSpec};
 
     fn cell(id: &str, dir: &Path, subject: SubjectSpec) -> CellSpec {
         CellSpec {

@@ -9,7 +9,7 @@ use crate::matrix::model::Profile;
 
 /// Which seccomp filter the container gets.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Seccomp {
+pub(crate) enum Seccomp {
     /// The engine's default profile (denies unshare/clone of user namespaces without
     /// CAP_SYS_ADMIN).
     #[default]
@@ -21,7 +21,7 @@ pub enum Seccomp {
 
 /// The security settings of one container; everything else in its HostConfig is fixed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SecuritySettings {
+pub(crate) struct SecuritySettings {
     pub privileged: bool,
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
@@ -35,7 +35,7 @@ pub struct SecuritySettings {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProfileError {
+pub(crate) enum ProfileError {
     #[error("profile {profile:?}: {setting} applies to the host backend only")]
     HostOnly {
         profile: String,
@@ -50,7 +50,7 @@ pub enum ProfileError {
 /// Map a profile (`None` = the engine's defaults) and the read-only axis onto container
 /// settings. `security_opt` entries that Docker's CLI would translate (`seccomp=...`,
 /// `no-new-privileges`, `systempaths=unconfined`) are folded into the typed fields.
-pub fn security_settings(
+pub(crate) fn security_settings(
     profile: Option<&Profile>,
     read_only: bool,
 ) -> Result<SecuritySettings, ProfileError> {
@@ -112,70 +112,18 @@ fn cap_name(c: &str) -> String {
     up.strip_prefix("CAP_").map(str::to_string).unwrap_or(up)
 }
 
-/// The profiles issue 4 names, for the default matrix and for tests. A matrix file defines
-/// its own with `[profile.NAME]`; these are the same settings spelled in Rust.
-pub fn builtin_profiles() -> Vec<Profile> {
-    let p = |name: &str, description: &str| Profile {
-        name: name.into(),
-        description: description.into(),
-        ..Default::default()
-    };
-    let caps = |v: &[&str]| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
-    vec![
-        p(
-            "default",
-            "the engine's defaults: default seccomp, default capabilities",
-        ),
-        Profile {
-            seccomp: Some("unconfined".into()),
-            ..p(
-                "seccomp-unconfined",
-                "no seccomp filter, default capabilities",
-            )
-        },
-        Profile {
-            seccomp: Some("unconfined".into()),
-            cap_add: caps(&["SYS_ADMIN", "SYS_PTRACE"]),
-            ..p(
-                "holyclaude",
-                "the incident's compose file: cap_add SYS_ADMIN, SYS_PTRACE; seccomp=unconfined",
-            )
-        },
-        Profile {
-            seccomp: Some("unconfined".into()),
-            cap_add: caps(&["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN"]),
-            ..p("holyclaude+net-admin", "holyclaude plus NET_ADMIN")
-        },
-        Profile {
-            no_new_privileges: true,
-            ..p(
-                "no-new-privileges",
-                "default plus no-new-privileges (setuid bits ignored)",
-            )
-        },
-        Profile {
-            privileged: true,
-            ..p("privileged", "--privileged")
-        },
-        Profile {
-            systempaths_unconfined: true,
-            ..p(
-                "systempaths-unconfined",
-                "default plus systempaths=unconfined (no masked /proc paths)",
-            )
-        },
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn builtin(name: &str) -> Profile {
-        builtin_profiles()
-            .into_iter()
-            .find(|p| p.name == name)
-            .unwrap()
+        crate::matrix::profiles(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+        )
+        .expect("matrix.toml loads")
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap()
     }
 
     #[test]
@@ -184,6 +132,8 @@ mod tests {
         let base = SecuritySettings::default();
         let table: Vec<(&str, SecuritySettings)> = vec![
             ("default", base.clone()),
+            // The host's `none` sets nothing a container would not have anyway.
+            ("none", base.clone()),
             (
                 "seccomp-unconfined",
                 SecuritySettings {
@@ -229,7 +179,20 @@ mod tests {
                 },
             ),
         ];
-        assert_eq!(table.len(), builtin_profiles().len());
+        // Every profile of matrix.toml that a container can take is in the table.
+        let all = crate::matrix::profiles(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("matrix.toml"),
+        )
+        .expect("matrix.toml loads");
+        for p in &all {
+            if security_settings(Some(p), false).is_ok() {
+                assert!(
+                    table.iter().any(|(n, _)| *n == p.name),
+                    "{} untested",
+                    p.name
+                );
+            }
+        }
         for (name, want) in table {
             assert_eq!(
                 security_settings(Some(&builtin(name)), false).unwrap(),

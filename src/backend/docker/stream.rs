@@ -6,9 +6,13 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 
-use super::batch::{CELL_GRACE, STDERR_TAIL, Stages};
-use crate::agent::protocol::AgentEvent;
-use crate::backend::{BatchCtx, Stage};
+use crate::backend::{BatchCtx, Stage, Stages};
+use crate::protocol::{AgentEvent, LineBuf};
+
+/// Past a cell's own timeout, how long the agent gets to report it before the harness kills
+/// the container (the agent enforces cell timeouts itself; this catches a hung agent).
+pub(super) const CELL_GRACE: Duration = Duration::from_secs(10);
+pub(super) const STDERR_TAIL: usize = 20;
 
 /// Splits the agent's stdout into lines, forwards protocol lines, logs the rest, and tracks
 /// which cells are running and until when.
@@ -17,8 +21,8 @@ pub(super) struct AgentReader<'a, 's> {
     stages: &'a Stages<'s>,
     timeouts: HashMap<String, Duration>,
     running: HashMap<String, Instant>,
-    partial: Vec<u8>,
-    stderr_partial: Vec<u8>,
+    out: LineBuf,
+    err: LineBuf,
     stderr_tail: VecDeque<String>,
     done: bool,
 }
@@ -34,27 +38,22 @@ impl<'a, 's> AgentReader<'a, 's> {
             stages,
             timeouts,
             running: HashMap::new(),
-            partial: Vec::new(),
-            stderr_partial: Vec::new(),
+            out: LineBuf::default(),
+            err: LineBuf::default(),
             stderr_tail: VecDeque::new(),
             done: false,
         }
     }
 
     pub(super) async fn stdout(&mut self, chunk: &[u8], log: &mut BatchLog) {
-        self.partial.extend_from_slice(chunk);
-        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=pos).collect();
-            self.line(&String::from_utf8_lossy(&line[..pos]), log).await;
+        for line in self.out.push(chunk) {
+            self.line(&line, log).await;
         }
     }
 
     pub(super) async fn stderr(&mut self, chunk: &[u8], log: &mut BatchLog) {
-        self.stderr_partial.extend_from_slice(chunk);
-        while let Some(pos) = self.stderr_partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.stderr_partial.drain(..=pos).collect();
-            self.stderr_line(String::from_utf8_lossy(&line[..pos]).into_owned(), log)
-                .await;
+        for line in self.err.push(chunk) {
+            self.stderr_line(line, log).await;
         }
     }
 
@@ -67,14 +66,11 @@ impl<'a, 's> AgentReader<'a, 's> {
     }
 
     pub(super) async fn flush(&mut self, log: &mut BatchLog) {
-        if !self.partial.is_empty() {
-            let rest = std::mem::take(&mut self.partial);
-            self.line(&String::from_utf8_lossy(&rest), log).await;
+        if let Some(rest) = self.out.finish() {
+            self.line(&rest, log).await;
         }
-        if !self.stderr_partial.is_empty() {
-            let rest = std::mem::take(&mut self.stderr_partial);
-            self.stderr_line(String::from_utf8_lossy(&rest).into_owned(), log)
-                .await;
+        if let Some(rest) = self.err.finish() {
+            self.stderr_line(rest, log).await;
         }
     }
 

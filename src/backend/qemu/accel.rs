@@ -39,7 +39,7 @@ struct ProbeRecord {
 
 /// The cached answer, else a fresh probe with `kernel` (any bootable bzImage); without a kernel
 /// the answer is TCG and is not cached. `$NSMATRIX_QEMU_ACCEL=kvm|tcg` overrides both.
-pub async fn probe_accel(qemu: &Path, kernel: Option<&Path>) -> (Accel, String) {
+pub(crate) async fn probe_accel(qemu: &Path, kernel: Option<&Path>) -> (Accel, String) {
     match std::env::var("NSMATRIX_QEMU_ACCEL").as_deref() {
         Ok("tcg") => return (Accel::Tcg, "tcg (NSMATRIX_QEMU_ACCEL)".into()),
         Ok("kvm") => return (Accel::Kvm, "kvm (NSMATRIX_QEMU_ACCEL)".into()),
@@ -81,7 +81,11 @@ pub async fn probe_accel(qemu: &Path, kernel: Option<&Path>) -> (Accel, String) 
 
 /// Boot `kernel` without an initramfs: it must print its banner and panic for want of an init
 /// (`panic=-1 -no-reboot` then exits QEMU) within [`PROBE_TIMEOUT`].
-pub async fn kernel_boot(qemu: &Path, kernel: &Path, accel: Accel) -> Result<Duration, String> {
+pub(crate) async fn kernel_boot(
+    qemu: &Path,
+    kernel: &Path,
+    accel: Accel,
+) -> Result<Duration, String> {
     let dir = tempfile_dir().map_err(|e| e.to_string())?;
     let console = dir.join("console.log");
     let start = std::time::Instant::now();
@@ -143,7 +147,7 @@ pub async fn kernel_boot(qemu: &Path, kernel: &Path, accel: Accel) -> Result<Dur
 }
 
 /// Boot the probe sector with `accel`; Ok(time) if it reached the exit port in time.
-pub async fn test_boot(qemu: &Path, accel: Accel) -> Result<Duration, String> {
+pub(crate) async fn test_boot(qemu: &Path, accel: Accel) -> Result<Duration, String> {
     let dir = tempfile_dir().map_err(|e| e.to_string())?;
     let img = dir.join("probe.img");
     std::fs::write(&img, boot_sector()).map_err(|e| e.to_string())?;

@@ -7,7 +7,6 @@
 //! a ~10 MB initramfs boots in a fraction of the time of a 200 MB image, and it needs neither a
 //! block driver nor ext4 in the guest (Debian's generic kernels have both as modules).
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -17,10 +16,10 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use crate::agent::init::{GUEST_AGENT, GUEST_BATCH, GUEST_MODULES_DIR, GUEST_MODULES_LIST};
-use crate::agent::protocol::BatchSpec;
 use crate::artifacts::cache::cache_dir;
 use crate::artifacts::debian::{Mirror, extract_deb};
 use crate::artifacts::kernels::Kernel;
+use crate::protocol::{BatchSpec, Carry, Layout, relocate};
 
 /// Bump when the root file system's recipe changes.
 const ROOTFS_RECIPE: &str = "debs:bubblewrap,busybox-static;merged-usr;pruned v1";
@@ -42,10 +41,10 @@ const APPLETS: &[&str] = &[
     "less", "wc", "sort", "tr", "poweroff", "reboot",
 ];
 /// The guest's user for the sandbox (the batch's uid decides; these are the names).
-pub const GUEST_USER_UID: u32 = 1000;
+pub(crate) const GUEST_USER_UID: u32 = 1000;
 
 /// The newest cached root file system of a suite, without asking the mirror.
-pub fn cached_rootfs(suite: &str) -> Option<PathBuf> {
+pub(crate) fn cached_rootfs(suite: &str) -> Option<PathBuf> {
     let prefix = format!("rootfs-{suite}-");
     let mut dirs: Vec<_> = fs::read_dir(cache_dir().join("guest"))
         .ok()?
@@ -62,7 +61,7 @@ pub fn cached_rootfs(suite: &str) -> Option<PathBuf> {
 
 /// The base root file system of a suite: the cached one, else built from the mirror's newest
 /// packages (`refresh` rebuilds it when the mirror has newer ones).
-pub fn ensure_rootfs(suite: &str, refresh: bool) -> Result<PathBuf> {
+pub(crate) fn ensure_rootfs(suite: &str, refresh: bool) -> Result<PathBuf> {
     if !refresh {
         if let Some(d) = cached_rootfs(suite) {
             return Ok(d);
@@ -190,7 +189,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// A cached base initramfs for a kernel and a root file system.
-pub fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
+pub(crate) fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
     let kkey = kernel
         .dir
         .file_name()
@@ -237,46 +236,60 @@ pub fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Where a batch's files land inside the guest.
-pub const GUEST_SCENARIOS: &str = "/nsmatrix/scenarios";
-pub const GUEST_WORK_DIR: &str = "/var/tmp/nsmatrix-work";
+/// The batch's work dir inside a guest.
+pub(crate) const GUEST_WORK_DIR: &str = "/var/tmp/nsmatrix-work";
 
-/// Relocate a batch to the guest's paths: the agent, each scenario directory, the work dir.
-/// Returns the guest's spec and the host directories to copy (host path → guest path).
-pub fn relocate(spec: &BatchSpec) -> (BatchSpec, BTreeMap<PathBuf, String>) {
-    let mut g = spec.clone();
-    g.agent_bin = PathBuf::from(GUEST_AGENT);
-    g.work_dir = PathBuf::from(GUEST_WORK_DIR);
-    let mut dirs: BTreeMap<PathBuf, String> = BTreeMap::new();
-    for c in &mut g.cells {
-        let n = dirs.len();
-        let guest = dirs
-            .entry(c.scenario_dir.clone())
-            .or_insert_with(|| format!("{GUEST_SCENARIOS}/{n}"))
-            .clone();
-        c.scenario_dir = PathBuf::from(guest);
-    }
-    (g, dirs)
-}
+/// Where a batch's files land inside a guest.
+pub(crate) const GUEST_LAYOUT: Layout<'static> = Layout {
+    agent: GUEST_AGENT,
+    root: "/nsmatrix",
+    work_dir: GUEST_WORK_DIR,
+};
 
-/// Write the per-batch initramfs: `base` followed by the agent, the spec and the scenarios.
-pub fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> Result<BatchSpec> {
-    let (guest_spec, dirs) = relocate(spec);
+/// Write the per-batch initramfs: `base` followed by the agent, the spec and what
+/// [`relocate`] says the batch needs (scenarios, Codex). Returns the guest's spec.
+pub(crate) fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> Result<BatchSpec> {
+    let (guest_spec, carry) = relocate(spec, &GUEST_LAYOUT);
     fs::copy(base, dest).with_context(|| format!("failed to copy {}", base.display()))?;
     let f = fs::OpenOptions::new().append(true).open(dest)?;
     let mut w = Cpio::new(BufWriter::new(f));
-    let agent = fs::read(stripped_agent(&spec.agent_bin)?)
-        .with_context(|| format!("failed to read the agent {}", spec.agent_bin.display()))?;
-    w.file(GUEST_AGENT.trim_start_matches('/'), 0o755, &agent)?;
+    let mut made = std::collections::BTreeSet::new();
+    for c in &carry {
+        let inside = match c {
+            Carry::File { inside, .. } | Carry::Dir { inside, .. } => inside,
+        };
+        // The kernel's unpacker creates no parents: every directory first.
+        let rel = Path::new(inside.trim_start_matches('/'));
+        let parents: Vec<&Path> = rel
+            .ancestors()
+            .skip(1)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
+        for p in parents.into_iter().rev() {
+            if made.insert(p.to_path_buf()) {
+                w.dir(&p.to_string_lossy(), 0o755)?;
+            }
+        }
+        match c {
+            // The agent: without debug info (every byte costs boot time under TCG).
+            Carry::File { host, inside, mode } if *host == spec.agent_bin => {
+                let agent = fs::read(stripped_agent(host)?)
+                    .with_context(|| format!("failed to read the agent {}", host.display()))?;
+                w.file(inside.trim_start_matches('/'), *mode, &agent)?;
+            }
+            Carry::File { host, inside, mode } => {
+                let data =
+                    fs::read(host).with_context(|| format!("failed to read {}", host.display()))?;
+                w.file(inside.trim_start_matches('/'), *mode, &data)?;
+            }
+            Carry::Dir { host, inside } => w.tree(host, inside.trim_start_matches('/'))?,
+        }
+    }
     w.file(
         GUEST_BATCH.trim_start_matches('/'),
         0o644,
         &serde_json::to_vec(&guest_spec)?,
     )?;
-    w.dir(GUEST_SCENARIOS.trim_start_matches('/'), 0o755)?;
-    for (host, guest) in &dirs {
-        w.tree(host, guest.trim_start_matches('/'))?;
-    }
     w.finish()?
         .into_inner()
         .map_err(|e| e.into_error())?
@@ -328,14 +341,14 @@ fn unique_tmp() -> String {
 }
 
 /// A `newc` cpio writer; every entry is owned by root (setuid copies in the guest need it).
-pub struct Cpio<W: Write> {
+pub(crate) struct Cpio<W: Write> {
     out: W,
     ino: u32,
     written: u64,
 }
 
 impl<W: Write> Cpio<W> {
-    pub fn new(out: W) -> Self {
+    pub(crate) fn new(out: W) -> Self {
         Cpio {
             out,
             ino: 1,
@@ -380,20 +393,20 @@ impl<W: Write> Cpio<W> {
         self.put(&[0u8; 3][..n])
     }
 
-    pub fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
+    pub(crate) fn dir(&mut self, name: &str, perm: u32) -> io::Result<()> {
         self.entry(name, 0o040000 | perm, &[])
     }
 
-    pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> io::Result<()> {
+    pub(crate) fn file(&mut self, name: &str, perm: u32, data: &[u8]) -> io::Result<()> {
         self.entry(name, 0o100000 | perm, data)
     }
 
-    pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
+    pub(crate) fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
         self.entry(name, 0o120777, target.as_bytes())
     }
 
     /// Add a host directory tree under `prefix` ("" = the archive's root).
-    pub fn tree(&mut self, dir: &Path, prefix: &str) -> Result<()> {
+    pub(crate) fn tree(&mut self, dir: &Path, prefix: &str) -> Result<()> {
         if !prefix.is_empty() {
             self.dir(prefix, fs::metadata(dir)?.mode() & 0o7777)?;
         }
@@ -420,7 +433,7 @@ impl<W: Write> Cpio<W> {
     }
 
     /// Write the trailer (padded to 512 bytes, so another archive may follow).
-    pub fn finish(mut self) -> io::Result<W> {
+    pub(crate) fn finish(mut self) -> io::Result<W> {
         self.entry("TRAILER!!!", 0, &[])?;
         let n = (512 - (self.written % 512) as usize) % 512;
         self.put(&vec![0u8; n])?;
@@ -456,37 +469,5 @@ mod tests {
             assert!(list.contains("-rwsr-xr-x"), "{list}");
             assert!(list.contains("a/l -> f"), "{list}");
         }
-    }
-
-    #[test]
-    fn relocation_dedups_scenarios() {
-        use crate::agent::protocol::*;
-        let cell = |id: &str, dir: &str| CellSpec {
-            id: id.into(),
-            subject: SubjectSpec::Bwrap {
-                build: "system".into(),
-                setuid: SetuidMode::AsIs,
-                argv: ArgvProfile::Codex,
-            },
-            scenario_dir: dir.into(),
-            timeout_ms: 1000,
-            needs_sysctls: vec![],
-        };
-        let spec = BatchSpec {
-            version: 1,
-            batch_id: "b".into(),
-            work_dir: "/host/w".into(),
-            uid: 1000,
-            gid: 1000,
-            restrictions: Default::default(),
-            sysctls: Default::default(),
-            agent_bin: "/host/nsmatrix".into(),
-            cells: vec![cell("1", "/s/a"), cell("2", "/s/b"), cell("3", "/s/a")],
-        };
-        let (g, dirs) = relocate(&spec);
-        assert_eq!(dirs.len(), 2);
-        assert_eq!(g.cells[0].scenario_dir, g.cells[2].scenario_dir);
-        assert_ne!(g.cells[0].scenario_dir, g.cells[1].scenario_dir);
-        assert_eq!(g.agent_bin, PathBuf::from(GUEST_AGENT));
     }
 }

@@ -11,7 +11,7 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::init::{GUEST_AGENT, RESULTS_PORT};
-use crate::agent::protocol::AgentEvent;
+use crate::protocol::{AgentEvent, LineBuf};
 
 /// How the guest is accelerated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -22,7 +22,7 @@ pub enum Accel {
 }
 
 impl Accel {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
@@ -31,7 +31,7 @@ impl Accel {
 }
 
 /// The CPU model guests get (the KVM probe boots with the same one).
-pub fn cpu_model(accel: Accel) -> &'static str {
+pub(crate) fn cpu_model(accel: Accel) -> &'static str {
     match accel {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
@@ -40,7 +40,7 @@ pub fn cpu_model(accel: Accel) -> &'static str {
 
 /// Where the console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Console {
+pub(crate) enum Console {
     /// A log file (batches).
     File(PathBuf),
     /// The terminal (interactive shell); Ctrl-C goes to the guest.
@@ -49,7 +49,7 @@ pub enum Console {
 
 /// Everything one boot needs.
 #[derive(Debug, Clone)]
-pub struct Launch {
+pub(crate) struct Launch {
     pub qemu: PathBuf,
     pub accel: Accel,
     pub kernel: PathBuf,
@@ -63,7 +63,7 @@ pub struct Launch {
 }
 
 impl Launch {
-    pub fn argv(&self) -> Vec<String> {
+    pub(crate) fn argv(&self) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &[&str]| a.extend(s.iter().map(|s| s.to_string()));
         push(&[
@@ -114,7 +114,7 @@ impl Launch {
 
 /// How a watched boot ended.
 #[derive(Debug)]
-pub enum Ending {
+pub(crate) enum Ending {
     /// QEMU exited by itself (the guest powered off, or QEMU failed).
     Exited {
         status: String,
@@ -129,7 +129,7 @@ pub enum Ending {
 
 /// What the watch loop saw.
 #[derive(Debug)]
-pub struct Watched {
+pub(crate) struct Watched {
     pub ending: Ending,
     /// From spawn to the agent's first line.
     pub boot_time: Option<Duration>,
@@ -146,7 +146,7 @@ const PANIC_MARKS: &[&str] = &["Kernel panic - not syncing", "end Kernel panic"]
 
 /// Run QEMU until the guest powers off, panics, times out or the run is cancelled; every agent
 /// event is passed to `on_event` as it arrives. QEMU is killed and reaped on every path.
-pub async fn watch(
+pub(crate) async fn watch(
     launch: &Launch,
     boot_timeout: Duration,
     batch_timeout: Duration,
@@ -266,7 +266,7 @@ fn handle(
 struct Tail {
     path: Option<PathBuf>,
     file: Option<tokio::fs::File>,
-    partial: Vec<u8>,
+    lines: LineBuf,
 }
 
 impl Tail {
@@ -274,7 +274,7 @@ impl Tail {
         Tail {
             path,
             file: None,
-            partial: Vec::new(),
+            lines: LineBuf::default(),
         }
     }
 
@@ -292,27 +292,8 @@ impl Tail {
         if f.read_to_end(&mut buf).await.is_err() {
             return Vec::new();
         }
-        self.partial.extend_from_slice(&buf);
-        let mut lines = Vec::new();
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            lines.push(
-                String::from_utf8_lossy(&line)
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string(),
-            );
-        }
-        lines
+        self.lines.push(&buf)
     }
-}
-
-/// The last `n` lines of a file, for error messages.
-pub fn tail_of(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]

@@ -10,17 +10,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-pub use accel::{kernel_boot, test_boot};
-pub use guest::{
-    Cpio, GUEST_SCENARIOS, GUEST_WORK_DIR, cached_rootfs, ensure_base, ensure_rootfs, relocate,
-    write_batch_initrd,
-};
-pub use launcher::{Accel, Console, Ending, Launch, Watched, tail_of, watch};
+use crate::protocol::BatchSpec;
 
-use crate::agent::protocol::BatchSpec;
+pub(crate) use accel::test_boot;
+pub(crate) use guest::{ensure_base, ensure_rootfs, write_batch_initrd};
+pub use launcher::Accel;
+pub(crate) use launcher::{Console, Ending, Launch, watch};
+
 use crate::artifacts::kernels::{self, Kernel};
-use crate::backend::{BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
-use crate::matrix::model::Environment;
+use futures_util::future::BoxFuture;
+
+use crate::backend::{Backend, BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
+use crate::matrix::model::{BackendKind, Environment};
 
 /// Lines of console kept in an error message.
 const CONSOLE_TAIL_LINES: usize = 30;
@@ -87,12 +88,12 @@ impl QemuBackend {
     }
 
     /// Fetch/build the kernel and assemble the guest's base initramfs (blocking work).
-    pub async fn provision(&self, env: &Environment) -> anyhow::Result<(Kernel, PathBuf)> {
-        let kernel_name = env
-            .kernel
-            .clone()
-            .context("a qemu environment needs a kernel")?;
-        let image = env.image.clone();
+    pub(crate) async fn provision(&self, env: &Environment) -> anyhow::Result<(Kernel, PathBuf)> {
+        let q = env
+            .qemu()
+            .with_context(|| format!("environment {} is not a qemu environment", env.id))?;
+        let kernel_name = q.kernel.clone();
+        let image = q.image.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<(Kernel, PathBuf)> {
             let kernel = kernels::ensure(&kernel_name)?;
             let suite = match image {
@@ -111,17 +112,8 @@ impl QemuBackend {
     }
 
     /// Run one batch in one guest. Events stream to `ctx.events` as the agent writes them; the
-    /// console log and the raw agent output stay in `ctx.log_dir`.
-    pub async fn run_batch(
-        &self,
-        env: &Environment,
-        spec: BatchSpec,
-        ctx: &BatchCtx,
-    ) -> Result<(), BatchError> {
-        self.run_batch_timed(env, spec, ctx).await.map(|_| ())
-    }
-
-    /// [`run_batch`](Self::run_batch), also returning the guest's timings.
+    /// console log and the raw agent output stay in `ctx.log_dir`. Also returns
+    /// the guest's timings.
     pub async fn run_batch_timed(
         &self,
         env: &Environment,
@@ -141,10 +133,6 @@ impl QemuBackend {
                 elapsed: t.elapsed(),
             })
         };
-        let mut spec = spec;
-        spec.sysctls
-            .extend(env.sysctls.iter().map(|(k, v)| (k.clone(), v.clone())));
-
         stage(Stage::Provision);
         let t = std::time::Instant::now();
         let err = |s: Stage| move |e: anyhow::Error| BatchError::new(s, format!("{e:#}"));
@@ -210,8 +198,8 @@ impl QemuBackend {
             total: watched.total,
         };
         let tail = || {
-            let c = tail_of(&console_log, CONSOLE_TAIL_LINES);
-            let q = tail_of(&ctx.log_dir.join("qemu.stderr"), 5);
+            let c = crate::text::tail_of_file(&console_log, CONSOLE_TAIL_LINES);
+            let q = crate::text::tail_of_file(&ctx.log_dir.join("qemu.stderr"), 5);
             let mut s = format!("\n--- console tail ({}) ---\n{c}", console_log.display());
             if !q.trim().is_empty() {
                 s.push_str(&format!("\n--- qemu stderr ---\n{q}"));
@@ -257,10 +245,7 @@ impl QemuBackend {
 
     /// Boot `env` with `spec`'s sysctls applied and give an interactive shell as `spec.uid` on
     /// this terminal (`nsmatrix shell CELL`). Returns when the guest powers off.
-    pub async fn shell(&self, env: &Environment, spec: BatchSpec) -> anyhow::Result<()> {
-        let mut spec = spec;
-        spec.sysctls
-            .extend(env.sysctls.iter().map(|(k, v)| (k.clone(), v.clone())));
+    pub(crate) async fn shell(&self, env: &Environment, spec: BatchSpec) -> anyhow::Result<()> {
         let run_dir = RunDir::new("shell", &spec.batch_id)?;
         let (kernel, base) = self.provision(env).await?;
         let initrd = run_dir.path.join("initrd.cpio");
@@ -287,6 +272,74 @@ impl QemuBackend {
     }
 }
 
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    /// A guest weighs more than a process or a container.
+    fn weight(&self, jobs: usize) -> u32 {
+        2.min(jobs) as u32
+    }
+
+    /// Only a guest's agent writes sysctls (elsewhere they are the host's, checked, never set);
+    /// every cell needs the set's keys to exist.
+    fn prepare(&self, _run_id: &str, env: &Environment, mut spec: BatchSpec) -> BatchSpec {
+        let sysctls = env.qemu().map(|q| q.sysctls.clone()).unwrap_or_default();
+        for c in &mut spec.cells {
+            c.needs_sysctls = sysctls.keys().cloned().collect();
+        }
+        spec.sysctls = sysctls;
+        spec
+    }
+
+    fn run_batch<'a>(
+        &'a self,
+        env: &'a Environment,
+        spec: BatchSpec,
+        ctx: &'a BatchCtx,
+    ) -> BoxFuture<'a, Result<(), BatchError>> {
+        Box::pin(async move { self.run_batch_timed(env, spec, ctx).await.map(|_| ()) })
+    }
+
+    /// A guest's directory goes with its batch (also when the batch's task is dropped, which
+    /// kills its qemu); after a second Ctrl-C this removes those of this run that remain.
+    fn end_run<'a>(&'a self, run_id: &'a str, _abort: bool) -> BoxFuture<'a, ()> {
+        Box::pin(async move { RunDir::remove_run(run_id) })
+    }
+
+    fn describe(&self) -> Vec<(String, String)> {
+        let version = std::process::Command::new(&self.qemu)
+            .arg("--version")
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("?")
+                    .to_string()
+            })
+            .unwrap_or_else(|e| format!("fails to run: {e}"));
+        vec![
+            (
+                "qemu".into(),
+                format!("{version} ({})", self.qemu.display()),
+            ),
+            (
+                "/dev/kvm".into(),
+                if Path::new("/dev/kvm").exists() {
+                    "present".into()
+                } else {
+                    "absent: guests run under TCG".into()
+                },
+            ),
+            // The probe boots a real cached kernel under KVM with a timeout (guests can hang
+            // here where a boot sector does not) and caches the answer per host.
+            ("qemu acceleration".into(), self.accel_note.clone()),
+        ]
+    }
+}
+
 /// A per-run directory for a guest's files, removed when dropped (on every path).
 struct RunDir {
     path: PathBuf,
@@ -294,18 +347,7 @@ struct RunDir {
 
 impl RunDir {
     fn new(run_id: &str, batch_id: &str) -> anyhow::Result<RunDir> {
-        let safe = |s: &str| {
-            s.chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect::<String>()
-        };
-        let path = std::env::temp_dir().join("nsmatrix-qemu").join(format!(
+        let path = Self::root().join(format!(
             "{}-{}-{}",
             safe(run_id),
             safe(batch_id),
@@ -316,6 +358,40 @@ impl RunDir {
             .with_context(|| format!("failed to create {}", path.display()))?;
         Ok(RunDir { path })
     }
+}
+
+impl RunDir {
+    fn root() -> PathBuf {
+        std::env::temp_dir().join("nsmatrix-qemu")
+    }
+
+    /// Remove every guest directory of `run_id` made by this process.
+    fn remove_run(run_id: &str) {
+        let prefix = format!("{}-", safe(run_id));
+        let suffix = format!("-{}", std::process::id());
+        let Ok(rd) = std::fs::read_dir(Self::root()) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && name.ends_with(&suffix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// A run or batch id as a file name.
+fn safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 impl Drop for RunDir {

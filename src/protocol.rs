@@ -55,12 +55,6 @@ pub struct Restrictions {
     pub userns_limit: Option<u64>,
 }
 
-impl Restrictions {
-    pub fn is_empty(&self) -> bool {
-        self == &Restrictions::default()
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct CellSpec {
@@ -215,6 +209,141 @@ impl AgentEvent {
     }
 }
 
+/// The one splitter of an agent's output, whatever carries it (a pipe, a container's attach
+/// stream, a file a guest's serial port writes): bytes in as they arrive, whole lines out
+/// (`\n` or `\r\n` ended, invalid UTF-8 replaced); [`AgentEvent::parse_line`] then tells a
+/// protocol line from noise.
+#[derive(Debug, Default)]
+pub struct LineBuf {
+    partial: Vec<u8>,
+}
+
+impl LineBuf {
+    /// The lines `chunk` completes.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.partial.extend_from_slice(chunk);
+        let mut lines = Vec::new();
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            lines.push(text_of(&line));
+        }
+        lines
+    }
+
+    /// What is left after the last newline, at the end of the stream.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.partial.is_empty()).then(|| text_of(&std::mem::take(&mut self.partial)))
+    }
+}
+
+fn text_of(line: &[u8]) -> String {
+    String::from_utf8_lossy(line)
+        .trim_end_matches(['\r', '\n'])
+        .to_string()
+}
+
+/// Where a batch's files go inside an environment (a container, a guest).
+#[derive(Debug, Clone, Copy)]
+pub struct Layout<'a> {
+    /// The agent binary.
+    pub agent: &'a str,
+    /// Scenarios go under `<root>/scenarios/`, Codex packages under `<root>/codex/`.
+    pub root: &'a str,
+    /// The batch's work dir.
+    pub work_dir: &'a str,
+}
+
+/// One host file or directory a transport carries into the environment, to `inside`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Carry {
+    File {
+        host: PathBuf,
+        inside: String,
+        mode: u32,
+    },
+    Dir {
+        host: PathBuf,
+        inside: String,
+    },
+}
+
+/// The one relocation of a batch, used by every transport that copies a batch into an
+/// environment: `spec` with every host path rewritten to `layout`'s, and what to carry there
+/// (the agent first, each scenario directory once, each Codex package's binary and its bundled
+/// bwrap once, in Codex's package layout so it finds `../codex-resources/bwrap`). Pure: no
+/// file is read.
+pub fn relocate(spec: &BatchSpec, layout: &Layout<'_>) -> (BatchSpec, Vec<Carry>) {
+    let mut spec = spec.clone();
+    let mut carry = vec![Carry::File {
+        host: spec.agent_bin.clone(),
+        inside: layout.agent.to_string(),
+        mode: 0o755,
+    }];
+    spec.agent_bin = PathBuf::from(layout.agent);
+    spec.work_dir = PathBuf::from(layout.work_dir);
+    let root = layout.root.trim_end_matches('/');
+    let mut scenarios: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut codex: BTreeMap<PathBuf, String> = BTreeMap::new();
+    for cell in &mut spec.cells {
+        let n = scenarios.len();
+        let inside = scenarios
+            .entry(cell.scenario_dir.clone())
+            .or_insert_with(|| format!("{root}/scenarios/{n}-{}", base_name(&cell.scenario_dir)))
+            .clone();
+        cell.scenario_dir = PathBuf::from(inside);
+        if let SubjectSpec::Codex { codex_bin, .. } = &mut cell.subject {
+            let n = codex.len();
+            let inside = codex
+                .entry(codex_bin.clone())
+                .or_insert_with(|| format!("{root}/codex/{n}"))
+                .clone();
+            *codex_bin = PathBuf::from(format!("{inside}/bin/codex"));
+        }
+    }
+    carry.extend(
+        scenarios
+            .into_iter()
+            .map(|(host, inside)| Carry::Dir { host, inside }),
+    );
+    for (host, inside) in codex {
+        let bundled = host
+            .parent()
+            .and_then(std::path::Path::parent)
+            .map(|d| d.join("codex-resources/bwrap"));
+        carry.push(Carry::File {
+            host,
+            inside: format!("{inside}/bin/codex"),
+            mode: 0o755,
+        });
+        if let Some(b) = bundled {
+            carry.push(Carry::File {
+                host: b,
+                inside: format!("{inside}/codex-resources/bwrap"),
+                mode: 0o755,
+            });
+        }
+    }
+    (spec, carry)
+}
+
+/// A path's last component as a safe file name.
+fn base_name(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| "scenario".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +374,96 @@ mod tests {
         let j = r#"{"version":1,"batch-id":"b","work-dir":"/w","uid":1000,"gid":1000,
                    "agent-bin":"/a","cells":[],"bogus":1}"#;
         assert!(serde_json::from_str::<BatchSpec>(j).is_err());
+    }
+
+    #[test]
+    fn relocation_rewrites_every_host_path_and_carries_each_once() {
+        let cell = |id: &str, dir: &str, subject: SubjectSpec| CellSpec {
+            id: id.into(),
+            subject,
+            scenario_dir: dir.into(),
+            timeout_ms: 1000,
+            needs_sysctls: vec![],
+        };
+        let bwrap = SubjectSpec::Bwrap {
+            build: "system".into(),
+            setuid: SetuidMode::AsIs,
+            argv: ArgvProfile::Codex,
+        };
+        let codex = SubjectSpec::Codex {
+            version: "1".into(),
+            codex_bin: "/h/pkg/bin/codex".into(),
+        };
+        let spec = BatchSpec {
+            version: 1,
+            batch_id: "b".into(),
+            work_dir: "/host/w".into(),
+            uid: 1000,
+            gid: 1000,
+            restrictions: Default::default(),
+            sysctls: Default::default(),
+            agent_bin: "/host/nsmatrix".into(),
+            cells: vec![
+                cell("1", "/s/a", bwrap.clone()),
+                cell("2", "/s/b c", codex.clone()),
+                cell("3", "/s/a", codex),
+            ],
+        };
+        let layout = Layout {
+            agent: "/in/bin/nsmatrix",
+            root: "/in",
+            work_dir: "/work",
+        };
+        let (g, carry) = relocate(&spec, &layout);
+        assert_eq!(g.agent_bin, PathBuf::from("/in/bin/nsmatrix"));
+        assert_eq!(g.work_dir, PathBuf::from("/work"));
+        assert_eq!(g.cells[0].scenario_dir, PathBuf::from("/in/scenarios/0-a"));
+        assert_eq!(
+            g.cells[1].scenario_dir,
+            PathBuf::from("/in/scenarios/1-b_c")
+        );
+        assert_eq!(g.cells[2].scenario_dir, g.cells[0].scenario_dir);
+        for c in &g.cells[1..] {
+            assert!(
+                matches!(&c.subject, SubjectSpec::Codex { codex_bin, .. } if codex_bin == &PathBuf::from("/in/codex/0/bin/codex")),
+                "{:?}",
+                c.subject
+            );
+        }
+        // No host path is left in the relocated spec.
+        let json = serde_json::to_string(&g).unwrap();
+        for host in ["/host/", "/s/", "/h/"] {
+            assert!(!json.contains(host), "{host} left in {json}");
+        }
+        // The agent, two scenario dirs, Codex and its bundled bwrap.
+        assert_eq!(carry.len(), 5, "{carry:?}");
+        assert_eq!(
+            carry[0],
+            Carry::File {
+                host: "/host/nsmatrix".into(),
+                inside: "/in/bin/nsmatrix".into(),
+                mode: 0o755
+            }
+        );
+        assert!(carry.contains(&Carry::File {
+            host: "/h/pkg/codex-resources/bwrap".into(),
+            inside: "/in/codex/0/codex-resources/bwrap".into(),
+            mode: 0o755
+        }));
+    }
+
+    #[test]
+    fn lines_split_across_chunks_and_at_the_end() {
+        let mut b = LineBuf::default();
+        assert!(b.push(b"{\"event\":").is_empty());
+        let l = b.push(b"\"batch-done\",\"cells\":1}\r\nnoise\npart");
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            AgentEvent::parse_line(&l[0]).unwrap().unwrap(),
+            AgentEvent::BatchDone { cells: 1 }
+        );
+        assert_eq!(l[1], "noise");
+        assert_eq!(b.finish().as_deref(), Some("part"));
+        assert_eq!(b.finish(), None);
     }
 }
