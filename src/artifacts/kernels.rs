@@ -21,10 +21,16 @@ use super::debian::{Mirror, extract_deb};
 /// The catalog shipped in the binary (so a copied binary needs no checkout).
 const CATALOG: &str = include_str!("../../vm-images/kernels.toml");
 /// Fragments named by the catalog, by their path relative to `vm-images/`.
-const FRAGMENTS: &[(&str, &str)] = &[(
-    "kernel-config/nouserns.config",
-    include_str!("../../vm-images/kernel-config/nouserns.config"),
-)];
+const FRAGMENTS: &[(&str, &str)] = &[
+    (
+        "kernel-config/nouserns.config",
+        include_str!("../../vm-images/kernel-config/nouserns.config"),
+    ),
+    (
+        "kernel-config/synology-like-5.10.config",
+        include_str!("../../vm-images/kernel-config/synology-like-5.10.config"),
+    ),
+];
 /// Bump when the build steps change, so old builds are not reused.
 const BUILD_RECIPE: &str = "tinyconfig+merge_config+olddefconfig+bzImage v1";
 /// Modules a Debian generic kernel must load to reach the host: virtio over PCI and the
@@ -470,7 +476,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 
 /// Copy the modules `wanted` and their dependencies from a kernel's module tree into `dest`,
 /// decompressed, and return their file names in load order (dependencies first).
-fn copy_modules(tree: &Path, dest: &Path, wanted: &[&str]) -> Result<Vec<String>> {
+pub(crate) fn copy_modules(tree: &Path, dest: &Path, wanted: &[&str]) -> Result<Vec<String>> {
     let mut by_name = BTreeMap::new();
     walk_modules(tree, &mut by_name)?;
     let mut order = Vec::new();
