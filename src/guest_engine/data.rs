@@ -123,7 +123,13 @@ async fn prepare(
     let t = Instant::now();
     let refs: Vec<&str> = images.iter().map(|(r, _)| r.as_str()).collect();
     let saved = host.export_images(&refs);
-    let mut load = engine.docker.import_image_stream(
+    // `docker load` under TCG takes minutes (bollard's per-request timeout covers the whole
+    // streamed request).
+    let loader = engine
+        .docker
+        .clone()
+        .with_timeout(Duration::from_secs(3600));
+    let mut load = loader.import_image_stream(
         bollard::query_parameters::ImportImageOptionsBuilder::default()
             .quiet(true)
             .build(),

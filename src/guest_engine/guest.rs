@@ -174,14 +174,23 @@ fn listen_for_stop(dockerd: libc::pid_t) {
     };
     std::thread::spawn(move || {
         let Ok(f) = fs::File::open(&dev) else {
+            eprintln!("nsmatrix-engine: cannot open {}", dev.display());
             return;
         };
-        for line in std::io::BufReader::new(f).lines() {
-            let Ok(line) = line else { break };
-            if line.trim() == "stop" {
-                eprintln!("nsmatrix-engine: stop requested; sending dockerd SIGTERM");
-                // SAFETY: kill(2) on the child we started.
-                unsafe { libc::kill(dockerd, libc::SIGTERM) };
+        // A port reads end-of-file while the host side is not connected: wait and read again.
+        let mut r = std::io::BufReader::new(f);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+                Ok(_) if line.trim() == "stop" => {
+                    eprintln!("nsmatrix-engine: stop requested; sending dockerd SIGTERM");
+                    // SAFETY: kill(2) on the child we started.
+                    unsafe { libc::kill(dockerd, libc::SIGTERM) };
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }
     });

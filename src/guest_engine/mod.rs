@@ -55,6 +55,8 @@ pub fn default_dockerd_args() -> Vec<String> {
         "--host=unix:///run/docker.sock",
         "--host=tcp://0.0.0.0:2375",
         "--tls=false",
+        // Every console line costs under TCG; warnings and errors still reach the console log.
+        "--log-level=warn",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -510,12 +512,16 @@ async fn boot_and_wait(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let docker = docker.negotiate_version().await.map_err(|e| {
-        (
-            anyhow!("version negotiation with the guest engine: {e}"),
-            false,
-        )
-    })?;
+    let docker = docker
+        .with_timeout(Duration::from_secs(120))
+        .negotiate_version()
+        .await
+        .map_err(|e| {
+            (
+                anyhow!("version negotiation with the guest engine: {e}"),
+                false,
+            )
+        })?;
     Ok(GuestEngine {
         endpoint,
         docker,
