@@ -283,3 +283,16 @@ async fn report_and_run(a: &EngineArgs, g: &GuestEngine, refs: &[String]) -> Res
     );
     Ok(if code == 0 { exit::OK } else { exit::FAILURES })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctls_need_name_and_value() {
+        let m = parse_sysctls(&["user.max_user_namespaces=0".into()]).unwrap();
+        assert_eq!(m["user.max_user_namespaces"], "0");
+        let e = parse_sysctls(&["kernel.x".into()]).unwrap_err().to_string();
+        assert!(e.contains("NAME=VALUE"), "{e}");
+    }
+}

@@ -613,10 +613,17 @@ mod tests {
     #[test]
     fn builtin_catalog_is_valid() {
         let c = Catalog::builtin();
-        for n in ["debian-5.10", "debian-6.1", "debian-6.12", "nouserns-6.1"] {
+        for n in [
+            "debian-5.10",
+            "debian-6.1",
+            "debian-6.12",
+            "nouserns-6.1",
+            "synology-like-5.10",
+        ] {
             c.get(n).unwrap();
         }
         assert!(c.get("nouserns-6.1").unwrap().is_built());
+        assert!(c.get("synology-like-5.10").unwrap().is_built());
         assert!(c.get("nope").is_err());
         for k in &c.kernels {
             if let Some(f) = &k.fragment {

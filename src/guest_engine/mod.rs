@@ -586,3 +586,92 @@ impl Drop for GuestEngine {
         std::fs::remove_dir_all(&self.run_dir).ok();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel() -> Kernel {
+        Kernel {
+            dir: "/k".into(),
+            facts: KernelFacts {
+                name: "debian-6.1".into(),
+                release: "6.1.0-1-amd64".into(),
+                origin: "linux-image-6.1.0-1-amd64@6.1.1-1".into(),
+                user_ns: true,
+                sysctls: vec![],
+                modules: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn the_api_is_forwarded_on_loopback_only_and_disks_are_copy_on_write() {
+        let a = qemu_argv(
+            Accel::Tcg,
+            &kernel(),
+            Path::new("/r/initrd.cpio"),
+            Path::new("/r"),
+            1536,
+            &[
+                (Path::new("/c/root.ext4"), SERIAL_ROOT, false),
+                (Path::new("/c/data.ext4"), SERIAL_DATA, true),
+            ],
+            Some(40000),
+        )
+        .join(" ");
+        for want in [
+            "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40000-:2375",
+            "file=/c/root.ext4,snapshot=on",
+            "serial=nsm-engine-root",
+            "serial=nsm-engine-data",
+            "nsmatrix.mode=engine",
+            "-pidfile /r/qemu.pid",
+            "name=nsmatrix.control",
+            "-no-reboot",
+        ] {
+            assert!(a.contains(want), "{want} missing from {a}");
+        }
+        // The disk being prepared is written in place; nothing listens beyond loopback.
+        assert!(!a.contains("file=/c/data.ext4,snapshot=on"), "{a}");
+        assert!(!a.contains("hostfwd=tcp::"), "{a}");
+        assert!(!a.contains("0.0.0.0"), "{a}");
+    }
+
+    #[test]
+    fn a_bare_boot_has_no_network_and_no_disks() {
+        let a = qemu_argv(
+            Accel::Tcg,
+            &kernel(),
+            Path::new("/r/i"),
+            Path::new("/r"),
+            512,
+            &[],
+            None,
+        )
+        .join(" ");
+        assert!(!a.contains("-netdev"), "{a}");
+        assert!(!a.contains("virtio-blk"), "{a}");
+    }
+
+    #[test]
+    fn dockerd_flags_are_the_measured_ones() {
+        let a = default_dockerd_args().join(" ");
+        for want in [
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--storage-driver=overlay2",
+            "--host=tcp://0.0.0.0:2375",
+        ] {
+            assert!(a.contains(want), "{want} missing from {a}");
+        }
+    }
+
+    #[test]
+    fn owner_tag_tells_this_process() {
+        let me = owner_tag(std::process::id()).unwrap();
+        assert!(me.starts_with(&format!("{} ", std::process::id())), "{me}");
+        assert!(owner_tag(u32::MAX).is_none());
+    }
+}
