@@ -40,6 +40,7 @@ pub fn run(t0: Instant) -> Result<()> {
         },
         probe_unshare_user()
     );
+    set_clock();
     if spec.bare {
         eprintln!("{BARE_MARK}");
         return Ok(());
@@ -124,6 +125,32 @@ pub fn run(t0: Instant) -> Result<()> {
         bail!("dockerd exited with wait status {status}");
     }
     Ok(())
+}
+
+/// A kernel without an RTC driver (tinyconfig) starts in 1970: take the host's time from the
+/// command line (`nsmatrix.epoch=SECONDS`) when the guest's clock is far behind it.
+fn set_clock() {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(epoch) = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("nsmatrix.epoch="))
+        .and_then(|v| v.parse::<i64>().ok())
+    else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    if now + 3600 < epoch {
+        let tv = libc::timeval {
+            tv_sec: epoch,
+            tv_usec: 0,
+        };
+        // SAFETY: settimeofday with a valid timeval and no timezone.
+        let rc = unsafe { libc::settimeofday(&tv, std::ptr::null()) };
+        eprintln!("nsmatrix-engine: clock was {now}, set to the host's {epoch} (rc {rc})");
+    }
 }
 
 /// What `unshare(CLONE_NEWUSER)` does for root in this kernel, tried in a child process.

@@ -270,8 +270,13 @@ fn qemu_argv(
         "-append",
         &format!(
             "console=ttyS0 panic=-1 oops=panic rdinit={} nsmatrix.mode=engine loglevel=4 \
-             mitigations=off tsc=reliable no_timer_check i8042.noaux i8042.nokbd 8250.nr_uarts=1",
-            crate::agent::init::GUEST_AGENT
+             mitigations=off tsc=reliable no_timer_check i8042.noaux i8042.nokbd 8250.nr_uarts=1 \
+             nsmatrix.epoch={}",
+            crate::agent::init::GUEST_AGENT,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
         ),
     ]);
     push(&[
