@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -134,24 +133,24 @@ async fn engine(a: EngineArgs) -> Result<u8> {
         for i in &a.images {
             refs.push(host.ensure_image(i).await?);
         }
-        let host_docker =
-            Docker::connect_with_defaults().context("no Docker client for the host's engine")?;
         let t = Instant::now();
-        let (disk, info) =
-            guest_engine::data::ensure_data_disk(&host_docker, &a.kernel, &refs).await?;
+        let (g, info) = guest_engine::data::start_with_images(opts, &refs).await?;
         println!(
-            "data disk: {} ({} images; prepared in {:.1} s: boot {:.1} s, load {:.1} s; this call {:.1} s)",
-            disk.display(),
+            "data disk: {} images (prepared once in {:.1} s: boot {:.1} s, load {:.1} s); this start {:.1} s",
             info.images.len(),
             info.total_s,
             info.boot_s,
             info.load_s,
             t.elapsed().as_secs_f64()
         );
-        opts.data_disk = Some(disk);
+        return finish(&a, g, &refs).await;
     }
     let g = guest_engine::start_guest_engine(&opts).await?;
-    let result = report_and_run(&a, &g, &refs).await;
+    finish(&a, g, &refs).await
+}
+
+async fn finish(a: &EngineArgs, g: GuestEngine, refs: &[String]) -> Result<u8> {
+    let result = report_and_run(a, &g, refs).await;
     if a.keep && result.is_ok() {
         println!("DOCKER_HOST={} (Ctrl-C to tear down)", g.endpoint);
         let _ = tokio::signal::ctrl_c().await;

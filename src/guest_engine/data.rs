@@ -159,3 +159,18 @@ async fn prepare(
     engine.stop(Duration::from_secs(120)).await?;
     Ok((boot_s, load_s))
 }
+
+/// The integration's entry point: `images` (references in the host's engine, e.g. the tags
+/// `nsmatrix images build` makes) in a guest engine of `opts.kernel`, through the cached data
+/// disk (prepared first if needed). Returns the running engine and what its data disk holds.
+pub async fn start_with_images(
+    mut opts: EngineOptions,
+    images: &[String],
+) -> Result<(super::GuestEngine, DataDiskInfo)> {
+    let host = Docker::connect_with_defaults()
+        .context("no Docker client for the host's engine (the images come from it)")?;
+    let (disk, info) = ensure_data_disk(&host, &opts.kernel, images).await?;
+    opts.data_disk = Some(disk);
+    opts.data_disk_writable = false;
+    Ok((start_guest_engine(&opts).await?, info))
+}
