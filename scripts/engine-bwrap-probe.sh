@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What bwrap prints inside containers of an engine guest: Codex's current argv (with
-# --unshare-user) and its legacy argv (without), for each image x uid x profile given.
+# --unshare-user) and its legacy argv (without), for each image x uid x profile given. Lines
+# `codex rc=` and `legacy rc=` are those argvs; `codex-cli rc=` is the real Codex CLI.
 # Start an engine first, e.g.
 #   nsmatrix vm engine --kernel synology-like-5.10 --image bookworm --image bookworm-suid --keep
 # and run this with the DOCKER_HOST it prints and the image references `nsmatrix images list` shows:
@@ -30,7 +31,7 @@ if [ -x /opt/codex/bin/codex ]; then
 +hi
 *** End Patch"
   out=$(cd $W && CODEX_HOME=$H HOME=$H /opt/codex/bin/codex sandbox -c sandbox_mode=workspace-write -- /opt/codex/bin/codex --codex-run-as-apply-patch "$P" 2>&1); rc=$?
-  printf "codex rc=%s wrote=%s %s\n" "$rc" "$(cat $W/hello.txt 2>/dev/null || echo nothing)" "$(printf %s "$out" | tr "\n" " " | cut -c1-400)"
+  printf "codex-cli rc=%s wrote=%s %s\n" "$rc" "$(cat $W/hello.txt 2>/dev/null || echo nothing)" "$(printf %s "$out" | tr "\n" " " | cut -c1-400)"
 fi'
 profile_args() {
   case $1 in
