@@ -68,14 +68,9 @@ fn nsmatrix() -> Command {
 }
 
 fn runs_dir() -> PathBuf {
-    let cache = std::env::var_os("NSMATRIX_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("nsmatrix")))
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".cache/nsmatrix")
-        });
-    cache.join("engine").join("runs")
+    nsmatrix::artifacts::cache::cache_dir()
+        .join("engine")
+        .join("runs")
 }
 
 /// Run directories of the nsmatrix process `pid` (named `PID-N`).
