@@ -217,3 +217,39 @@ fn a_sigkilled_engine_leaves_no_guest_and_a_rerun_sweeps_its_files() {
         "the rerun did not sweep {left:?}"
     );
 }
+
+#[test]
+fn an_engine_that_cannot_start_is_an_error_with_the_console_tail_and_leaves_nothing() {
+    if !available() {
+        return;
+    }
+    // The guest's init cannot set a sysctl that does not exist and stops before dockerd.
+    let child = nsmatrix()
+        .args([
+            "vm",
+            "engine",
+            "--kernel",
+            "debian-6.1",
+            "--sysctl",
+            "nsmatrix.no_such_knob=1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nsmatrix vm engine");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("nsmatrix vm engine");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("ended before the engine answered"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("console tail"), "{stderr}");
+    assert!(
+        stderr.contains("failed to set sysctl nsmatrix.no_such_knob=1"),
+        "{stderr}"
+    );
+    assert!(run_dirs_of(pid).is_empty(), "{:?}", run_dirs_of(pid));
+    assert!(qemus_of(pid).is_empty(), "QEMU left: {:?}", qemus_of(pid));
+}
