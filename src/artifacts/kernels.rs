@@ -194,6 +194,7 @@ pub fn fetch(spec: &KernelSpec) -> Result<Kernel> {
     }
     let deb = index.fetch(&pkg)?;
     let tmp = scratch(&dir)?;
+    let _cleanup = RemoveOnDrop(tmp.clone());
     let x = tmp.join("x");
     extract_deb(&deb, &x)?;
     let boot = x.join("boot");
@@ -250,6 +251,7 @@ pub fn build(spec: &KernelSpec) -> Result<Kernel> {
     }
     let deb = index.fetch(&pkg)?;
     let tmp = scratch(&dir)?;
+    let _cleanup = RemoveOnDrop(tmp.clone());
     let x = tmp.join("x");
     extract_deb(&deb, &x)?;
     let src_dir = x.join("usr/src");
@@ -443,6 +445,16 @@ fn finish(
         .with_context(|| format!("failed to move the kernel into {}", dir.display()))?;
     fs::remove_dir_all(tmp).ok();
     Kernel::load(dir)
+}
+
+/// Removes a scratch directory however the build ends (a failed kernel build leaves an
+/// unpacked source tree of about a gigabyte otherwise).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A fresh scratch directory next to where the result goes (same file system for the rename).
