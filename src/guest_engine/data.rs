@@ -77,6 +77,15 @@ pub async fn ensure_data_disk(
     if let Some(i) = read_info(&out, &info_path) {
         return Ok((out, i));
     }
+    // Under the lock nobody else prepares this disk: partial ones are from killed runs.
+    let stem = format!("data-{key}.partial");
+    if let Ok(rd) = std::fs::read_dir(engine_dir()) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&stem) {
+                std::fs::remove_file(e.path()).ok();
+            }
+        }
+    }
     let partial = out.with_extension(format!("partial{}", std::process::id()));
     disks::mkfs_empty(&partial, DATA_DISK_BYTES, "nsm-engine-data")?;
     let t0 = Instant::now();
