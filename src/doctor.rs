@@ -112,6 +112,7 @@ pub fn report() -> Vec<(String, String)> {
             Err(e) => format!("not probed: {e}"),
         },
     );
+    add("engine guests", crate::guest_engine::disks::doctor_line());
     add(
         "cache",
         crate::artifacts::cache::cache_dir().display().to_string(),

@@ -301,3 +301,38 @@ pub fn codex_disk(version: &str) -> Result<PathBuf> {
     mkfs_from_dir(&dir, &out, used + used / 5 + (32 << 20), "nsm-codex")?;
     Ok(out)
 }
+
+/// `doctor`'s line about engine guests: the tools they need and what is cached.
+pub fn doctor_line() -> String {
+    let on_path = |t: &str| {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(t).exists()))
+            .unwrap_or(false)
+    };
+    let missing: Vec<&str> = ["mkfs.ext4", "cpio", "strip", "debootstrap"]
+        .into_iter()
+        .filter(|t| !on_path(t))
+        .collect();
+    let (mut images, mut disks) = (0, 0);
+    if let Ok(rd) = fs::read_dir(engine_dir()) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            images += usize::from(n.starts_with("rootfs-") && n.ends_with(".ext4"));
+            disks += usize::from(n.starts_with("data-") && n.ends_with(".ext4"));
+        }
+    }
+    let check = super::check_config::script()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "check-config.sh missing (apt-get install docker.io)".into());
+    let tools = if missing.is_empty() {
+        "tools present".to_string()
+    } else {
+        format!(
+            "missing {} (fix: apt-get install e2fsprogs cpio binutils debootstrap)",
+            missing.join(", ")
+        )
+    };
+    format!(
+        "{tools}; engine root file system images cached: {images}; data disks: {disks}; {check}"
+    )
+}
