@@ -52,6 +52,10 @@ fn missing() -> Option<String> {
     None
 }
 
+/// One guest at a time: each is a TCG QEMU, and a start sweeps the run directories of dead
+/// owners, which the SIGKILL test wants to see swept by its own rerun.
+static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn available() -> bool {
     match missing() {
         None => true,
@@ -110,6 +114,7 @@ fn guest_engine_runs_a_bookworm_container_and_cleans_up() {
     if !available() {
         return;
     }
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let child = nsmatrix()
         .args([
             "vm",
@@ -169,6 +174,7 @@ fn a_sigkilled_engine_leaves_no_guest_and_a_rerun_sweeps_its_files() {
     if !available() {
         return;
     }
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let mut child = nsmatrix()
         .args(["vm", "engine", "--kernel", "debian-6.1", "--keep"])
         .stdout(Stdio::piped())
@@ -223,6 +229,7 @@ fn an_engine_that_cannot_start_is_an_error_with_the_console_tail_and_leaves_noth
     if !available() {
         return;
     }
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     // The guest's init cannot set a sysctl that does not exist and stops before dockerd.
     let child = nsmatrix()
         .args([
