@@ -597,7 +597,7 @@ pub fn render_list(rows: &[KernelStatus]) -> String {
         let how = if r.spec.is_built() { "build" } else { "fetch" };
         match &r.cached {
             Some(k) => s.push_str(&format!(
-                "{:<14} cached   {}  CONFIG_USER_NS={}  sysctls: {}\n{:<14}          {}\n",
+                "{:<18} cached   {}  CONFIG_USER_NS={}  sysctls: {}\n{:<18}          {}\n",
                 r.spec.name,
                 k.facts.release,
                 if k.facts.user_ns { "y" } else { "n" },
@@ -610,7 +610,7 @@ pub fn render_list(rows: &[KernelStatus]) -> String {
                 k.facts.origin,
             )),
             None => s.push_str(&format!(
-                "{:<14} missing  ({how}: nsmatrix kernels {how} {})  {}\n",
+                "{:<18} missing  ({how}: nsmatrix kernels {how} {})  {}\n",
                 r.spec.name, r.spec.name, r.spec.description
             )),
         }
