@@ -42,6 +42,7 @@ pub enum VmAction {
     after_help = "Examples:\n  nsmatrix vm engine --kernel debian-6.1 --bare-boot\n  nsmatrix vm engine --kernel synology-like-5.10 --image bookworm --run bookworm -- bwrap --version\n  nsmatrix vm engine --kernel synology-like-5.10 --image bookworm --image bookworm-suid --codex 0.171.0 --keep"
 )]
 pub struct EngineArgs {
+    /// A kernel of the catalog (`nsmatrix kernels list`), fetched or built if not cached.
     #[arg(long, default_value = "debian-6.1")]
     pub kernel: String,
     /// A sysctl set in the guest before dockerd starts (NAME=VALUE, repeatable).
