@@ -253,6 +253,22 @@ pub fn base_initrd(kernel: &Kernel) -> Result<PathBuf> {
     )?;
     write_cpio(&stage, &out)?;
     fs::remove_dir_all(&stage).ok();
+    // Older bases of this kernel were for older binaries: each boot copies its base into its
+    // run directory, so removing them never disturbs a running guest.
+    let prefix = format!("initrd-{}-", kernel.facts.name);
+    let keep = out.file_name().map(|n| n.to_string_lossy().into_owned());
+    if let Ok(rd) = fs::read_dir(engine_dir()) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let stem = n.trim_end_matches(".cpio").trim_end_matches(".lock");
+            if n.starts_with(&prefix)
+                && Some(format!("{stem}.cpio")) != keep
+                && (n.ends_with(".cpio") || n.ends_with(".lock"))
+            {
+                fs::remove_file(e.path()).ok();
+            }
+        }
+    }
     Ok(out)
 }
 
