@@ -25,7 +25,11 @@ pub struct KernelsArgs {
 #[derive(Subcommand, Debug, Clone)]
 pub enum KernelsAction {
     /// What is cached, and what each kernel supports (CONFIG_USER_NS, userns sysctls).
-    List,
+    List {
+        /// Also Moby's check-config.sh run against each cached kernel's config (kept).
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Fetch (or build, for source kernels) the named kernels.
     Fetch { names: Vec<String> },
     /// Build a source kernel (same as fetch for it).
@@ -35,8 +39,12 @@ pub enum KernelsAction {
 pub fn kernels(a: KernelsArgs) -> u8 {
     use crate::artifacts::kernels;
     match a.action {
-        KernelsAction::List => {
-            print!("{}", kernels::render_list(&kernels::list()));
+        KernelsAction::List { verbose } => {
+            let rows = kernels::list();
+            print!("{}", kernels::render_list(&rows));
+            if verbose {
+                crate::guest_engine::check_config::print_verbose(&rows);
+            }
             exit::OK
         }
         KernelsAction::Fetch { names } | KernelsAction::Build { names } => {

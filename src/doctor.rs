@@ -76,6 +76,7 @@ pub fn report() -> Vec<(String, String)> {
         }
         None => add("backends", "not probed: no runtime".into()),
     }
+    add("engine guests", crate::guest_engine::disks::doctor_line());
     add(
         "cache",
         crate::artifacts::cache::cache_dir().display().to_string(),

@@ -38,6 +38,7 @@ enum Command {
     Merge(cli::MergeArgs),
     Kernels(nsmatrix::cli_vm::KernelsArgs),
     Shell(nsmatrix::cli_vm::ShellArgs),
+    Vm(nsmatrix::cli_engine::VmArgs),
     /// Apply a patch the way Codex's apply_patch does (PATCH as argument or on stdin).
     #[command(
         name = "apply-patch",
@@ -82,6 +83,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => cli::merge(a),
         Command::Kernels(a) => nsmatrix::cli_vm::kernels(a),
         Command::Shell(a) => nsmatrix::cli_vm::shell(a),
+        Command::Vm(a) => nsmatrix::cli_engine::vm(a),
         Command::ApplyPatch { args } => apply_patch_main(&args),
         Command::Agent { batch } => cli::agent(&batch),
     };

@@ -24,10 +24,16 @@ use super::debian::{Mirror, extract_deb};
 /// The catalog shipped in the binary (so a copied binary needs no checkout).
 const CATALOG: &str = include_str!("../../vm-images/kernels.toml");
 /// Fragments named by the catalog, by their path relative to `vm-images/`.
-const FRAGMENTS: &[(&str, &str)] = &[(
-    "kernel-config/nouserns.config",
-    include_str!("../../vm-images/kernel-config/nouserns.config"),
-)];
+const FRAGMENTS: &[(&str, &str)] = &[
+    (
+        "kernel-config/nouserns.config",
+        include_str!("../../vm-images/kernel-config/nouserns.config"),
+    ),
+    (
+        "kernel-config/synology-like-5.10.config",
+        include_str!("../../vm-images/kernel-config/synology-like-5.10.config"),
+    ),
+];
 /// Bump when the build steps change, so old builds are not reused.
 const BUILD_RECIPE: &str = "tinyconfig+merge_config+olddefconfig+bzImage v1";
 /// Modules a Debian generic kernel must load to reach the host: virtio over PCI and the
@@ -191,6 +197,7 @@ pub fn fetch(spec: &KernelSpec) -> Result<Kernel> {
     }
     let deb = index.fetch(&pkg)?;
     let tmp = scratch(&dir)?;
+    let _cleanup = RemoveOnDrop(tmp.clone());
     let x = tmp.join("x");
     extract_deb(&deb, &x)?;
     let boot = x.join("boot");
@@ -247,6 +254,7 @@ pub fn build(spec: &KernelSpec) -> Result<Kernel> {
     }
     let deb = index.fetch(&pkg)?;
     let tmp = scratch(&dir)?;
+    let _cleanup = RemoveOnDrop(tmp.clone());
     let x = tmp.join("x");
     extract_deb(&deb, &x)?;
     let src_dir = x.join("usr/src");
@@ -442,6 +450,16 @@ fn finish(
     Kernel::load(dir)
 }
 
+/// Removes a scratch directory however the build ends (a failed kernel build leaves an
+/// unpacked source tree of about a gigabyte otherwise).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A fresh scratch directory next to where the result goes (same file system for the rename).
 fn scratch(dir: &Path) -> Result<PathBuf> {
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
@@ -473,7 +491,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 
 /// Copy the modules `wanted` and their dependencies from a kernel's module tree into `dest`,
 /// decompressed, and return their file names in load order (dependencies first).
-fn copy_modules(tree: &Path, dest: &Path, wanted: &[&str]) -> Result<Vec<String>> {
+pub(crate) fn copy_modules(tree: &Path, dest: &Path, wanted: &[&str]) -> Result<Vec<String>> {
     let mut by_name = BTreeMap::new();
     walk_modules(tree, &mut by_name)?;
     let mut order = Vec::new();
@@ -582,7 +600,7 @@ pub fn render_list(rows: &[KernelStatus]) -> String {
         let how = if r.spec.is_built() { "build" } else { "fetch" };
         match &r.cached {
             Some(k) => s.push_str(&format!(
-                "{:<14} cached   {}  CONFIG_USER_NS={}  sysctls: {}\n{:<14}          {}\n",
+                "{:<18} cached   {}  CONFIG_USER_NS={}  sysctls: {}\n{:<18}          {}\n",
                 r.spec.name,
                 k.facts.release,
                 if k.facts.user_ns { "y" } else { "n" },
@@ -595,7 +613,7 @@ pub fn render_list(rows: &[KernelStatus]) -> String {
                 k.facts.origin,
             )),
             None => s.push_str(&format!(
-                "{:<14} missing  ({how}: nsmatrix kernels {how} {})  {}\n",
+                "{:<18} missing  ({how}: nsmatrix kernels {how} {})  {}\n",
                 r.spec.name, r.spec.name, r.spec.description
             )),
         }
@@ -610,10 +628,17 @@ mod tests {
     #[test]
     fn builtin_catalog_is_valid() {
         let c = Catalog::builtin();
-        for n in ["debian-5.10", "debian-6.1", "debian-6.12", "nouserns-6.1"] {
+        for n in [
+            "debian-5.10",
+            "debian-6.1",
+            "debian-6.12",
+            "nouserns-6.1",
+            "synology-like-5.10",
+        ] {
             c.get(n).unwrap();
         }
         assert!(c.get("nouserns-6.1").unwrap().is_built());
+        assert!(c.get("synology-like-5.10").unwrap().is_built());
         assert!(c.get("nope").is_err());
         for k in &c.kernels {
             if let Some(f) = &k.fragment {

@@ -1,7 +1,7 @@
 //! Artifacts fetched or built once and cached by content: Debian packages, kernels, images,
 //! npm packages.
 
-pub(crate) mod cache;
+pub mod cache;
 pub(crate) mod debian;
 pub mod images;
 pub(crate) mod kernels;

@@ -30,6 +30,10 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../vm-images/rootfs/bookworm.toml"),
     ),
     ("trixie", include_str!("../../vm-images/rootfs/trixie.toml")),
+    (
+        "bookworm-engine",
+        include_str!("../../vm-images/rootfs/bookworm-engine.toml"),
+    ),
 ];
 
 /// How to build one root filesystem (`vm-images/rootfs/NAME.toml`).

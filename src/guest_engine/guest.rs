@@ -1,0 +1,329 @@
+//! The guest's side of an engine guest: PID 1 (the agent, after `agent::init` mounted the basics
+//! and loaded the modules) mounts the engine's root file system and data disk from virtio disks
+//! found by their serial numbers, switches root into it, mounts cgroup2, brings up the network
+//! of QEMU's user-mode stack, applies the sysctls and runs `dockerd` until it exits or the host
+//! asks it to stop on the control port. Everything it says goes to the console.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use super::{
+    CONTROL_PORT, ENGINE_READY_MARK, EngineSpec, GUEST_ENGINE_SPEC, SERIAL_CODEX, SERIAL_DATA,
+    SERIAL_ROOT,
+};
+
+/// Where the engine's root file system is mounted before the root switches to it.
+const NEW_ROOT: &str = "/engine";
+/// Printed by a bare boot (no disks, no engine) just before powering off.
+pub const BARE_MARK: &str = "nsmatrix-engine: bare boot done";
+
+/// Entry point from `agent::init::run` for `nsmatrix.mode=engine`. Returning powers off.
+pub fn run(t0: Instant) -> Result<()> {
+    let spec: EngineSpec = serde_json::from_slice(
+        &fs::read(GUEST_ENGINE_SPEC)
+            .with_context(|| format!("failed to read {GUEST_ENGINE_SPEC}"))?,
+    )
+    .context("failed to parse the engine spec")?;
+    eprintln!(
+        "nsmatrix-engine: init after {} ms; /proc/self/ns/user {}; unshare(CLONE_NEWUSER) as root: {}",
+        t0.elapsed().as_millis(),
+        if Path::new("/proc/self/ns/user").exists() {
+            "exists"
+        } else {
+            "absent"
+        },
+        probe_unshare_user()
+    );
+    set_clock();
+    if spec.bare {
+        eprintln!("{BARE_MARK}");
+        return Ok(());
+    }
+    let root = wait_disk(SERIAL_ROOT, Duration::from_secs(20))?;
+    fs::create_dir_all(NEW_ROOT)?;
+    mount(Some(&root), NEW_ROOT, Some("ext4"), 0, None)?;
+    if spec.data_disk {
+        let data = wait_disk(SERIAL_DATA, Duration::from_secs(5))?;
+        let at = format!("{NEW_ROOT}/var/lib/docker");
+        fs::create_dir_all(&at)?;
+        mount(Some(&data), &at, Some("ext4"), 0, None)?;
+    }
+    if spec.codex_disk {
+        let codex = wait_disk(SERIAL_CODEX, Duration::from_secs(5))?;
+        let at = format!("{NEW_ROOT}{}", super::GUEST_CODEX_DIR);
+        fs::create_dir_all(&at)?;
+        mount(Some(&codex), &at, Some("ext4"), libc::MS_RDONLY, None)?;
+    }
+    // The kernel file systems come along (with /dev/pts and /dev/shm below /dev).
+    for d in ["/proc", "/sys", "/dev"] {
+        let to = format!("{NEW_ROOT}{d}");
+        fs::create_dir_all(&to)?;
+        mount(Some(d), &to, None, libc::MS_MOVE, None)?;
+    }
+    switch_root(NEW_ROOT)?;
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    for (src, target, fstype, flags, data) in [
+        ("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755"),
+        ("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777"),
+        (
+            "cgroup2",
+            "/sys/fs/cgroup",
+            "cgroup2",
+            nosuid_nodev | libc::MS_NOEXEC,
+            "",
+        ),
+    ] {
+        fs::create_dir_all(target)?;
+        let data = (!data.is_empty()).then_some(data);
+        mount(Some(src), target, Some(fstype), flags, data)?;
+    }
+    network()?;
+    for (k, v) in &spec.sysctls {
+        let p = Path::new("/proc/sys").join(k.replace('.', "/"));
+        fs::write(&p, v).with_context(|| format!("failed to set sysctl {k}={v}"))?;
+        eprintln!("nsmatrix-engine: sysctl {k}={v}");
+    }
+    let mut dockerd = Command::new("dockerd")
+        .args(&spec.dockerd_args)
+        .spawn()
+        .context("failed to start dockerd")?;
+    let pid = dockerd.id() as libc::pid_t;
+    eprintln!(
+        "{ENGINE_READY_MARK} (pid {pid}, {} ms since init): dockerd {}",
+        t0.elapsed().as_millis(),
+        spec.dockerd_args.join(" ")
+    );
+    listen_for_stop(pid);
+    // PID 1 reaps every orphan; the guest lives as long as dockerd does.
+    let status = loop {
+        let mut st = 0;
+        // SAFETY: waitpid on any child with a valid status pointer.
+        let got = unsafe { libc::waitpid(-1, &mut st, 0) };
+        if got == pid {
+            break st;
+        }
+        if got < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            break -1;
+        }
+    };
+    let _ = dockerd.try_wait();
+    eprintln!("nsmatrix-engine: dockerd exited (wait status {status})");
+    // SAFETY: plain syscalls; the data disk must be consistent when a preparation boot ends.
+    unsafe {
+        libc::sync();
+        let d = CString::new("/var/lib/docker").unwrap();
+        libc::umount2(d.as_ptr(), libc::MNT_DETACH);
+        libc::sync();
+    }
+    if status != 0 {
+        bail!("dockerd exited with wait status {status}");
+    }
+    Ok(())
+}
+
+/// A kernel without an RTC driver (tinyconfig) starts in 1970: take the host's time from the
+/// command line (`nsmatrix.epoch=SECONDS`) when the guest's clock is far behind it.
+fn set_clock() {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(epoch) = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("nsmatrix.epoch="))
+        .and_then(|v| v.parse::<i64>().ok())
+    else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    if now + 3600 < epoch {
+        let tv = libc::timeval {
+            tv_sec: epoch,
+            tv_usec: 0,
+        };
+        // SAFETY: settimeofday with a valid timeval and no timezone.
+        let rc = unsafe { libc::settimeofday(&tv, std::ptr::null()) };
+        eprintln!("nsmatrix-engine: clock was {now}, set to the host's {epoch} (rc {rc})");
+    }
+}
+
+/// What `unshare(CLONE_NEWUSER)` does for root in this kernel, tried in a child process.
+fn probe_unshare_user() -> String {
+    // SAFETY: fork in a single-threaded PID 1; the child only calls unshare and _exit.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            let rc = libc::unshare(libc::CLONE_NEWUSER);
+            let e = if rc == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            libc::_exit(e);
+        }
+        if pid < 0 {
+            return "fork failed".into();
+        }
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+        match libc::WEXITSTATUS(st) {
+            0 => "ok".into(),
+            e => format!(
+                "{} ({})",
+                errno_name(e),
+                std::io::Error::from_raw_os_error(e)
+            ),
+        }
+    }
+}
+
+fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EINVAL => "EINVAL",
+        libc::EPERM => "EPERM",
+        libc::ENOSPC => "ENOSPC",
+        libc::ENOSYS => "ENOSYS",
+        _ => "errno",
+    }
+}
+
+/// A thread that reads the control port and sends dockerd SIGTERM on `stop`.
+fn listen_for_stop(dockerd: libc::pid_t) {
+    let Some(dev) = find_port(CONTROL_PORT) else {
+        eprintln!("nsmatrix-engine: no control port {CONTROL_PORT}; stop by killing QEMU");
+        return;
+    };
+    std::thread::spawn(move || {
+        let Ok(f) = fs::File::open(&dev) else {
+            eprintln!("nsmatrix-engine: cannot open {}", dev.display());
+            return;
+        };
+        // A port reads end-of-file while the host side is not connected: wait and read again.
+        let mut r = std::io::BufReader::new(f);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) => std::thread::sleep(Duration::from_millis(100)),
+                Ok(_) if line.trim() == "stop" => {
+                    eprintln!("nsmatrix-engine: stop requested; sending dockerd SIGTERM");
+                    // SAFETY: kill(2) on the child we started.
+                    unsafe { libc::kill(dockerd, libc::SIGTERM) };
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+}
+
+fn find_port(name: &str) -> Option<PathBuf> {
+    for e in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let n = fs::read_to_string(e.path().join("name")).unwrap_or_default();
+        if n.trim() == name {
+            let dev = Path::new("/dev").join(e.file_name());
+            if dev.exists() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}
+
+/// The block device whose virtio serial is `serial` (waiting for the driver to probe it).
+fn wait_disk(serial: &str, wait: Duration) -> Result<String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(rd) = fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                let s = fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+                if s.trim() == serial {
+                    let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+                    if Path::new(&dev).exists() {
+                        return Ok(dev);
+                    }
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "no virtio disk with serial {serial} after {wait:?} (are virtio_blk and ext4 loaded?)"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like switch_root: move the new root over `/` and chroot into it (runc's pivot_root then
+/// works, since the root is a real mount).
+fn switch_root(dir: &str) -> Result<()> {
+    std::env::set_current_dir(dir)?;
+    mount(Some("."), "/", None, libc::MS_MOVE, None)?;
+    let dot = CString::new(".").unwrap();
+    // SAFETY: chroot with a valid C string.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        bail!("chroot: {}", std::io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")?;
+    Ok(())
+}
+
+/// QEMU's user-mode network: the guest is 10.0.2.15/24, the host's forwarded ports reach it.
+fn network() -> Result<()> {
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["addr", "add", "10.0.2.15/24", "dev", "eth0"],
+        &["link", "set", "eth0", "up"],
+        &["route", "add", "default", "via", "10.0.2.2"],
+    ] {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .context("failed to run ip (iproute2 in the engine's root file system)")?;
+        if !out.status.success() {
+            bail!(
+                "ip {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn mount(
+    src: Option<&str>,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<()> {
+    let c = |s: &str| CString::new(s).expect("no NUL in mount arguments");
+    let (src_c, target_c) = (src.map(c), c(target));
+    let (fs_c, data_c) = (fstype.map(c), data.map(c));
+    let ptr = |o: &Option<CString>| o.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is a valid C string or null, as mount(2) allows.
+    let rc = unsafe {
+        libc::mount(
+            ptr(&src_c),
+            target_c.as_ptr(),
+            ptr(&fs_c),
+            flags,
+            ptr(&data_c).cast(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mount {} on {target}: {}",
+            src.unwrap_or("-"),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
