@@ -1,7 +1,9 @@
 //! Real Docker, real agent: batches run in labelled containers that are always removed (after
 //! a run, a hung cell, a timeout, a cancel, a run killed with SIGKILL), and what bwrap says in
 //! them is measured, not assumed. Without an engine these tests skip loudly, or fail when
-//! CI=true.
+//! CI is set.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,8 +23,8 @@ const AGENT: &str = env!("CARGO_BIN_EXE_nsmatrix");
 async fn engine() -> Option<DockerBackend> {
     match connect().await {
         Ok(b) => Some(b),
-        Err(u) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true but no Docker engine: {u}")
+        Err(u) if common::in_ci() => {
+            panic!("CI is set but there is no Docker engine: {u}")
         }
         Err(u) => {
             eprintln!("SKIPPED: no Docker engine: {u}");

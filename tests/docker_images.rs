@@ -1,5 +1,7 @@
 //! Real Docker: nsmatrix's images are built without a registry, cached by recipe, listed.
-//! Without an engine these tests skip loudly, or fail when CI=true.
+//! Without an engine these tests skip loudly, or fail when CI is set (see tests/common).
+
+mod common;
 
 use nsmatrix::artifacts::images::ImageRecipe;
 use nsmatrix::backend::docker::{DockerBackend, connect};
@@ -7,8 +9,8 @@ use nsmatrix::backend::docker::{DockerBackend, connect};
 async fn engine() -> Option<DockerBackend> {
     match connect().await {
         Ok(b) => Some(b),
-        Err(u) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true but no Docker engine: {u}")
+        Err(u) if common::in_ci() => {
+            panic!("CI is set but there is no Docker engine: {u}")
         }
         Err(u) => {
             eprintln!("SKIPPED: no Docker engine: {u}");

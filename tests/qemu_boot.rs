@@ -1,6 +1,8 @@
 //! Real guests under QEMU: each kernel family boots, runs a batch through nsmatrix as its init and
 //! powers off; a guest that panics or hangs is reported as a `BatchError` with its console tail.
-//! Without qemu these tests fail when `CI=true` and are skipped loudly otherwise.
+//! Without qemu these tests fail when `CI` is set (see tests/common) and are skipped loudly otherwise.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -67,7 +69,7 @@ fn spec(batch: &str, cells: &[(SetuidMode, ArgvProfile)], needs: &[&str]) -> Bat
 async fn backend() -> Option<QemuBackend> {
     match QemuBackend::probe().await {
         Ok(b) => Some(b),
-        Err(u) if std::env::var("CI").as_deref() == Ok("true") => {
+        Err(u) if common::in_ci() => {
             panic!("qemu backend unavailable in CI: {u}")
         }
         Err(u) => {

@@ -1,6 +1,8 @@
 //! The acceptance table, measured in real guests: kernels × sysctl sets × bwrap setuid
 //! or not × Codex's current and legacy argv, one boot per (kernel, sysctl set).
-//! Without qemu these tests fail when `CI=true` and are skipped loudly otherwise.
+//! Without qemu these tests fail when `CI` is set (see tests/common) and are skipped loudly otherwise.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -38,7 +40,7 @@ async fn measure(
 ) -> Option<std::collections::HashMap<(SetuidMode, ArgvProfile), String>> {
     let b = match QemuBackend::probe().await {
         Ok(b) => b,
-        Err(u) if std::env::var("CI").as_deref() == Ok("true") => {
+        Err(u) if common::in_ci() => {
             panic!("qemu backend unavailable in CI: {u}")
         }
         Err(u) => {
