@@ -445,6 +445,7 @@ pub async fn run(matrix: &Matrix, cells: Vec<Cell>, opts: &RunOptions) -> Result
         cells: results,
         shard: None,
         repeat,
+        require: matrix.settings.require.clone(),
     })
 }
 

@@ -239,6 +239,19 @@ impl Validator<'_> {
         if let Some(d) = &r.host_work_dir {
             s.host_work_dir = PathBuf::from(d);
         }
+        for b in &r.require {
+            match parse_require(b.get_ref()) {
+                Ok(name) => {
+                    if !s.require.contains(&name) {
+                        s.require.push(name);
+                    }
+                }
+                Err(e) => {
+                    self.err("bad-require", span(b), e)
+                        .help("name backends: require = [\"host\", \"docker\", \"qemu\"]");
+                }
+            }
+        }
         s
     }
 
@@ -641,6 +654,17 @@ impl Validator<'_> {
             self.err("empty-product", None, "the matrix expands to no cell");
         }
         cells
+    }
+}
+
+/// A backend named in `[settings] require` or `run --require`.
+pub fn parse_require(name: &str) -> Result<String, String> {
+    let n = name.trim();
+    match n {
+        "host" | "docker" | "qemu" => Ok(n.to_string()),
+        _ => Err(format!(
+            "`{n}` is not a backend: require names host, docker or qemu"
+        )),
     }
 }
 

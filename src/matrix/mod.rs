@@ -8,5 +8,5 @@ mod raw;
 mod select;
 
 pub use diag::{Diagnostic, MatrixError};
-pub use load::{load, load_str, parse_duration};
+pub use load::{load, load_str, parse_duration, parse_require};
 pub use select::{Filter, selector_matches};

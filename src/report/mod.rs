@@ -1,5 +1,6 @@
 //! Reports: one result model, many renderers (JUnit, Markdown, JSON), written together.
 
+pub mod coverage;
 pub mod diff;
 pub mod heatmap;
 pub mod hints;
