@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// lost coverage: the run exits 4 naming it.
     #[arg(long, value_name = "BACKENDS")]
     pub require: Option<String>,
+    /// An expect rule that matches no cell is a warning instead of an error.
+    #[arg(long)]
+    pub allow_unused_rules: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -66,6 +69,9 @@ pub struct ListArgs {
     pub matrix: PathBuf,
     #[arg(long = "filter", short = 'f')]
     pub filters: Vec<String>,
+    /// An expect rule that matches no cell is a warning instead of an error.
+    #[arg(long)]
+    pub allow_unused_rules: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -76,12 +82,16 @@ pub struct ListArgs {
 pub struct DoctorArgs {}
 
 /// Load the matrix and select cells; on bad input, print why and return the exit code.
-fn load_cells(matrix: &Path, filters: &[String]) -> Result<(Matrix, Vec<Cell>), u8> {
+fn load_cells(
+    matrix: &Path,
+    filters: &[String],
+    opts: matrix::LoadOptions,
+) -> Result<(Matrix, Vec<Cell>), u8> {
     let filter = Filter::parse(filters).map_err(|e| {
         eprintln!("nsmatrix: {e}");
         exit::BAD_INPUT
     })?;
-    let m = matrix::load(matrix).map_err(|e| {
+    let m = matrix::load_with(matrix, opts).map_err(|e| {
         eprintln!("{e}");
         exit::BAD_INPUT
     })?;
@@ -103,7 +113,10 @@ fn load_cells(matrix: &Path, filters: &[String]) -> Result<(Matrix, Vec<Cell>), 
 
 /// `nsmatrix run`.
 pub fn run(a: RunArgs) -> u8 {
-    let (mut m, cells) = match load_cells(&a.matrix, &a.filters) {
+    let opts = matrix::LoadOptions {
+        allow_unused_rules: a.allow_unused_rules,
+    };
+    let (mut m, cells) = match load_cells(&a.matrix, &a.filters, opts) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -234,7 +247,10 @@ fn default_jobs() -> usize {
 
 /// `nsmatrix list`.
 pub fn list(a: ListArgs) -> u8 {
-    let (m, cells) = match load_cells(&a.matrix, &a.filters) {
+    let opts = matrix::LoadOptions {
+        allow_unused_rules: a.allow_unused_rules,
+    };
+    let (m, cells) = match load_cells(&a.matrix, &a.filters, opts) {
         Ok(x) => x,
         Err(code) => return code,
     };

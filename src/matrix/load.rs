@@ -9,6 +9,7 @@ use std::time::Duration;
 use globset::Glob;
 use toml::Spanned;
 
+use super::check::LoadOptions;
 use super::diag::{Diagnostic, MatrixError};
 use super::model::*;
 use super::raw::*;
@@ -23,15 +24,25 @@ type Combo = BTreeMap<String, (String, Option<Range<usize>>)>;
 
 /// Load, validate and expand a matrix file.
 pub fn load(path: &Path) -> Result<Matrix, MatrixError> {
+    load_with(path, LoadOptions::default())
+}
+
+/// As [`load`], with options (`--allow-unused-rules`).
+pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Matrix, MatrixError> {
     let text = std::fs::read_to_string(path).map_err(|source| MatrixError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    load_str(path, &text)
+    load_str_with(path, &text, opts)
 }
 
 /// As [`load`], from text (`path` names the file in messages and anchors relative paths).
 pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
+    load_str_with(path, text, LoadOptions::default())
+}
+
+/// As [`load_str`], with options.
+pub fn load_str_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Matrix, MatrixError> {
     let invalid = |diagnostics| MatrixError::Invalid {
         path: path.to_path_buf(),
         text: text.to_string(),
@@ -60,6 +71,17 @@ pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
         base,
     };
     let matrix = v.build(path);
+    if v.diags.is_empty() {
+        // The rules against the cells they select: values, unused rules, signatures.
+        let (errors, warnings) = super::check::rules(&raw, &matrix, opts);
+        if !warnings.is_empty() {
+            let shown = super::diag::render(path, text, &warnings)
+                .replace(": error[", ": warning[")
+                .replace("; nothing was run", "; allowed by --allow-unused-rules");
+            eprintln!("{shown}");
+        }
+        v.diags.extend(errors);
+    }
     if v.diags.is_empty() {
         Ok(matrix)
     } else {

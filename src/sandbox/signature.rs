@@ -236,6 +236,50 @@ pub fn names() -> impl Iterator<Item = &'static str> {
     TABLE.iter().chain(INFERRED).map(|s| s.name)
 }
 
+/// Signatures that say the harness, the scenario or the patch is wrong, never how a sandbox
+/// behaves: an `expect` rule may not name them.
+const NEVER_EXPECTED: &[&str] = &[
+    "unknown",
+    "tree-mismatch",
+    "output-mismatch",
+    "apply-patch-error",
+];
+
+/// Whether a matrix may expect `name` on cells of `backend` (`host`, `docker`, `qemu`): only
+/// signatures the classifier can produce there. `Err` says why not.
+pub fn expectable_on(name: &str, backend: &str) -> Result<(), String> {
+    if by_name(name).is_none() {
+        return Err("no signature has this name".into());
+    }
+    if NEVER_EXPECTED.contains(&name) {
+        return Err(
+            "it means the harness, the scenario or the patch is wrong, not how the sandbox behaves"
+                .into(),
+        );
+    }
+    let only: Option<&[&str]> = match name {
+        // Only a guest's agent sets sysctls, so only a guest can miss one.
+        "sysctl-missing" => Some(&["qemu"]),
+        // Needs a no-new-privileges profile, which host and docker environments have.
+        "setuid-ignored-nnp" => Some(&["host", "docker"]),
+        _ => None,
+    };
+    match only {
+        Some(list) if !list.contains(&backend) => Err(format!(
+            "the classifier gives it only on {} cells",
+            list.join(", ")
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The signatures `expectable_on` accepts for `backend`.
+pub fn expectable_names(backend: &str) -> Vec<&'static str> {
+    names()
+        .filter(|n| expectable_on(n, backend).is_ok())
+        .collect()
+}
+
 /// The remedy line for a signature name (empty for an unknown name).
 pub fn remedy(name: &str) -> &'static str {
     by_name(name).map(|s| s.remedy).unwrap_or("")
