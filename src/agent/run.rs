@@ -61,19 +61,33 @@ pub fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
             .context("failed to write an agent event")?;
         out.flush().context("failed to flush agent events")
     };
+    // The sysctls first, so the facts the batch reports are those its cells run under (a
+    // max-userns-0 guest reports 0, not the kernel's default); their log lines follow Hello.
+    let mut pending: Vec<AgentEvent> = Vec::new();
+    let sysctls = if spec.version == PROTOCOL_VERSION {
+        apply_sysctls(&spec.sysctls, &mut |ev| {
+            pending.push(ev);
+            Ok(())
+        })
+    } else {
+        Ok(BTreeSet::new())
+    };
     emit(AgentEvent::Hello {
         version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         facts: environment_facts(),
     })?;
+    for ev in pending {
+        emit(ev)?;
+    }
     if spec.version != PROTOCOL_VERSION {
         anyhow::bail!(
             "batch spec version {} is not {PROTOCOL_VERSION}",
             spec.version
         );
     }
+    let missing_sysctls = sysctls?;
     let work = WorkDir::create(&spec.work_dir)?;
-    let missing_sysctls = apply_sysctls(&spec.sysctls, &mut emit)?;
     let bin_dir = work.path.join("bin");
     mkdir_mode(&bin_dir, 0o755)?;
     let apply_patch = bin_dir.join("apply_patch");
