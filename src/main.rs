@@ -71,6 +71,13 @@ fn main() -> ExitCode {
         let rest: Vec<OsString> = args.collect();
         return ExitCode::from(apply_patch_main(&rest));
     }
+    if Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n == nsmatrix::agent::witness::NAME)
+    {
+        let rest: Vec<OsString> = args.collect();
+        return ExitCode::from(nsmatrix::agent::witness::main(&rest));
+    }
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(a) => cli::run(a),

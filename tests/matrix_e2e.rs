@@ -112,7 +112,22 @@ fn docker_part_of_the_default_matrix() {
             "holyclaude" => assert_eq!(c["status"], "PASS", "{}", c["id"]),
             other => panic!("unexpected profile {other} for {}", c["id"]),
         }
-        assert!(c["details"]["codex.bwrap"].is_string(), "{}", c["id"]);
+        // Which bwrap ran was seen in /proc, never assumed: a pass without a bwrap in Codex's
+        // process tree would be FAIL sandbox-not-observed.
+        let bwrap = c["details"]["codex.bwrap"].as_str().unwrap_or("");
+        assert!(
+            bwrap.contains("bwrap (") && !bwrap.starts_with("not observed"),
+            "{}: {bwrap}",
+            c["id"]
+        );
+        if c["status"] == "PASS" {
+            let sandbox = c["evidence"]["sandbox"].as_str().unwrap_or("");
+            assert!(
+                sandbox.starts_with("observed: ") && sandbox.contains("bwrap"),
+                "{}: {sandbox}",
+                c["id"]
+            );
+        }
     }
     for image in ["bookworm", "bookworm-suid"] {
         assert!(codex.iter().any(|c| axis(c, "image") == image

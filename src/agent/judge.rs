@@ -144,3 +144,47 @@ fn first_line_matching(text: &str, needle: &str) -> Option<String> {
         .find(|l| l.contains(needle))
         .map(|l| l.trim().to_string())
 }
+
+/// What a PASS from [`judge`] rests on for this scenario, step by step as `judge` checked it
+/// (it returns Passed only after every one of these): `evidence.confinement`, `.exit-code`,
+/// `.output`, `.tree`. The caller adds `.sandbox` and `.setuid`, which it observed.
+pub(super) fn passed_evidence(sc: &Scenario, ev: &mut super::observe::Evidence) {
+    ev.set(
+        "confinement",
+        "sentinel unchanged, nothing created outside the workspace",
+    );
+    let code = match &sc.meta.confinement {
+        Some(c) => c.sandboxed_exit_code,
+        None => sc.meta.exit_code,
+    };
+    ev.set(
+        "exit-code",
+        format!("apply_patch exited {code} as expected"),
+    );
+    let output = match (&sc.meta.confinement, &sc.meta.stdout, &sc.meta.stderr) {
+        (Some(_), _, _) => "not compared: confinement scenario".to_string(),
+        (None, None, None) => "not compared: the scenario states no output".to_string(),
+        (None, o, e) => {
+            let mut parts = Vec::new();
+            if o.is_some() {
+                parts.push("stdout");
+            }
+            if e.is_some() {
+                parts.push("stderr");
+            }
+            format!("compared: {} as scenario.toml states", parts.join(" and "))
+        }
+    };
+    ev.set("output", output);
+    let tree = match &sc.meta.confinement {
+        None => match sc.dir.join("expected").is_dir() {
+            true => "compared with expected/".to_string(),
+            false => "compared with input/ (nothing may change)".to_string(),
+        },
+        Some(_) if sc.dir.join("expected-sandboxed").is_dir() => {
+            "compared with expected-sandboxed/".to_string()
+        }
+        Some(_) => "not compared: confinement scenario without expected-sandboxed/".to_string(),
+    };
+    ev.set("tree", tree);
+}

@@ -3,7 +3,9 @@
 mod codex;
 pub mod init;
 mod judge;
+mod observe;
 pub mod protocol;
 mod run;
+pub mod witness;
 
 pub use run::{environment_facts, run_batch, tail};

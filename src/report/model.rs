@@ -108,6 +108,33 @@ pub struct CellResult {
     /// hidden by a lucky repeat.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flaky: bool,
+    /// What the agent observed that the verdict rests on (every PASS has [`EVIDENCE_KEYS`]):
+    /// `tree`, `output`, `setuid`, `sandbox`, `exit-code`, `confinement`. Empty in files
+    /// written before schema 2.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub evidence: BTreeMap<String, String>,
+}
+
+/// The evidence every PASS must carry; a pass without it is an ERROR of the harness.
+pub const EVIDENCE_KEYS: [&str; 4] = ["tree", "output", "setuid", "sandbox"];
+
+/// Split the agent's `evidence.*` details off into the evidence map.
+fn split_evidence(
+    details: &BTreeMap<String, String>,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut evidence = BTreeMap::new();
+    let mut rest = BTreeMap::new();
+    for (k, v) in details {
+        match k.strip_prefix("evidence.") {
+            Some(e) => {
+                evidence.insert(e.to_string(), v.clone());
+            }
+            None => {
+                rest.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    (evidence, rest)
 }
 
 fn one() -> u32 {
@@ -192,7 +219,27 @@ pub fn fold_repeats(records: Vec<CellResult>) -> Vec<CellResult> {
 
 /// Judge an agent's record of a cell against the cell's expectation.
 pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
-    let (status, observed, signature, message) = match &rec.outcome {
+    let (evidence, details) = split_evidence(&rec.details);
+    let missing: Vec<&str> = EVIDENCE_KEYS
+        .iter()
+        .copied()
+        .filter(|k| !evidence.contains_key(*k))
+        .collect();
+    let unproven;
+    let outcome = if matches!(rec.outcome, Outcome::Passed) && !missing.is_empty() {
+        // A pass must rest on what was observed; without it there is no answer.
+        unproven = Outcome::Error {
+            stage: "judge".into(),
+            message: format!(
+                "the agent reported a pass without evidence of: {}",
+                missing.join(", ")
+            ),
+        };
+        &unproven
+    } else {
+        &rec.outcome
+    };
+    let (status, observed, signature, message) = match outcome {
         Outcome::Passed => match &cell.expect {
             Expectation::Pass => (Status::Pass, "pass".to_string(), None, String::new()),
             Expectation::Fail { signature, .. } => (
@@ -253,12 +300,13 @@ pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
         duration_ms: rec.duration_ms,
         stdout_tail: rec.stdout_tail.clone(),
         stderr_tail: rec.stderr_tail.clone(),
-        details: rec.details.clone(),
+        details,
         attempts,
         ordinal: 0,
         repeat: 1,
         repeats: Vec::new(),
         flaky: false,
+        evidence,
     }
 }
 
@@ -374,6 +422,7 @@ pub(crate) fn sample_cell(id: &str, status: Status, observed: &str) -> CellResul
         repeat: 1,
         repeats: Vec::new(),
         flaky: false,
+        evidence: BTreeMap::new(),
     }
 }
 
@@ -566,7 +615,13 @@ mod judge_tests {
         ];
         for (i, (expect, outcome, status, observed, sig, msg)) in cases.into_iter().enumerate() {
             let c = cell(expect.clone());
-            let rec = CellRecord::outcome_only(&c.id, outcome.clone());
+            let mut rec = CellRecord::outcome_only(&c.id, outcome.clone());
+            if outcome == Outcome::Passed {
+                for k in EVIDENCE_KEYS {
+                    rec.details
+                        .insert(format!("evidence.{k}"), format!("{k} seen"));
+                }
+            }
             let r = judge(&c, &rec, 1);
             let what = format!("case {i}: {expect:?} × {outcome:?}");
             assert_eq!(r.status, status, "{what}");
@@ -582,6 +637,35 @@ mod judge_tests {
             };
             assert_eq!(crate::exit::for_statuses([&r.status]), want_exit, "{what}");
         }
+    }
+
+    /// A pass without its evidence is no answer (ERROR naming what is missing); with it, the
+    /// evidence moves out of the details into the result.
+    #[test]
+    fn a_pass_needs_its_evidence() {
+        let c = cell(Expectation::Pass);
+        let mut rec = CellRecord::outcome_only(&c.id, Outcome::Passed);
+        rec.details
+            .insert("evidence.tree".into(), "compared with expected/".into());
+        rec.details
+            .insert("bwrap.version".into(), "bubblewrap 0.8.0".into());
+        let r = judge(&c, &rec, 1);
+        assert_eq!(r.status, Status::Error);
+        assert!(
+            r.message
+                .contains("without evidence of: output, setuid, sandbox"),
+            "{}",
+            r.message
+        );
+        for k in ["output", "setuid", "sandbox"] {
+            rec.details.insert(format!("evidence.{k}"), "seen".into());
+        }
+        let r = judge(&c, &rec, 1);
+        assert_eq!(r.status, Status::Pass);
+        assert_eq!(r.evidence["tree"], "compared with expected/");
+        assert_eq!(r.evidence.len(), 4);
+        assert!(r.details.keys().all(|k| !k.starts_with("evidence.")));
+        assert_eq!(r.details["bwrap.version"], "bubblewrap 0.8.0");
     }
 
     /// A cell that was never reported (its batch died) is judged as an ERROR naming the

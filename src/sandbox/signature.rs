@@ -147,6 +147,12 @@ static INFERRED: &[Signature] = &[
         patterns: &[],
     },
     Signature {
+        name: "sandbox-not-observed",
+        mechanism: "the patch was applied but no sandbox was seen doing it (Codex: no bwrap process in its process tree)",
+        remedy: "check that Codex runs its sandbox here (sandbox_mode, a bwrap it can start); a run without a sandbox is not a pass",
+        patterns: &[],
+    },
+    Signature {
         name: "apply-patch-error",
         mechanism: "the sandbox started but apply_patch exited with another code than the scenario expects",
         remedy: "read apply_patch's stderr: the patch or the scenario is wrong, or the sandbox hides a file",
