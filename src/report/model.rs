@@ -219,7 +219,13 @@ pub fn fold_repeats(records: Vec<CellResult>) -> Vec<CellResult> {
 
 /// Judge an agent's record of a cell against the cell's expectation.
 pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
-    let (evidence, details) = split_evidence(&rec.details);
+    let (evidence, mut details) = split_evidence(&rec.details);
+    // The errno beside the signature: the same line with another errno is another problem.
+    if let Outcome::Failed { message, .. } = &rec.outcome
+        && let Some(e) = crate::sandbox::signature::errno_of(message)
+    {
+        details.insert("errno".into(), e.into());
+    }
     let missing: Vec<&str> = EVIDENCE_KEYS
         .iter()
         .copied()
