@@ -103,8 +103,25 @@ pub(super) fn judge(
             ),
         );
     }
-    // 4. Output, for ordinary scenarios (confined ones print the sandbox's own errno text).
-    if sc.meta.confinement.is_none() {
+    // 4. Output: ordinary scenarios against scenario.toml's stdout/stderr; confined ones
+    // against what Codex printed in its own sandbox (with the cell directory as <CELL>).
+    if let Some(c) = &sc.meta.confinement {
+        let cell_dir = layout.ws.parent().unwrap_or(&layout.ws).to_string_lossy();
+        for (name, text, expect) in [
+            ("stdout", &run.stdout, &c.sandboxed_stdout),
+            ("stderr", &run.stderr, &c.sandboxed_stderr),
+        ] {
+            if let Some(e) = expect {
+                let got = norm(text).replace(&*cell_dir, "<CELL>");
+                if !e.matches(&got) {
+                    return fail(
+                        "output-mismatch",
+                        format!("{name} is {got:?}, expected (sandboxed) {e:?}"),
+                    );
+                }
+            }
+        }
+    } else {
         for (name, text, expect) in [
             ("stdout", &run.stdout, &sc.meta.stdout),
             ("stderr", &run.stderr, &sc.meta.stderr),
@@ -162,7 +179,14 @@ pub(super) fn passed_evidence(sc: &Scenario, ev: &mut super::observe::Evidence) 
         format!("apply_patch exited {code} as expected"),
     );
     let output = match (&sc.meta.confinement, &sc.meta.stdout, &sc.meta.stderr) {
-        (Some(_), _, _) => "not compared: confinement scenario".to_string(),
+        (Some(c), _, _) => match (&c.sandboxed_stdout, &c.sandboxed_stderr) {
+            (Some(_), Some(_)) => {
+                "compared: stdout and stderr as Codex printed them in its sandbox".to_string()
+            }
+            (Some(_), None) => "compared: stdout as Codex printed it in its sandbox".to_string(),
+            (None, Some(_)) => "compared: stderr as Codex printed it in its sandbox".to_string(),
+            (None, None) => "not compared: no sandboxed output recorded".to_string(),
+        },
         (None, None, None) => "not compared: the scenario states no output".to_string(),
         (None, o, e) => {
             let mut parts = Vec::new();
