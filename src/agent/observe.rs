@@ -127,8 +127,12 @@ pub fn probe_setuid(spec: &BatchSpec, bwrap: &Path) -> SetuidSeen {
 
 /// The probe's ids once it runs `bwrap` (exec done) and sleeps (blocked in its read).
 fn blocked_in_read(pid: u32, bwrap: &Path) -> Option<SetuidSeen> {
-    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-    if exe != bwrap && fs::canonicalize(bwrap).ok()? != exe {
+    // Exec done: the task's name is the bwrap file's (first 15 bytes). /proc/PID/exe would need
+    // ptrace access, which root without CAP_SYS_PTRACE (a container) lacks for another uid.
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let name = bwrap.file_name()?.to_string_lossy();
+    let want: String = name.chars().take(15).collect();
+    if comm.trim_end_matches('\n') != want {
         return None;
     }
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
