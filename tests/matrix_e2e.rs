@@ -112,15 +112,17 @@ fn docker_part_of_the_default_matrix() {
             "holyclaude" => assert_eq!(c["status"], "PASS", "{}", c["id"]),
             other => panic!("unexpected profile {other} for {}", c["id"]),
         }
-        // Which bwrap ran was seen in /proc, never assumed: a pass without a bwrap in Codex's
-        // process tree would be FAIL sandbox-not-observed.
-        let bwrap = c["details"]["codex.bwrap"].as_str().unwrap_or("");
-        assert!(
-            bwrap.contains("bwrap (") && !bwrap.starts_with("not observed"),
-            "{}: {bwrap}",
-            c["id"]
-        );
+        // A pass rests on what was seen in /proc, never assumed: the witness inside Codex's
+        // sandbox, under a bwrap, in namespaces of its own (else FAIL sandbox-not-observed).
+        // (Under `default` the agent lacks CAP_SYS_PTRACE and cannot read the exe of a
+        // failing uid-1000 bwrap; those cells rest on bwrap's own message.)
         if c["status"] == "PASS" {
+            let bwrap = c["details"]["codex.bwrap"].as_str().unwrap_or("");
+            assert!(
+                bwrap.contains("bwrap (") && !bwrap.starts_with("not observed"),
+                "{}: {bwrap}",
+                c["id"]
+            );
             let sandbox = c["evidence"]["sandbox"].as_str().unwrap_or("");
             assert!(
                 sandbox.starts_with("observed: ") && sandbox.contains("bwrap"),
