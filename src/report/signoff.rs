@@ -288,11 +288,16 @@ pub fn signoff(
         (
             Verdict::DoNotShip,
             format!(
-                "DO NOT SHIP {axis}={to}: it breaks {} of {pairs} pairs that pass with {axis}={from} (in {}: {}), fixes {}",
+                "DO NOT SHIP {axis}={to}: it breaks {} of {pairs} pairs that pass with {axis}={from} (in {}: {}), fixes {}{}",
                 n(PairKind::Broken),
                 envs.len(),
                 abbreviate(&envs, 3),
-                n(PairKind::Fixed)
+                n(PairKind::Fixed),
+                if lost_coverage.is_empty() {
+                    String::new()
+                } else {
+                    format!("; and LOST COVERAGE: {}", lost_coverage.join("; "))
+                }
             ),
         )
     } else if !lost_coverage.is_empty() {
