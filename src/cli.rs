@@ -54,6 +54,14 @@ pub struct RunArgs {
     /// flaky and count with their worst repeat.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
+    /// Backends whose cells must run, comma-separated (`host,docker,qemu`), or `none`:
+    /// replaces the matrix's `[settings] require`. A SKIPped cell of a required backend is
+    /// lost coverage: the run exits 4 naming it.
+    #[arg(long, value_name = "BACKENDS")]
+    pub require: Option<String>,
+    /// An expect rule that matches no cell is a warning instead of an error.
+    #[arg(long)]
+    pub allow_unused_rules: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -66,6 +74,9 @@ pub struct ListArgs {
     pub matrix: PathBuf,
     #[arg(long = "filter", short = 'f')]
     pub filters: Vec<String>,
+    /// An expect rule that matches no cell is a warning instead of an error.
+    #[arg(long)]
+    pub allow_unused_rules: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -76,12 +87,16 @@ pub struct ListArgs {
 pub struct DoctorArgs {}
 
 /// Load the matrix and select cells; on bad input, print why and return the exit code.
-fn load_cells(matrix: &Path, filters: &[String]) -> Result<(Matrix, Vec<Cell>), u8> {
+fn load_cells(
+    matrix: &Path,
+    filters: &[String],
+    opts: matrix::LoadOptions,
+) -> Result<(Matrix, Vec<Cell>), u8> {
     let filter = Filter::parse(filters).map_err(|e| {
         eprintln!("nsmatrix: {e}");
         exit::BAD_INPUT
     })?;
-    let m = matrix::load(matrix).map_err(|e| {
+    let m = matrix::load_with(matrix, opts).map_err(|e| {
         eprintln!("{e}");
         exit::BAD_INPUT
     })?;
@@ -103,10 +118,22 @@ fn load_cells(matrix: &Path, filters: &[String]) -> Result<(Matrix, Vec<Cell>), 
 
 /// `nsmatrix run`.
 pub fn run(a: RunArgs) -> u8 {
-    let (m, cells) = match load_cells(&a.matrix, &a.filters) {
+    let opts = matrix::LoadOptions {
+        allow_unused_rules: a.allow_unused_rules,
+    };
+    let (mut m, cells) = match load_cells(&a.matrix, &a.filters, opts) {
         Ok(x) => x,
         Err(code) => return code,
     };
+    if let Some(r) = &a.require {
+        match parse_require_flag(r) {
+            Ok(list) => m.settings.require = list,
+            Err(e) => {
+                eprintln!("nsmatrix: --require: {e}");
+                return exit::BAD_INPUT;
+            }
+        }
+    }
     let baseline = match a
         .baseline
         .as_deref()
@@ -181,12 +208,34 @@ pub fn run(a: RunArgs) -> u8 {
             d.timing.regressions.len()
         );
     }
+    let lost = crate::report::coverage::lost_line(&results);
+    if !lost.is_empty() {
+        eprintln!(
+            "nsmatrix: {lost} (exit {}; relax with --require or [settings] require)",
+            exit::COVERAGE_LOST
+        );
+    }
     let code = results.exit_code();
     if results.interrupted.is_some() && code == exit::OK {
         exit::ERRORS
     } else {
         code
     }
+}
+
+/// `--require host,docker` → the backends; `none` (or empty) → none.
+fn parse_require_flag(s: &str) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if part == "none" {
+            continue;
+        }
+        let b = crate::matrix::parse_require(part)?;
+        if !out.contains(&b) {
+            out.push(b);
+        }
+    }
+    Ok(out)
 }
 
 fn default_jobs() -> usize {
@@ -197,7 +246,10 @@ fn default_jobs() -> usize {
 
 /// `nsmatrix list`.
 pub fn list(a: ListArgs) -> u8 {
-    let (m, cells) = match load_cells(&a.matrix, &a.filters) {
+    let opts = matrix::LoadOptions {
+        allow_unused_rules: a.allow_unused_rules,
+    };
+    let (m, cells) = match load_cells(&a.matrix, &a.filters, opts) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -373,8 +425,10 @@ pub enum Format {
     long_about = "Pair the cells of two runs by id. Regressions: PASS/XFAIL before, FAIL/XPASS/ERROR \
                   now. Fixes: the reverse. Signature changes: failed in both, for another reason. \
                   Timing: per environment × subject, the median cell time against the \
-                  baseline's, beyond a noise band. Exit code 1 when anything regressed (timing \
-                  too, unless --ignore-timing), 0 otherwise, 2 on unreadable input.",
+                  baseline's, beyond a noise band. Lost coverage: PASS/XFAIL before, SKIPped or \
+                  missing now. Exit code 1 when anything regressed (timing too, unless \
+                  --ignore-timing), else 4 when coverage was lost, else 0; 2 on unreadable \
+                  input.",
     after_help = "Examples:\n  nsmatrix diff reports/last-night reports/tonight\n  nsmatrix diff old/results.json new/results.json --format json > diff.json"
 )]
 pub struct DiffArgs {
@@ -422,11 +476,7 @@ pub fn diff(a: DiffArgs) -> u8 {
             serde_json::to_string_pretty(&d).expect("diff serialises")
         ),
     }
-    if d.has_regressions(!a.ignore_timing) {
-        exit::FAILURES
-    } else {
-        exit::OK
-    }
+    d.exit_code(!a.ignore_timing)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -436,8 +486,10 @@ pub fn diff(a: DiffArgs) -> u8 {
                   and every other axis equal, and sort the pairs by what was observed: fixed, \
                   broken, unchanged-pass, unchanged-fail (with the signatures of what still \
                   fails, and where), inconclusive (ERROR/SKIP). Verdict: DO NOT SHIP when any \
-                  pair broke (exit 1), NO VERDICT when a pair has no answer (exit 3), else SHIP \
-                  (exit 0). Bad input exits 2.",
+                  pair broke (exit 1), NO VERDICT naming the lost coverage when the sides do \
+                  not cover the same cells (a SKIPped side, a cell without a twin; exit 4), NO \
+                  VERDICT when a pair ended in ERROR (exit 3), else SHIP (exit 0). Bad input \
+                  exits 2.",
     after_help = "Examples:\n  nsmatrix signoff --axis image --from bookworm --to bookworm-suid reports/nightly\n  nsmatrix signoff --axis setuid --from false --to true --format json"
 )]
 pub struct SignoffArgs {

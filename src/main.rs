@@ -19,7 +19,9 @@ use nsmatrix::cli;
                   does) on this host, in Docker containers and in QEMU guests, and writes \
                   pass/fail, timings and a diagnosis of each failure to JUnit, Markdown and JSON.\n\n\
                   Exit codes: 0 every cell met its expectation; 1 some cell FAILed or XPASSed; \
-                  2 bad input, nothing run; 3 no unexpected failure but some cells ended in ERROR.",
+                  2 bad input, nothing run; 3 no unexpected failure but some cells ended in ERROR; \
+                  4 no unexpected failure but coverage was lost (cells of a required backend \
+                  SKIPped).",
     after_help = "Examples:\n  nsmatrix doctor\n  nsmatrix list --filter backend=host\n  nsmatrix run\n  nsmatrix run --filter 'host-*/*/core/add_*' --jobs 2\n  nsmatrix diff reports/last-night reports/tonight\n  nsmatrix signoff --axis image --from bookworm --to bookworm-suid reports/tonight\n  nsmatrix merge reports/shard-* --out reports/tonight"
 )]
 struct Cli {
@@ -71,6 +73,13 @@ fn main() -> ExitCode {
     {
         let rest: Vec<OsString> = args.collect();
         return ExitCode::from(apply_patch_main(&rest));
+    }
+    if Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n == nsmatrix::agent::witness::NAME)
+    {
+        let rest: Vec<OsString> = args.collect();
+        return ExitCode::from(nsmatrix::agent::witness::main(&rest));
     }
     let cli = Cli::parse();
     let code = match cli.command {

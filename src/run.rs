@@ -125,6 +125,7 @@ pub(crate) async fn run(
         cells: results,
         shard: None,
         repeat,
+        require: matrix.settings.require.clone(),
     })
 }
 

@@ -110,6 +110,7 @@ fn report_md() {
         cells,
         shard: None,
         repeat: 1,
+        require: Vec::new(),
     };
     let md = crate::report::markdown::render_with(&run, &Default::default());
     insta::with_settings!({ filters => redactions() }, {

@@ -1,7 +1,7 @@
 //! Real Docker, real agent: batches run in labelled containers that are always removed (after
 //! a run, a hung cell, a timeout, a cancel, a run killed with SIGKILL), and what bwrap says in
 //! them is measured, not assumed. Without an engine these tests skip loudly, or fail when
-//! CI=true.
+//! CI is set.
 
 mod common;
 

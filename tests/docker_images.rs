@@ -1,5 +1,5 @@
 //! Real Docker: nsmatrix's images are built without a registry, cached by recipe, listed.
-//! Without an engine these tests skip loudly, or fail when CI=true.
+//! Without an engine these tests skip loudly, or fail when CI is set (see tests/common).
 
 mod common;
 

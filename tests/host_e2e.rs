@@ -94,6 +94,41 @@ fn default_matrix_host_part_meets_every_expectation_and_reports_agree() {
         }
     }
     assert!(twins > 0);
+    // Every PASS rests on evidence; setuid is what the probe saw in /proc: euid 0 for a
+    // setuid copy run as uid 1000 without restrictions, never under no-new-privileges.
+    for c in status_of(cells, |c| c["status"] == "PASS") {
+        for k in ["tree", "output", "setuid", "sandbox"] {
+            assert!(
+                c["evidence"][k].is_string(),
+                "{} has no {k} evidence",
+                c["id"]
+            );
+        }
+    }
+    let setuid_seen = |profile: &str| {
+        status_of(cells, |c| {
+            axis(c, "profile") == profile && axis(c, "setuid") == "true"
+        })
+        .iter()
+        .map(|c| {
+            c["details"]["bwrap.setuid-observed"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+    };
+    let none = setuid_seen("none");
+    assert!(!none.is_empty());
+    for s in &none {
+        assert!(s.contains("ruid 1000, euid 0 (setuid in effect)"), "{s}");
+    }
+    for s in setuid_seen("no-new-privileges") {
+        assert!(s.contains("euid 1000 (setuid not in effect)"), "{s}");
+    }
+    // The userns-limit-0 profile maps only the cell's uid, so setuid cannot be in effect
+    // there: the matrix has no such cells, their name would claim what they do not test.
+    assert!(setuid_seen("userns-limit-0").is_empty());
 
     // JUnit: strict XML, one testcase per cell, counts equal to results.json and report.md.
     let xml = std::fs::read_to_string(out.path().join("junit.xml")).unwrap();

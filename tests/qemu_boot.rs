@@ -1,6 +1,6 @@
 //! Real guests under QEMU: each kernel family boots, runs a batch through nsmatrix as its init and
 //! powers off; a guest that panics or hangs is reported as a `BatchError` with its console tail.
-//! Without qemu these tests fail when `CI=true` and are skipped loudly otherwise.
+//! Without qemu these tests fail when `CI` is set (see tests/common) and are skipped loudly otherwise.
 
 mod common;
 
@@ -215,4 +215,45 @@ async fn qemu_hanging_guest_is_stopped_at_its_timeout() {
     assert_eq!(e.stage, Stage::Start, "{e}");
     assert!(e.message.contains("console tail"), "{e}");
     assert!(r.elapsed < Duration::from_secs(30), "took {:?}", r.elapsed);
+}
+
+/// The facts a batch reports are those its cells run under: the agent applies the sysctls
+/// before it says Hello, so a max-userns-0 guest reports 0 (not the kernel's default), and
+/// the cell sees the limit.
+#[tokio::test]
+async fn qemu_facts_are_recorded_after_the_sysctls_are_applied() {
+    let Some(b) = backend().await else { return };
+    let sysctls = [("user.max_user_namespaces", "0")];
+    let mut s = spec(
+        "facts-max-userns-0",
+        &[(SetuidMode::Never, ArgvProfile::Codex)],
+        &["user.max_user_namespaces"],
+    );
+    s.sysctls = sysctls
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let r = run(
+        &b,
+        &env("debian-6.1", "max-userns-0", &sysctls),
+        s,
+        Duration::from_secs(240),
+    )
+    .await;
+    r.result.as_ref().unwrap_or_else(|e| panic!("{e}"));
+    let Some(AgentEvent::Hello { facts, .. }) = r.events.first() else {
+        panic!("no Hello first: {:?}", r.events.first());
+    };
+    assert_eq!(
+        facts.get("user.max_user_namespaces").map(String::as_str),
+        Some("0"),
+        "{facts:?}"
+    );
+    let cells = finished(&r);
+    assert_eq!(cells.len(), 1);
+    assert!(
+        matches!(&cells[0].outcome, Outcome::Failed { signature, .. } if signature == "userns-limit"),
+        "{}",
+        summary(&r)
+    );
 }

@@ -1,6 +1,6 @@
 //! The acceptance table, measured in real guests: kernels × sysctl sets × bwrap setuid
 //! or not × Codex's current and legacy argv, one boot per (kernel, sysctl set).
-//! Without qemu these tests fail when `CI=true` and are skipped loudly otherwise.
+//! Without qemu these tests fail when `CI` is set (see tests/common) and are skipped loudly otherwise.
 
 mod common;
 

@@ -55,6 +55,8 @@ fn valid_and_a_broken_copy_is_not(schema: &str, rel: &str, break_it: (&str, &str
         "nsmatrix merge",
         "junit.xml",
         "--baseline",
+        "--require host,docker,qemu",
+        "lost-coverage",
     ] {
         let needle = needle.replace("nsmatrix merge", "merge");
         assert!(body.contains(&needle), "{rel} does not mention {needle}");
@@ -86,4 +88,22 @@ fn gitlab_ci_is_valid() {
         "ci-examples/gitlab/.gitlab-ci.yml",
         ("  parallel: 3\n", "  parallel: lots\n"),
     );
+}
+
+/// One gate for every test that needs a real backend: CI means `CI` is set and not empty,
+/// `false` or `0`, so `CI=1` cannot make a heavy test pass vacuously.
+#[test]
+fn ci_gate_is_set_and_not_false_or_zero() {
+    for (v, want) in [
+        (None, false),
+        (Some(""), false),
+        (Some("false"), false),
+        (Some("FALSE"), false),
+        (Some("0"), false),
+        (Some("true"), true),
+        (Some("1"), true),
+        (Some("yes"), true),
+    ] {
+        assert_eq!(ci_value(v), want, "CI={v:?}");
+    }
 }

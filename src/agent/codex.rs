@@ -175,17 +175,36 @@ pub(super) fn prepare_and_run_codex(
     fs::set_permissions(&home, fs::Permissions::from_mode(0o700))?;
     let patch = fs::read_to_string(sc.patch_path())
         .with_context(|| format!("failed to read {}", sc.patch_path().display()))?;
+    // The command in Codex's sandbox starts with the witness (see witness.rs).
+    let witness_bin = ctx.apply_patch.with_file_name(super::witness::NAME);
+    if fs::symlink_metadata(&witness_bin).is_err() {
+        std::os::unix::fs::symlink(&ctx.spec.agent_bin, &witness_bin)
+            .with_context(|| format!("failed to link {}", witness_bin.display()))?;
+    }
     let args: Vec<OsString> = vec![
         "sandbox".into(),
         "-c".into(),
         "sandbox_mode=workspace-write".into(),
         "--".into(),
+        witness_bin.clone().into(),
         codex.clone().into(),
         "--codex-run-as-apply-patch".into(),
         patch.into(),
     ];
     let mut seen = Vec::new();
-    let mut observe = |pid: u32| scan_bwrap(pid, &mut seen);
+    let mut witnessed: Option<super::witness::Seen> = None;
+    let agent_bin = ctx.spec.agent_bin.clone();
+    let mut observe = |pid: u32| {
+        if witnessed.is_none()
+            && let Some(w) = super::witness::find_waiting(pid, &agent_bin)
+        {
+            // While the witness waits, the sandbox around it is alive: see it, then go on.
+            scan_bwrap(pid, &mut seen);
+            super::witness::release(&w);
+            witnessed = Some(w);
+        }
+        scan_bwrap(pid, &mut seen);
+    };
     let run = run_program(
         ctx,
         &codex,
@@ -202,8 +221,9 @@ pub(super) fn prepare_and_run_codex(
     details.insert(
         "argv".into(),
         format!(
-            "{} sandbox -c sandbox_mode=workspace-write -- {} --codex-run-as-apply-patch PATCH",
+            "{} sandbox -c sandbox_mode=workspace-write -- {} {} --codex-run-as-apply-patch PATCH",
             codex.display(),
+            witness_bin.display(),
             codex.display()
         ),
     );
@@ -257,7 +277,42 @@ pub(super) fn prepare_and_run_codex(
     if !warnings.is_empty() {
         details.insert("codex.warnings".into(), warnings.join("\n"));
     }
-    let outcome = judge(&sc, &layout, &run, &norm, false);
+    details.insert(
+        "codex.sandbox-witness".into(),
+        witnessed
+            .as_ref()
+            .map(|w| w.describe())
+            .unwrap_or_else(|| "not seen: the command never started in a sandbox".into()),
+    );
+    let mut outcome = judge(&sc, &layout, &run, &norm, false);
+    if outcome == Outcome::Passed {
+        let sandboxed = witnessed
+            .as_ref()
+            .filter(|w| w.bwrap().is_some() && !w.own_namespaces.is_empty());
+        if let Some(w) = sandboxed {
+            let mut ev = super::observe::Evidence::default();
+            super::judge::passed_evidence(&sc, &mut ev);
+            ev.set("sandbox", w.describe());
+            ev.set(
+                "setuid",
+                match details.get("codex.bwrap-setuid-effective").map(String::as_str) {
+                    Some("true") => "observed: a bwrap in Codex's process tree ran with euid 0 and a non-root ruid (setuid in effect)",
+                    _ => "observed: every bwrap in Codex's process tree ran with its caller's uids (setuid not in effect)",
+                },
+            );
+            ev.write_into(&mut details);
+        } else {
+            // No bwrap around the command, or no namespace of its own: whatever applied the
+            // patch, no sandbox was seen doing it, so this is not a pass of a sandboxed run.
+            outcome = Outcome::Failed {
+                signature: "sandbox-not-observed".into(),
+                message: format!(
+                    "apply_patch succeeded but no sandbox was seen around it: {}",
+                    details["codex.sandbox-witness"]
+                ),
+            };
+        }
+    }
     for t in &layout.absolute_targets {
         remove_any(t);
     }

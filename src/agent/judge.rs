@@ -104,8 +104,25 @@ pub(super) fn judge(
             ),
         );
     }
-    // 4. Output, for ordinary scenarios (confined ones print the sandbox's own errno text).
-    if sc.meta.confinement.is_none() {
+    // 4. Output: ordinary scenarios against scenario.toml's stdout/stderr; confined ones
+    // against what Codex printed in its own sandbox (with the cell directory as <CELL>).
+    if let Some(c) = &sc.meta.confinement {
+        let cell_dir = layout.ws.parent().unwrap_or(&layout.ws).to_string_lossy();
+        for (name, text, expect) in [
+            ("stdout", &run.stdout, &c.sandboxed_stdout),
+            ("stderr", &run.stderr, &c.sandboxed_stderr),
+        ] {
+            if let Some(e) = expect {
+                let got = norm(text).replace(&*cell_dir, "<CELL>");
+                if !e.matches(&got) {
+                    return fail(
+                        "output-mismatch",
+                        format!("{name} is {got:?}, expected (sandboxed) {e:?}"),
+                    );
+                }
+            }
+        }
+    } else {
         for (name, text, expect) in [
             ("stdout", &run.stdout, &sc.meta.stdout),
             ("stderr", &run.stderr, &sc.meta.stderr),
@@ -144,4 +161,55 @@ fn first_line_matching(text: &str, needle: &str) -> Option<String> {
     text.lines()
         .find(|l| l.contains(needle))
         .map(|l| l.trim().to_string())
+}
+
+/// What a PASS from [`judge`] rests on for this scenario, step by step as `judge` checked it
+/// (it returns Passed only after every one of these): `evidence.confinement`, `.exit-code`,
+/// `.output`, `.tree`. The caller adds `.sandbox` and `.setuid`, which it observed.
+pub(super) fn passed_evidence(sc: &Scenario, ev: &mut super::observe::Evidence) {
+    ev.set(
+        "confinement",
+        "sentinel unchanged, nothing created outside the workspace",
+    );
+    let code = match &sc.meta.confinement {
+        Some(c) => c.sandboxed_exit_code,
+        None => sc.meta.exit_code,
+    };
+    ev.set(
+        "exit-code",
+        format!("apply_patch exited {code} as expected"),
+    );
+    let output = match (&sc.meta.confinement, &sc.meta.stdout, &sc.meta.stderr) {
+        (Some(c), _, _) => match (&c.sandboxed_stdout, &c.sandboxed_stderr) {
+            (Some(_), Some(_)) => {
+                "compared: stdout and stderr as Codex printed them in its sandbox".to_string()
+            }
+            (Some(_), None) => "compared: stdout as Codex printed it in its sandbox".to_string(),
+            (None, Some(_)) => "compared: stderr as Codex printed it in its sandbox".to_string(),
+            (None, None) => "not compared: no sandboxed output recorded".to_string(),
+        },
+        (None, None, None) => "not compared: the scenario states no output".to_string(),
+        (None, o, e) => {
+            let mut parts = Vec::new();
+            if o.is_some() {
+                parts.push("stdout");
+            }
+            if e.is_some() {
+                parts.push("stderr");
+            }
+            format!("compared: {} as scenario.toml states", parts.join(" and "))
+        }
+    };
+    ev.set("output", output);
+    let tree = match &sc.meta.confinement {
+        None => match sc.dir.join("expected").is_dir() {
+            true => "compared with expected/".to_string(),
+            false => "compared with input/ (nothing may change)".to_string(),
+        },
+        Some(_) if sc.dir.join("expected-sandboxed").is_dir() => {
+            "compared with expected-sandboxed/".to_string()
+        }
+        Some(_) => "not compared: confinement scenario without expected-sandboxed/".to_string(),
+    };
+    ev.set("tree", tree);
 }

@@ -4,6 +4,8 @@ mod cell;
 mod codex;
 pub mod init;
 mod judge;
+mod observe;
 mod run;
+pub mod witness;
 
 pub(crate) use run::{environment_facts, run_batch};

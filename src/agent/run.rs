@@ -34,19 +34,33 @@ pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
             .context("failed to write an agent event")?;
         out.flush().context("failed to flush agent events")
     };
+    // The sysctls first, so the facts the batch reports are those its cells run under (a
+    // max-userns-0 guest reports 0, not the kernel's default); their log lines follow Hello.
+    let mut pending: Vec<AgentEvent> = Vec::new();
+    let sysctls = if spec.version == PROTOCOL_VERSION {
+        apply_sysctls(&spec.sysctls, &mut |ev| {
+            pending.push(ev);
+            Ok(())
+        })
+    } else {
+        Ok(BTreeSet::new())
+    };
     emit(AgentEvent::Hello {
         version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         facts: environment_facts(),
     })?;
+    for ev in pending {
+        emit(ev)?;
+    }
     if spec.version != PROTOCOL_VERSION {
         anyhow::bail!(
             "batch spec version {} is not {PROTOCOL_VERSION}",
             spec.version
         );
     }
+    let missing_sysctls = sysctls?;
     let work = WorkDir::create(&spec.work_dir)?;
-    let missing_sysctls = apply_sysctls(&spec.sysctls, &mut emit)?;
     let bin_dir = work.path.join("bin");
     mkdir_mode(&bin_dir, 0o755)?;
     let apply_patch = bin_dir.join("apply_patch");
@@ -244,16 +258,28 @@ fn prepare_and_run_bwrap(
     let args = argv::build(profile, bw.features, &layout.ws, &command);
 
     let nnp = ctx.spec.restrictions.no_new_privileges || agent_has_nnp();
-    let setuid_effective =
-        bw.setuid_bit && !nnp && ctx.spec.uid != 0 && !subject::is_nosuid(&bw.path);
+    // Setuid is observed, never inferred from the configuration: the cell's bwrap, started as
+    // its uid under its restrictions, read in /proc (see observe.rs).
+    let setuid_seen = (bw.setuid_bit && ctx.spec.uid != 0)
+        .then(|| super::observe::probe_setuid_cached(ctx.spec, &bw.path));
+    let setuid_evidence = match (&setuid_seen, bw.setuid_bit) {
+        (Some(seen), _) => seen.describe(),
+        (None, false) => "not in play: the bwrap file has no setuid bit".to_string(),
+        (None, true) => "not in play: the cell runs as root".to_string(),
+    };
     let mut details = BTreeMap::new();
     details.insert("bwrap.path".into(), bw.path.display().to_string());
     details.insert("bwrap.version".into(), bw.version.clone());
     details.insert("bwrap.setuid-bit".into(), bw.setuid_bit.to_string());
     details.insert(
         "bwrap.setuid-effective".into(),
-        setuid_effective.to_string(),
+        match setuid_seen.as_ref().and_then(|s| s.in_effect()) {
+            Some(b) => b.to_string(),
+            None if setuid_seen.is_none() => "false".to_string(),
+            None => "unknown".to_string(),
+        },
     );
+    details.insert("bwrap.setuid-observed".into(), setuid_evidence.clone());
     details.insert("no-new-privileges".into(), nnp.to_string());
     details.insert(
         "argv".into(),
@@ -271,13 +297,29 @@ fn prepare_and_run_bwrap(
         stderr_tail: tail(&norm(&run.stderr)),
         details,
     };
+    // Renamed to setuid-ignored-nnp only when the probe saw the bit ignored.
+    let ignored_seen = setuid_seen.as_ref().and_then(|s| s.in_effect()) == Some(false);
     rec.outcome = judge(
         &sc,
         &layout,
         &run,
         &norm,
-        bw.setuid_bit && nnp && ctx.spec.uid != 0,
+        bw.setuid_bit && nnp && ctx.spec.uid != 0 && ignored_seen,
     );
+    if rec.outcome == Outcome::Passed {
+        let mut ev = super::observe::Evidence::default();
+        super::judge::passed_evidence(&sc, &mut ev);
+        ev.set("setuid", setuid_evidence);
+        ev.set(
+            "sandbox",
+            format!(
+                "bwrap started by the agent itself ({}), exit code {:?}",
+                bw.path.display(),
+                run.code
+            ),
+        );
+        ev.write_into(&mut rec.details);
+    }
     for t in &layout.absolute_targets {
         remove_any(t);
     }

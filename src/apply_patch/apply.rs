@@ -65,12 +65,12 @@ pub fn apply_hunks(hunks: &[Hunk], cwd: &Path) -> Result<Affected, ApplyError> {
     for hunk in hunks {
         match hunk {
             Hunk::Add { path, contents } => {
-                let abs = cwd.join(path);
+                let abs = absolutize(cwd, path);
                 write_creating_parents(&abs, contents.as_bytes())?;
                 done.added.push(path.clone());
             }
             Hunk::Delete { path } => {
-                let abs = cwd.join(path);
+                let abs = absolutize(cwd, path);
                 // Codex refuses anything that is not (a link to) a regular file, so a
                 // directory or a dangling or directory symlink fails; a link to a file is
                 // removed itself, never its target.
@@ -85,11 +85,11 @@ pub fn apply_hunks(hunks: &[Hunk], cwd: &Path) -> Result<Affected, ApplyError> {
                 move_to,
                 chunks,
             } => {
-                let abs = cwd.join(path);
+                let abs = absolutize(cwd, path);
                 let new = updated_contents(&abs, chunks)?;
                 match move_to {
                     Some(dest) => {
-                        let dest_abs = cwd.join(dest);
+                        let dest_abs = absolutize(cwd, dest);
                         write_creating_parents(&dest_abs, new.as_bytes())?;
                         // Also when dest == path: Codex then deletes the file it just wrote.
                         fs::remove_file(&abs).map_err(|_| ApplyError::RemoveOriginal(abs))?;
@@ -104,6 +104,28 @@ pub fn apply_hunks(hunks: &[Hunk], cwd: &Path) -> Result<Affected, ApplyError> {
         }
     }
     Ok(done)
+}
+
+/// `cwd.join(path)` with `.` and `..` resolved lexically, as Codex resolves patch paths (its
+/// messages name `/cell/outside/x`, not `/cell/ws/../outside/x`; measured with Codex 0.171.0
+/// in its own sandbox). The file system is not consulted, so a `..` after a symlink goes up
+/// from the link's name, as it does in Codex.
+fn absolutize(cwd: &Path, path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in cwd.join(path).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                // `/..` is `/`; a relative cwd keeps leading `..`s.
+                if !out.pop() && !out.has_root() {
+                    out.push(c);
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn write_creating_parents(abs: &Path, bytes: &[u8]) -> Result<(), ApplyError> {
@@ -273,4 +295,30 @@ fn edits(lines: &[String], abs: &Path, chunks: &[Chunk]) -> Result<Vec<Edit>, Ap
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod absolutize_tests {
+    use super::absolutize;
+    use std::path::Path;
+
+    /// As Codex 0.171.0 names paths in its messages (measured in its own sandbox).
+    #[test]
+    fn dot_and_dotdot_resolve_lexically() {
+        let cwd = Path::new("/cell/ws");
+        assert_eq!(
+            absolutize(cwd, Path::new("../outside/x")),
+            Path::new("/cell/outside/x")
+        );
+        assert_eq!(
+            absolutize(cwd, Path::new("./a/./b")),
+            Path::new("/cell/ws/a/b")
+        );
+        assert_eq!(absolutize(cwd, Path::new("/tmp/x")), Path::new("/tmp/x"));
+        assert_eq!(absolutize(cwd, Path::new("../../../..")), Path::new("/"));
+        assert_eq!(
+            absolutize(cwd, Path::new("link/../f")),
+            Path::new("/cell/ws/f")
+        );
+    }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use globset::Glob;
 use toml::Spanned;
 
+use super::check::LoadOptions;
 use super::diag::{Diagnostic, MatrixError};
 use super::model::*;
 use super::raw::*;
@@ -26,15 +27,26 @@ type Combo = BTreeMap<String, (String, Option<Range<usize>>)>;
 
 /// Load, validate and expand a matrix file.
 pub fn load(path: &Path) -> Result<Matrix, MatrixError> {
+    load_with(path, LoadOptions::default())
+}
+
+/// As [`load`], with options (`--allow-unused-rules`).
+pub fn load_with(path: &Path, opts: LoadOptions) -> Result<Matrix, MatrixError> {
     let text = std::fs::read_to_string(path).map_err(|source| MatrixError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    load_str(path, &text)
+    load_str_with(path, &text, opts)
 }
 
 /// As [`load`], from text (`path` names the file in messages and anchors relative paths).
-pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
+#[cfg(test)]
+pub(crate) fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
+    load_str_with(path, text, LoadOptions::default())
+}
+
+/// As [`load_str`], with options.
+pub fn load_str_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Matrix, MatrixError> {
     let invalid = |diagnostics| MatrixError::Invalid {
         path: path.to_path_buf(),
         text: text.to_string(),
@@ -63,6 +75,17 @@ pub fn load_str(path: &Path, text: &str) -> Result<Matrix, MatrixError> {
         base,
     };
     let matrix = v.build(path);
+    if v.diags.is_empty() {
+        // The rules against the cells they select: values, unused rules, signatures.
+        let (errors, warnings) = super::check::rules(&raw, &matrix, opts);
+        if !warnings.is_empty() {
+            let shown = super::diag::render(path, text, &warnings)
+                .replace(": error[", ": warning[")
+                .replace("; nothing was run", "; allowed by --allow-unused-rules");
+            eprintln!("{shown}");
+        }
+        v.diags.extend(errors);
+    }
     if v.diags.is_empty() {
         Ok(matrix)
     } else {
@@ -215,6 +238,19 @@ impl Validator<'_> {
         }
         if let Some(d) = &r.host_work_dir {
             s.host_work_dir = PathBuf::from(d);
+        }
+        for b in &r.require {
+            match parse_require(b.get_ref()) {
+                Ok(name) => {
+                    if !s.require.contains(&name) {
+                        s.require.push(name);
+                    }
+                }
+                Err(e) => {
+                    self.err("bad-require", span(b), e)
+                        .help("name backends: require = [\"host\", \"docker\", \"qemu\"]");
+                }
+            }
         }
         s
     }
@@ -618,6 +654,17 @@ impl Validator<'_> {
             self.err("empty-product", None, "the matrix expands to no cell");
         }
         cells
+    }
+}
+
+/// A backend named in `[settings] require` or `run --require`.
+pub fn parse_require(name: &str) -> Result<String, String> {
+    let n = name.trim();
+    match n {
+        "host" | "docker" | "qemu" => Ok(n.to_string()),
+        _ => Err(format!(
+            "`{n}` is not a backend: require names host, docker or qemu"
+        )),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `matrix.toml`: its model, validation with file:line:col errors, expansion into cells.
 
 mod axes;
+mod check;
 pub(crate) mod diag;
 mod load;
 pub mod model;
@@ -16,4 +17,6 @@ pub(crate) use load::load_str;
 pub fn profiles(path: &std::path::Path) -> anyhow::Result<Vec<model::Profile>> {
     load::load_profiles(path)
 }
+pub(crate) use check::LoadOptions;
+pub(crate) use load::{load_with, parse_require};
 pub(crate) use select::Filter;

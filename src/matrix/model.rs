@@ -212,6 +212,9 @@ pub struct Settings {
     pub retries: u32,
     /// Host backend: where batches' private directories go (must allow setuid).
     pub host_work_dir: PathBuf,
+    /// Backends whose cells must run (`host`, `docker`, `qemu`): a SKIP of one of their cells
+    /// is lost coverage and fails the run with exit code 4.
+    pub require: Vec<String>,
 }
 
 impl Default for Settings {
@@ -221,6 +224,7 @@ impl Default for Settings {
             batch_timeout: Duration::from_secs(600),
             retries: 1,
             host_work_dir: PathBuf::from("/var/tmp/nsmatrix"),
+            require: Vec::new(),
         }
     }
 }

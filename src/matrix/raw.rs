@@ -39,6 +39,9 @@ pub struct RawSettings {
     pub batch_timeout: Option<Spanned<String>>,
     pub retries: Option<u32>,
     pub host_work_dir: Option<String>,
+    /// Backends whose cells must run: a SKIP of one of them fails the run (exit 4).
+    #[serde(default)]
+    pub require: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -37,6 +37,8 @@ pub enum ChangeKind {
     Fix,
     /// Failed before and now, with another signature.
     SignatureChange,
+    /// Ran and met its expectation before (PASS/XFAIL), SKIPped now: lost coverage.
+    LostCoverage,
     /// Any other change of status or observation (e.g. to or from SKIP).
     Other,
 }
@@ -68,6 +70,20 @@ pub struct CellRef {
     pub environment: String,
     pub subject: String,
     pub status: Status,
+}
+
+/// A cell the baseline measured that the new run does not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LostCell {
+    pub id: String,
+    pub environment: String,
+    pub subject: String,
+    pub base: Side,
+    /// `None` when the cell is missing from the new run.
+    pub new: Option<Side>,
+    /// The SKIP's reason, or `missing from the new run`.
+    pub reason: String,
 }
 
 /// One environment × subject whose median cell time grew beyond the noise band.
@@ -113,6 +129,9 @@ pub struct Diff {
     pub newly_flaky: Vec<String>,
     pub added: Vec<CellRef>,
     pub removed: Vec<CellRef>,
+    /// Cells that ran and met their expectation in the baseline (PASS/XFAIL) and now are
+    /// SKIPped or missing: what the new run no longer measures.
+    pub lost_coverage: Vec<LostCell>,
     pub unchanged: usize,
     pub timing: Timing,
 }
@@ -136,6 +155,9 @@ pub fn classify(base: &CellResult, new: &CellResult) -> Option<ChangeKind> {
     }
     if is_bad(base.status) && is_ok_ran(new.status) {
         return Some(ChangeKind::Fix);
+    }
+    if is_ok_ran(base.status) && new.status == Status::Skip {
+        return Some(ChangeKind::LostCoverage);
     }
     if let (Some(a), Some(b)) = (failed_with(base), failed_with(new))
         && a != b
@@ -205,6 +227,7 @@ pub fn diff(base: &RunResults, new: &RunResults, opts: DiffOptions) -> Diff {
         newly_flaky: Vec::new(),
         added: Vec::new(),
         removed: Vec::new(),
+        lost_coverage: Vec::new(),
         unchanged: 0,
         timing: Timing {
             options: opts,
@@ -252,6 +275,14 @@ pub fn diff(base: &RunResults, new: &RunResults, opts: DiffOptions) -> Diff {
             message: n.message.clone(),
         };
         match kind {
+            ChangeKind::LostCoverage => d.lost_coverage.push(LostCell {
+                id: n.id.clone(),
+                environment: n.environment.clone(),
+                subject: n.subject.clone(),
+                base: change.base,
+                new: Some(change.new),
+                reason: n.message.clone(),
+            }),
             ChangeKind::Regression => d.regressions.push(change),
             ChangeKind::Fix => d.fixes.push(change),
             ChangeKind::SignatureChange => d.signature_changes.push(change),
@@ -261,6 +292,19 @@ pub fn diff(base: &RunResults, new: &RunResults, opts: DiffOptions) -> Diff {
     for b in &base.cells {
         if !new_ids.contains(b.id.as_str()) {
             d.removed.push(cell_ref(b));
+            if is_ok_ran(b.status) {
+                d.lost_coverage.push(LostCell {
+                    id: b.id.clone(),
+                    environment: b.environment.clone(),
+                    subject: b.subject.clone(),
+                    base: Side {
+                        status: b.status,
+                        observed: b.observed.clone(),
+                    },
+                    new: None,
+                    reason: "missing from the new run".into(),
+                });
+            }
         }
     }
     d.timing.groups_compared = times.len();
@@ -297,6 +341,22 @@ impl Diff {
         !self.regressions.is_empty() || (timing && !self.timing.regressions.is_empty())
     }
 
+    /// Cells measured in the baseline that the new run did not measure.
+    pub fn has_lost_coverage(&self) -> bool {
+        !self.lost_coverage.is_empty()
+    }
+
+    /// `diff`'s exit code: 1 for a regression, else 4 for lost coverage, else 0.
+    pub fn exit_code(&self, timing: bool) -> u8 {
+        if self.has_regressions(timing) {
+            crate::exit::FAILURES
+        } else if self.has_lost_coverage() {
+            crate::exit::COVERAGE_LOST
+        } else {
+            crate::exit::OK
+        }
+    }
+
     /// Environment × subject pairs with any change of a cell (for the heat map's marks).
     pub fn changed_groups(&self) -> BTreeSet<(String, String)> {
         self.regressions
@@ -305,6 +365,11 @@ impl Diff {
             .chain(&self.signature_changes)
             .chain(&self.other_changes)
             .map(|c| (c.environment.clone(), c.subject.clone()))
+            .chain(
+                self.lost_coverage
+                    .iter()
+                    .map(|c| (c.environment.clone(), c.subject.clone())),
+            )
             .chain(
                 self.added
                     .iter()
@@ -317,22 +382,25 @@ impl Diff {
     pub fn render_markdown(&self) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "## Changes against baseline `{}`\n", self.base.run_name);
-        let verdict = if self.has_regressions(true) {
-            "**Regressions found.**"
-        } else {
-            "No regression."
+        let verdict = match (self.has_regressions(true), self.has_lost_coverage()) {
+            (true, true) => "**Regressions found, and coverage was lost.**",
+            (true, false) => "**Regressions found.**",
+            (false, true) => "**Coverage lost** (no regression among the cells that ran).",
+            (false, false) => "No regression.",
         };
         let _ = writeln!(
             md,
             "{verdict} Baseline `{}` ({} cells, started {}) → `{}` ({} cells): \
-             **{} regressed**, {} fixed, {} changed signature, {} other changes, \
-             {} timing regressions, {} newly flaky, {} added, {} removed, {} unchanged.\n",
+             **{} regressed**, **{} lost coverage**, {} fixed, {} changed signature, \
+             {} other changes, {} timing regressions, {} newly flaky, {} added, {} removed, \
+             {} unchanged.\n",
             self.base.run_name,
             self.base.cells,
             self.base.started,
             self.new.run_name,
             self.new.cells,
             self.regressions.len(),
+            self.lost_coverage.len(),
             self.fixes.len(),
             self.signature_changes.len(),
             self.other_changes.len(),
@@ -342,6 +410,40 @@ impl Diff {
             self.removed.len(),
             self.unchanged
         );
+        if !self.lost_coverage.is_empty() {
+            let _ = writeln!(
+                md,
+                "### Lost coverage ({})\n\nMeasured in the baseline (PASS/XFAIL), not measured now.\n",
+                self.lost_coverage.len()
+            );
+            let _ = writeln!(md, "| environment | subject | before | now | cells | why |");
+            let _ = writeln!(md, "|---|---|---|---|---|---|");
+            let mut groups: BTreeMap<(&str, &str, String, String, String), usize> = BTreeMap::new();
+            for c in &self.lost_coverage {
+                let now = c
+                    .new
+                    .as_ref()
+                    .map(side_text)
+                    .unwrap_or_else(|| "missing".into());
+                let why = c.reason.lines().next().unwrap_or("").replace('|', "\\|");
+                *groups
+                    .entry((
+                        c.environment.as_str(),
+                        c.subject.as_str(),
+                        side_text(&c.base),
+                        now,
+                        why,
+                    ))
+                    .or_default() += 1;
+            }
+            for ((env, subject, before, now, why), n) in groups {
+                let _ = writeln!(
+                    md,
+                    "| `{env}` | `{subject}` | {before} | {now} | {n} | {why} |"
+                );
+            }
+            md.push('\n');
+        }
         for (title, list) in [
             ("Regressions", &self.regressions),
             ("Fixes", &self.fixes),
@@ -462,5 +564,64 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
+    }
+}
+
+#[cfg(test)]
+mod coverage_tests {
+    use super::*;
+    use crate::report::model::{SCHEMA_VERSION, sample_cell};
+
+    fn run_of(cells: Vec<CellResult>) -> RunResults {
+        RunResults {
+            schema_version: SCHEMA_VERSION,
+            run_name: "t".into(),
+            matrix: "m".into(),
+            started: "s".into(),
+            duration_ms: 1,
+            interrupted: None,
+            host: Default::default(),
+            batches: vec![],
+            cells,
+            shard: None,
+            repeat: 1,
+            require: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn pass_or_xfail_to_skip_or_missing_is_lost_coverage_and_exits_4() {
+        let base = run_of(vec![
+            sample_cell("d/s/core/a", Status::Pass, "pass"),
+            sample_cell("d/s/core/b", Status::Xfail, "userns-denied"),
+            sample_cell("d/s/core/c", Status::Pass, "pass"),
+            sample_cell("d/s/core/d", Status::Skip, "skip"),
+        ]);
+        let mut skipped = sample_cell("d/s/core/a", Status::Skip, "skip");
+        skipped.message = "no Docker engine".into();
+        let mut skipped_b = sample_cell("d/s/core/b", Status::Skip, "skip");
+        skipped_b.message = "no Docker engine".into();
+        let new = run_of(vec![
+            skipped,
+            skipped_b,
+            sample_cell("d/s/core/d", Status::Skip, "skip"),
+        ]);
+        let d = diff(&base, &new, DiffOptions::default());
+        let ids: Vec<&str> = d.lost_coverage.iter().map(|c| c.id.as_str()).collect();
+        // c is missing; d was a SKIP before too (nothing lost).
+        assert_eq!(ids, ["d/s/core/a", "d/s/core/b", "d/s/core/c"]);
+        assert!(d.regressions.is_empty());
+        assert_eq!(d.exit_code(true), crate::exit::COVERAGE_LOST);
+        let md = d.render_markdown();
+        assert!(md.contains("**Coverage lost**"), "{md}");
+        assert!(md.contains("### Lost coverage (3)"), "{md}");
+        assert!(md.contains("no Docker engine"), "{md}");
+        assert!(
+            md.contains("| PASS | missing | 1 | missing from the new run |"),
+            "{md}"
+        );
+        // Unchanged runs lose nothing.
+        let same = diff(&base, &base, DiffOptions::default());
+        assert_eq!(same.exit_code(true), crate::exit::OK);
     }
 }

@@ -136,6 +136,7 @@ mod tests {
             repeat: 1,
             repeats: Vec::new(),
             flaky: false,
+            evidence: BTreeMap::new(),
         }
     }
 

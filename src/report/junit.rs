@@ -20,6 +20,32 @@ pub fn render(run: &RunResults) -> String {
             order.push(&c.environment);
         }
     }
+    // Coverage first: an empty suite whose properties say what did not run and why, and
+    // whether that broke the run's requirement (CI dashboards show suite properties).
+    let groups = super::coverage::skips_by_reason(run);
+    if !groups.is_empty() || !run.require.is_empty() {
+        let mut suite = TestSuite::new("nsmatrix.coverage");
+        let skipped: usize = groups.iter().map(|g| g.cells).sum();
+        suite.add_property(Property::new("coverage.skipped", skipped.to_string()));
+        suite.add_property(Property::new("coverage.required", run.require.join(",")));
+        let lost = super::coverage::lost_line(run);
+        if !lost.is_empty() {
+            suite.add_property(Property::new("coverage.lost", lost));
+        }
+        for (i, g) in groups.iter().enumerate() {
+            suite.add_property(Property::new(
+                format!("coverage.skip.{}", i + 1),
+                format!(
+                    "{} {} cells{}: {}",
+                    g.cells,
+                    g.backend,
+                    if g.required { " (required)" } else { "" },
+                    g.reason
+                ),
+            ));
+        }
+        report.add_test_suite(suite);
+    }
     for env in order {
         let mut suite = TestSuite::new(env);
         let mut total = Duration::ZERO;
@@ -177,6 +203,7 @@ mod tests {
             cells,
             shard: None,
             repeat: 3,
+            require: Vec::new(),
         }
     }
 

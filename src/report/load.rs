@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::model::{RunResults, SCHEMA_VERSION};
+use super::model::{OLDEST_READABLE_SCHEMA, RunResults, SCHEMA_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -20,7 +20,7 @@ pub enum LoadError {
         source: serde_json::Error,
     },
     #[error(
-        "{path} has results schema version {found}; this nsmatrix reads version {SCHEMA_VERSION}: use the nsmatrix that wrote it, or rerun"
+        "{path} has results schema version {found}; this nsmatrix reads versions {OLDEST_READABLE_SCHEMA} to {SCHEMA_VERSION}: use the nsmatrix that wrote it, or rerun"
     )]
     Version { path: PathBuf, found: u32 },
 }
@@ -50,7 +50,7 @@ pub fn load(path: &Path) -> Result<RunResults, LoadError> {
         path: path.clone(),
         source,
     })?;
-    if head.schema_version != SCHEMA_VERSION {
+    if !(OLDEST_READABLE_SCHEMA..=SCHEMA_VERSION).contains(&head.schema_version) {
         return Err(LoadError::Version {
             path,
             found: head.schema_version,

@@ -20,6 +20,8 @@ pub fn render_with(run: &RunResults, extras: &Extras) -> String {
     let mut md = String::new();
     let counts = run.counts();
     let _ = writeln!(md, "# nsmatrix run `{}`\n", run.run_name);
+    // Coverage first: what did not run is part of the result, never a footnote.
+    md.push_str(&super::coverage::render_markdown(run));
     if let Some(d) = extras.baseline {
         md.push_str(&d.render_markdown());
     }

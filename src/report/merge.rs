@@ -173,5 +173,6 @@ pub fn merge(
         cells,
         shard: None,
         repeat: first.repeat,
+        require: first.require,
     })
 }

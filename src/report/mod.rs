@@ -1,5 +1,6 @@
 //! Reports: one result model, many renderers (JUnit, Markdown, JSON), written together.
 
+pub mod coverage;
 pub mod diff;
 pub mod heatmap;
 pub mod hints;
@@ -94,6 +95,16 @@ fn civil(secs: u64) -> (i64, u32, u32, u32, u32, u32) {
         (rem % 3600 / 60) as u32,
         (rem % 60) as u32,
     )
+}
+
+/// The exit code of a run from its cells' statuses and whether a requirement was broken:
+/// FAIL/XPASS (1) before lost coverage (4) before ERROR (3).
+pub fn for_run<'a>(statuses: impl IntoIterator<Item = &'a Status>, coverage_lost: bool) -> u8 {
+    match for_statuses(statuses) {
+        crate::exit::FAILURES => crate::exit::FAILURES,
+        _ if coverage_lost => crate::exit::COVERAGE_LOST,
+        code => code,
+    }
 }
 
 /// The exit code of a run from its cells' statuses.

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::matrix::model::{Cell, Expectation};
 use crate::protocol::{CellRecord, Outcome};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
+/// The oldest schema `load` still reads: version 2 only added fields with defaults
+/// (`require`, `evidence`), so version 1 files load with them empty.
+pub const OLDEST_READABLE_SCHEMA: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -57,7 +60,8 @@ impl Status {
         }
     }
 
-    /// Met its expectation (or did not run for a stated reason).
+    /// Met its expectation (or did not run for a stated reason). A SKIP is not a failure of
+    /// the product, but it is lost coverage: see `report::coverage` and the run's `require`.
     pub fn is_ok(self) -> bool {
         matches!(self, Status::Pass | Status::Xfail | Status::Skip)
     }
@@ -104,6 +108,33 @@ pub struct CellResult {
     /// hidden by a lucky repeat.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flaky: bool,
+    /// What the agent observed that the verdict rests on (every PASS has [`EVIDENCE_KEYS`]):
+    /// `tree`, `output`, `setuid`, `sandbox`, `exit-code`, `confinement`. Empty in files
+    /// written before schema 2.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub evidence: BTreeMap<String, String>,
+}
+
+/// The evidence every PASS must carry; a pass without it is an ERROR of the harness.
+pub const EVIDENCE_KEYS: [&str; 4] = ["tree", "output", "setuid", "sandbox"];
+
+/// Split the agent's `evidence.*` details off into the evidence map.
+fn split_evidence(
+    details: &BTreeMap<String, String>,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut evidence = BTreeMap::new();
+    let mut rest = BTreeMap::new();
+    for (k, v) in details {
+        match k.strip_prefix("evidence.") {
+            Some(e) => {
+                evidence.insert(e.to_string(), v.clone());
+            }
+            None => {
+                rest.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    (evidence, rest)
 }
 
 fn one() -> u32 {
@@ -188,7 +219,33 @@ pub fn fold_repeats(records: Vec<CellResult>) -> Vec<CellResult> {
 
 /// Judge an agent's record of a cell against the cell's expectation.
 pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
-    let (status, observed, signature, message) = match &rec.outcome {
+    let (evidence, mut details) = split_evidence(&rec.details);
+    // The errno beside the signature: the same line with another errno is another problem.
+    if let Outcome::Failed { message, .. } = &rec.outcome
+        && let Some(e) = crate::sandbox::signature::errno_of(message)
+    {
+        details.insert("errno".into(), e.into());
+    }
+    let missing: Vec<&str> = EVIDENCE_KEYS
+        .iter()
+        .copied()
+        .filter(|k| !evidence.contains_key(*k))
+        .collect();
+    let unproven;
+    let outcome = if matches!(rec.outcome, Outcome::Passed) && !missing.is_empty() {
+        // A pass must rest on what was observed; without it there is no answer.
+        unproven = Outcome::Error {
+            stage: "judge".into(),
+            message: format!(
+                "the agent reported a pass without evidence of: {}",
+                missing.join(", ")
+            ),
+        };
+        &unproven
+    } else {
+        &rec.outcome
+    };
+    let (status, observed, signature, message) = match outcome {
         Outcome::Passed => match &cell.expect {
             Expectation::Pass => (Status::Pass, "pass".to_string(), None, String::new()),
             Expectation::Fail { signature, .. } => (
@@ -249,12 +306,13 @@ pub fn judge(cell: &Cell, rec: &CellRecord, attempts: u32) -> CellResult {
         duration_ms: rec.duration_ms,
         stdout_tail: rec.stdout_tail.clone(),
         stderr_tail: rec.stderr_tail.clone(),
-        details: rec.details.clone(),
+        details,
         attempts,
         ordinal: 0,
         repeat: 1,
         repeats: Vec::new(),
         flaky: false,
+        evidence,
     }
 }
 
@@ -295,6 +353,10 @@ pub struct RunResults {
     /// `run --repeat N`: how often every cell ran (1 when absent).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub repeat: u32,
+    /// Backends whose cells must run (`[settings] require`, `run --require`): a SKIP of one
+    /// of their cells is lost coverage and fails the run (exit 4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub require: Vec<String>,
 }
 
 /// Which shard of how many a run was, and which environments (batches) it held.
@@ -316,18 +378,24 @@ impl RunResults {
         c
     }
 
-    /// `12 PASS, 0 FAIL, 3 XFAIL, 0 XPASS, 0 ERROR, 1 SKIP`.
+    /// `12 PASS, 0 FAIL, 3 XFAIL, 0 XPASS, 0 ERROR, 1 SKIP`, then the SKIPs by backend and
+    /// reason and, when a requirement is broken, `LOST COVERAGE` naming it.
     pub fn summary_line(&self) -> String {
         let counts = self.counts();
-        Status::ALL
+        let mut line = Status::ALL
             .iter()
             .map(|s| format!("{} {}", counts.get(s).copied().unwrap_or(0), s.as_str()))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", ");
+        line.push_str(&super::coverage::summary_suffix(self));
+        line
     }
 
     pub fn exit_code(&self) -> u8 {
-        super::for_statuses(self.cells.iter().map(|c| &c.status))
+        super::for_run(
+            self.cells.iter().map(|c| &c.status),
+            !super::coverage::lost_required(self).is_empty(),
+        )
     }
 }
 
@@ -360,6 +428,7 @@ pub(crate) fn sample_cell(id: &str, status: Status, observed: &str) -> CellResul
         repeat: 1,
         repeats: Vec::new(),
         flaky: false,
+        evidence: BTreeMap::new(),
     }
 }
 
@@ -416,6 +485,213 @@ mod tests {
         ];
         for (st, want) in cases {
             assert_eq!(super::super::for_statuses(st.iter()), *want, "{st:?}");
+        }
+    }
+}
+
+/// The core rule, table-driven: every expectation × every outcome, including a wrong
+/// signature (FAIL, never XFAIL) and cells that were lost (never reported: ERROR, never PASS).
+#[cfg(test)]
+mod judge_tests {
+    use super::*;
+    use crate::protocol::{CellRecord, Outcome};
+
+    /// A real cell of the default matrix, with the expectation under test.
+    fn cell(expect: Expectation) -> Cell {
+        static FIRST: std::sync::OnceLock<Cell> = std::sync::OnceLock::new();
+        let mut c = FIRST
+            .get_or_init(|| {
+                crate::matrix::load(std::path::Path::new("matrix.toml"))
+                    .expect("default matrix")
+                    .cells[0]
+                    .clone()
+            })
+            .clone();
+        c.expect = expect;
+        c
+    }
+
+    fn fail_expect(sig: &str) -> Expectation {
+        Expectation::Fail {
+            signature: sig.into(),
+            reason: None,
+        }
+    }
+
+    fn failed(sig: &str) -> Outcome {
+        Outcome::Failed {
+            signature: sig.into(),
+            message: format!("bwrap: {sig} happened"),
+        }
+    }
+
+    #[test]
+    fn expectation_times_outcome() {
+        let passed = Outcome::Passed;
+        let error = Outcome::Error {
+            stage: "run".into(),
+            message: "guest hung".into(),
+        };
+        let skipped = Outcome::Skipped {
+            reason: "no Docker engine".into(),
+        };
+        // (expectation, outcome, status, observed, signature, message contains)
+        type Case = (
+            Expectation,
+            Outcome,
+            Status,
+            &'static str,
+            Option<&'static str>,
+            &'static str,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                Expectation::Pass,
+                passed.clone(),
+                Status::Pass,
+                "pass",
+                None,
+                "",
+            ),
+            (
+                Expectation::Pass,
+                failed("userns-denied"),
+                Status::Fail,
+                "userns-denied",
+                Some("userns-denied"),
+                "userns-denied happened",
+            ),
+            (
+                fail_expect("userns-denied"),
+                failed("userns-denied"),
+                Status::Xfail,
+                "userns-denied",
+                Some("userns-denied"),
+                "userns-denied happened",
+            ),
+            // The wrong failure is a FAIL, never an XFAIL, and says what was expected.
+            (
+                fail_expect("userns-denied"),
+                failed("capset-denied"),
+                Status::Fail,
+                "capset-denied",
+                Some("capset-denied"),
+                "expected userns-denied, got capset-denied",
+            ),
+            (
+                fail_expect("userns-denied"),
+                passed.clone(),
+                Status::Xpass,
+                "pass",
+                None,
+                "expected to fail with userns-denied, but passed",
+            ),
+            (
+                Expectation::Pass,
+                error.clone(),
+                Status::Error,
+                "error",
+                None,
+                "run: guest hung",
+            ),
+            (
+                fail_expect("userns-denied"),
+                error,
+                Status::Error,
+                "error",
+                None,
+                "guest hung",
+            ),
+            (
+                Expectation::Pass,
+                skipped.clone(),
+                Status::Skip,
+                "skip",
+                None,
+                "no Docker engine",
+            ),
+            (
+                fail_expect("userns-denied"),
+                skipped,
+                Status::Skip,
+                "skip",
+                None,
+                "no Docker engine",
+            ),
+        ];
+        for (i, (expect, outcome, status, observed, sig, msg)) in cases.into_iter().enumerate() {
+            let c = cell(expect.clone());
+            let mut rec = CellRecord::outcome_only(&c.id, outcome.clone());
+            if outcome == Outcome::Passed {
+                for k in EVIDENCE_KEYS {
+                    rec.details
+                        .insert(format!("evidence.{k}"), format!("{k} seen"));
+                }
+            }
+            let r = judge(&c, &rec, 1);
+            let what = format!("case {i}: {expect:?} × {outcome:?}");
+            assert_eq!(r.status, status, "{what}");
+            assert_eq!(r.observed, observed, "{what}");
+            assert_eq!(r.signature.as_deref(), sig, "{what}");
+            assert!(r.message.contains(msg), "{what}: {}", r.message);
+            assert_eq!(r.expected, expect, "{what}");
+            // Only an unexpected result fails the run; an ERROR gives 3; PASS/XFAIL/SKIP 0.
+            let want_exit = match status {
+                Status::Fail | Status::Xpass => crate::exit::FAILURES,
+                Status::Error => crate::exit::ERRORS,
+                _ => crate::exit::OK,
+            };
+            assert_eq!(super::super::for_statuses([&r.status]), want_exit, "{what}");
+        }
+    }
+
+    /// A pass without its evidence is no answer (ERROR naming what is missing); with it, the
+    /// evidence moves out of the details into the result.
+    #[test]
+    fn a_pass_needs_its_evidence() {
+        let c = cell(Expectation::Pass);
+        let mut rec = CellRecord::outcome_only(&c.id, Outcome::Passed);
+        rec.details
+            .insert("evidence.tree".into(), "compared with expected/".into());
+        rec.details
+            .insert("bwrap.version".into(), "bubblewrap 0.8.0".into());
+        let r = judge(&c, &rec, 1);
+        assert_eq!(r.status, Status::Error);
+        assert!(
+            r.message
+                .contains("without evidence of: output, setuid, sandbox"),
+            "{}",
+            r.message
+        );
+        for k in ["output", "setuid", "sandbox"] {
+            rec.details.insert(format!("evidence.{k}"), "seen".into());
+        }
+        let r = judge(&c, &rec, 1);
+        assert_eq!(r.status, Status::Pass);
+        assert_eq!(r.evidence["tree"], "compared with expected/");
+        assert_eq!(r.evidence.len(), 4);
+        assert!(r.details.keys().all(|k| !k.starts_with("evidence.")));
+        assert_eq!(r.details["bwrap.version"], "bubblewrap 0.8.0");
+    }
+
+    /// A cell that was never reported (its batch died) is judged as an ERROR naming the
+    /// stage, never a PASS, whatever it expected.
+    #[test]
+    fn lost_cells_are_errors_never_passes() {
+        for expect in [Expectation::Pass, fail_expect("userns-denied")] {
+            let c = cell(expect);
+            let r = not_run(
+                &c,
+                Outcome::Error {
+                    stage: "agent".into(),
+                    message: "the agent did not report this cell".into(),
+                },
+                2,
+            );
+            assert_eq!(r.status, Status::Error);
+            assert_eq!(r.attempts, 2);
+            assert!(r.message.starts_with("agent: "), "{}", r.message);
+            assert!(!r.status.is_ok());
         }
     }
 }

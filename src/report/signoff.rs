@@ -105,6 +105,9 @@ pub struct Signoff {
     /// Cells with `from` that have no twin with `to` (and the reverse).
     pub unpaired_from: usize,
     pub unpaired_to: usize,
+    /// Why the two sides do not cover the same cells, one line per reason (pairs with a
+    /// SKIPped side, by backend and reason; cells without a twin). Non-empty = no SHIP.
+    pub lost_coverage: Vec<String>,
     pub verdict: Verdict,
     /// One line for a release checklist.
     pub verdict_line: String,
@@ -188,9 +191,15 @@ pub fn signoff(
     let mut counts: BTreeMap<PairKind, usize> = BTreeMap::new();
     let mut remaining: BTreeMap<String, usize> = BTreeMap::new();
     let mut pairs = 0;
+    // Pairs with a SKIPped side, by backend and reason: lost coverage.
+    let mut skipped: BTreeMap<(String, String), usize> = BTreeMap::new();
     for (key, ca) in &a {
         let Some(cb) = b.get(key) else { continue };
         pairs += 1;
+        if let Some(sk) = [ca, cb].into_iter().find(|c| c.status == Status::Skip) {
+            let reason = sk.message.lines().next().unwrap_or("").to_string();
+            *skipped.entry((sk.backend.clone(), reason)).or_default() += 1;
+        }
         let kind = if !answered(ca) || !answered(cb) {
             PairKind::Inconclusive
         } else {
@@ -241,6 +250,20 @@ pub fn signoff(
     }
     let unpaired_from = a.keys().filter(|k| !b.contains_key(*k)).count();
     let unpaired_to = b.keys().filter(|k| !a.contains_key(*k)).count();
+    let mut lost_coverage: Vec<String> = skipped
+        .iter()
+        .map(|((backend, reason), n)| format!("{n} pairs have a SKIPped {backend} side: {reason}"))
+        .collect();
+    if unpaired_from > 0 {
+        lost_coverage.push(format!(
+            "{unpaired_from} cells with {axis}={from} have no twin with {axis}={to}"
+        ));
+    }
+    if unpaired_to > 0 {
+        lost_coverage.push(format!(
+            "{unpaired_to} cells with {axis}={to} have no twin with {axis}={from}"
+        ));
+    }
     let n = |k: PairKind| counts.get(&k).copied().unwrap_or(0);
     let still = n(PairKind::UnchangedFail);
     let envs_of = |kind: PairKind| {
@@ -267,11 +290,24 @@ pub fn signoff(
         (
             Verdict::DoNotShip,
             format!(
-                "DO NOT SHIP {axis}={to}: it breaks {} of {pairs} pairs that pass with {axis}={from} (in {}: {}), fixes {}",
+                "DO NOT SHIP {axis}={to}: it breaks {} of {pairs} pairs that pass with {axis}={from} (in {}: {}), fixes {}{}",
                 n(PairKind::Broken),
                 envs.len(),
                 abbreviate(&envs, 3),
-                n(PairKind::Fixed)
+                n(PairKind::Fixed),
+                if lost_coverage.is_empty() {
+                    String::new()
+                } else {
+                    format!("; and LOST COVERAGE: {}", lost_coverage.join("; "))
+                }
+            ),
+        )
+    } else if !lost_coverage.is_empty() {
+        (
+            Verdict::NoVerdict,
+            format!(
+                "NO VERDICT on {axis}={to}: LOST COVERAGE, the sides do not cover the same cells: {}; rerun where they run",
+                lost_coverage.join("; ")
             ),
         )
     } else if n(PairKind::Inconclusive) > 0 {
@@ -311,6 +347,7 @@ pub fn signoff(
         groups: groups.into_values().collect(),
         unpaired_from,
         unpaired_to,
+        lost_coverage,
         verdict,
         verdict_line,
     })
@@ -352,6 +389,7 @@ impl Signoff {
         match self.verdict {
             Verdict::Ship => crate::exit::OK,
             Verdict::DoNotShip => crate::exit::FAILURES,
+            Verdict::NoVerdict if !self.lost_coverage.is_empty() => crate::exit::COVERAGE_LOST,
             Verdict::NoVerdict => crate::exit::ERRORS,
         }
     }
@@ -454,5 +492,96 @@ impl Signoff {
             );
         }
         md
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::model::{SCHEMA_VERSION, sample_cell};
+
+    fn cell(env: &str, setuid: &str, scenario: &str, status: Status, obs: &str) -> CellResult {
+        let mut c = sample_cell(
+            &format!("{env}/bwrap-{setuid}/core/{scenario}"),
+            status,
+            obs,
+        );
+        c.backend = env.split('-').next().unwrap().into();
+        c.axes = BTreeMap::from([
+            ("env".to_string(), env.to_string()),
+            ("setuid".to_string(), setuid.to_string()),
+            ("scenario".to_string(), scenario.to_string()),
+        ]);
+        if status == Status::Skip {
+            c.message = "no Docker engine".into();
+        }
+        c
+    }
+
+    fn run_of(cells: Vec<CellResult>) -> RunResults {
+        RunResults {
+            schema_version: SCHEMA_VERSION,
+            run_name: "t".into(),
+            matrix: "m".into(),
+            started: "s".into(),
+            duration_ms: 1,
+            interrupted: None,
+            host: Default::default(),
+            batches: vec![],
+            cells,
+            shard: None,
+            repeat: 1,
+            require: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn ship_only_when_both_sides_cover_the_same_cells() {
+        use Status::*;
+        let full = vec![
+            cell("host-a", "false", "x", Xfail, "userns-denied"),
+            cell("host-a", "true", "x", Pass, "pass"),
+            cell("docker-b", "false", "x", Xfail, "userns-denied"),
+            cell("docker-b", "true", "x", Pass, "pass"),
+        ];
+        let s = signoff(&run_of(full.clone()), "setuid", "false", "true").unwrap();
+        assert_eq!(s.verdict, Verdict::Ship, "{}", s.verdict_line);
+        assert!(s.lost_coverage.is_empty());
+        assert_eq!(s.exit_code(), crate::exit::OK);
+
+        // The Docker engine died: the docker pairs have SKIPped sides. No SHIP, exit 4, and
+        // the line names what was lost.
+        let mut dead = full.clone();
+        dead[2] = cell("docker-b", "false", "x", Skip, "skip");
+        dead[3] = cell("docker-b", "true", "x", Skip, "skip");
+        let s = signoff(&run_of(dead), "setuid", "false", "true").unwrap();
+        assert_eq!(s.verdict, Verdict::NoVerdict);
+        assert_eq!(s.exit_code(), crate::exit::COVERAGE_LOST);
+        assert!(
+            s.verdict_line
+                .contains("LOST COVERAGE, the sides do not cover the same cells: 1 pairs have a SKIPped docker side: no Docker engine"),
+            "{}",
+            s.verdict_line
+        );
+
+        // A cell without a twin: the sides differ, no SHIP.
+        let mut lopsided = full.clone();
+        lopsided.push(cell("host-a", "false", "y", Pass, "pass"));
+        let s = signoff(&run_of(lopsided), "setuid", "false", "true").unwrap();
+        assert_eq!(s.verdict, Verdict::NoVerdict);
+        assert!(
+            s.verdict_line
+                .contains("1 cells with setuid=false have no twin with setuid=true"),
+            "{}",
+            s.verdict_line
+        );
+
+        // A broken pair still says DO NOT SHIP first.
+        let mut broken = full;
+        broken[1] = cell("host-a", "true", "x", Fail, "capset-denied");
+        broken[0] = cell("host-a", "false", "x", Pass, "pass");
+        broken[3] = cell("docker-b", "true", "x", Skip, "skip");
+        let s = signoff(&run_of(broken), "setuid", "false", "true").unwrap();
+        assert_eq!(s.verdict, Verdict::DoNotShip);
     }
 }

@@ -39,6 +39,24 @@ use Pattern::{Both, Contains};
 /// Ordered: the first row whose pattern matches wins, so more specific rows come first.
 static TABLE: &[Signature] = &[
     Signature {
+        name: "proc-sys-unreadable",
+        mechanism: "bwrap cannot read /proc/sys/kernel/overflowuid: /proc/sys is hidden or unreadable (ProtectKernelTunables= or ProcSubset=pid in a hardened systemd unit, a masked /proc)",
+        remedy: "let the unit read /proc/sys (drop ProtectKernelTunables=/ProcSubset=pid for this service) or run the tool outside the hardened unit",
+        patterns: &[Contains("Can't read /proc/sys/kernel/overflow")],
+    },
+    Signature {
+        name: "bwrap-too-old",
+        mechanism: "this bwrap predates an option Codex passes (--argv0 needs bubblewrap 0.9; Ubuntu 20.04 ships 0.4.0)",
+        remedy: "install bubblewrap 0.9 or newer, or let Codex use its bundled bwrap (remove the old one from PATH)",
+        patterns: &[Contains("Unknown option --argv0")],
+    },
+    Signature {
+        name: "userns-lsm-denied",
+        mechanism: "clone(CLONE_NEWUSER) gives EACCES: a security module denies the user namespace (AppArmor's unprivileged-userns restriction, an SELinux policy)",
+        remedy: "allow the program in the security module (an AppArmor profile with `userns,` for bwrap) or set kernel.apparmor_restrict_unprivileged_userns=0",
+        patterns: &[Both("Creating new namespace failed", "Permission denied")],
+    },
+    Signature {
         name: "bwrap-missing",
         mechanism: "no bwrap was found to run (Codex: none on PATH and no bundled codex-resources/bwrap)",
         remedy: "install bubblewrap in the environment (apt-get install bubblewrap), or keep Codex's bundled bwrap next to its binary",
@@ -120,6 +138,17 @@ static TABLE: &[Signature] = &[
         ],
     },
     Signature {
+        name: "lsm-mount-denied",
+        mechanism: "a mount inside the sandbox gives EACCES: a security module (AppArmor or SELinux) denies it, not file permissions",
+        remedy: "allow mounts for bwrap in the security module (AppArmor: an unconfined or `mount,` profile for bwrap; SELinux: the container's label), or run where none applies",
+        patterns: &[
+            Both("Failed to make / slave", "Permission denied"),
+            Both("Failed to mount tmpfs", "Permission denied"),
+            Both("Can't mount", "Permission denied"),
+            Both("Can't bind mount", "Permission denied"),
+        ],
+    },
+    Signature {
         name: "mount-denied",
         mechanism: "a bind or tmpfs mount inside the sandbox was refused",
         remedy: "check the container's mount propagation and security profile (AppArmor/SELinux)",
@@ -145,6 +174,12 @@ static INFERRED: &[Signature] = &[
         name: "setuid-ignored-nnp",
         mechanism: "the setuid bit was ignored because no-new-privileges is set, so bwrap ran unprivileged",
         remedy: "drop no-new-privileges (k8s allowPrivilegeEscalation: true) or allow unprivileged user namespaces",
+        patterns: &[],
+    },
+    Signature {
+        name: "sandbox-not-observed",
+        mechanism: "the patch was applied but no sandbox was seen doing it (Codex: no bwrap process in its process tree)",
+        remedy: "check that Codex runs its sandbox here (sandbox_mode, a bwrap it can start); a run without a sandbox is not a pass",
         patterns: &[],
     },
     Signature {
@@ -227,6 +262,32 @@ pub fn classify(stderr: &str) -> Option<&'static Signature> {
     None
 }
 
+/// The errno a bwrap/kernel message ends with (`...: Operation not permitted` → `EPERM`), so
+/// that the same line with another errno is told apart (`RTM_NEWADDR: Operation not
+/// permitted` is a permissions problem, `RTM_NEWADDR: No child processes` is not).
+pub fn errno_of(message: &str) -> Option<&'static str> {
+    const ERRNOS: &[(&str, &str)] = &[
+        ("Operation not permitted", "EPERM"),
+        ("Permission denied", "EACCES"),
+        ("No space left on device", "ENOSPC"),
+        ("Invalid argument", "EINVAL"),
+        ("No such file or directory", "ENOENT"),
+        ("Read-only file system", "EROFS"),
+        ("No child processes", "ECHILD"),
+        ("Function not implemented", "ENOSYS"),
+        ("Operation not supported", "EOPNOTSUPP"),
+        ("Device or resource busy", "EBUSY"),
+        ("Bad file descriptor", "EBADF"),
+        ("File exists", "EEXIST"),
+    ];
+    let line = message.lines().next().unwrap_or("");
+    ERRNOS
+        .iter()
+        .filter_map(|(text, name)| line.rfind(text).map(|i| (i, *name)))
+        .max_by_key(|(i, _)| *i)
+        .map(|(_, name)| name)
+}
+
 /// Look a signature up by name (matched and inferred alike).
 pub fn by_name(name: &str) -> Option<&'static Signature> {
     TABLE.iter().chain(INFERRED).find(|s| s.name == name)
@@ -235,6 +296,50 @@ pub fn by_name(name: &str) -> Option<&'static Signature> {
 /// Every signature name, for validating `expect` rules.
 pub fn names() -> impl Iterator<Item = &'static str> {
     TABLE.iter().chain(INFERRED).map(|s| s.name)
+}
+
+/// Signatures that say the harness, the scenario or the patch is wrong, never how a sandbox
+/// behaves: an `expect` rule may not name them.
+const NEVER_EXPECTED: &[&str] = &[
+    "unknown",
+    "tree-mismatch",
+    "output-mismatch",
+    "apply-patch-error",
+];
+
+/// Whether a matrix may expect `name` on cells of `backend` (`host`, `docker`, `qemu`): only
+/// signatures the classifier can produce there. `Err` says why not.
+pub fn expectable_on(name: &str, backend: &str) -> Result<(), String> {
+    if by_name(name).is_none() {
+        return Err("no signature has this name".into());
+    }
+    if NEVER_EXPECTED.contains(&name) {
+        return Err(
+            "it means the harness, the scenario or the patch is wrong, not how the sandbox behaves"
+                .into(),
+        );
+    }
+    let only: Option<&[&str]> = match name {
+        // Only a guest's agent sets sysctls, so only a guest can miss one.
+        "sysctl-missing" => Some(&["qemu"]),
+        // Needs a no-new-privileges profile, which host and docker environments have.
+        "setuid-ignored-nnp" => Some(&["host", "docker"]),
+        _ => None,
+    };
+    match only {
+        Some(list) if !list.contains(&backend) => Err(format!(
+            "the classifier gives it only on {} cells",
+            list.join(", ")
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The signatures `expectable_on` accepts for `backend`.
+pub fn expectable_names(backend: &str) -> Vec<&'static str> {
+    names()
+        .filter(|n| expectable_on(n, backend).is_ok())
+        .collect()
 }
 
 /// The remedy line for a signature name (empty for an unknown name).
@@ -301,11 +406,57 @@ mod tests {
                 "bwrap: setuid use of bubblewrap is not supported",
                 "setuid-refused",
             ),
-            ("bwrap: Unknown option --argv0", "bwrap-option-unsupported"),
+            ("bwrap: Unknown option --argv0", "bwrap-too-old"),
+            (
+                "bwrap: Unknown option --disable-userns",
+                "bwrap-option-unsupported",
+            ),
+            (
+                "bwrap: Can't read /proc/sys/kernel/overflowuid: No such file or directory",
+                "proc-sys-unreadable",
+            ),
+            (
+                "bwrap: Creating new namespace failed: Permission denied",
+                "userns-lsm-denied",
+            ),
+            (
+                "bwrap: Failed to make / slave: Permission denied",
+                "lsm-mount-denied",
+            ),
+            (
+                "bwrap: Can't mount tmpfs on /newroot/tmp: Permission denied",
+                "lsm-mount-denied",
+            ),
+            // File permissions, not a security module: the remedy differs.
+            (
+                "bwrap: Can't mkdir parents for /var/tmp/nsmatrix/x/ws: Permission denied",
+                "mount-denied",
+            ),
+            (
+                "bwrap: Can't create file at /newroot/dev/null: Read-only file system",
+                "mount-denied",
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(name(text), Some(want), "{text}");
         }
+    }
+
+    #[test]
+    fn errno_is_kept_beside_the_text() {
+        assert_eq!(
+            errno_of("bwrap: loopback: Failed RTM_NEWADDR: Operation not permitted"),
+            Some("EPERM")
+        );
+        assert_eq!(
+            errno_of("bwrap: loopback: Failed RTM_NEWADDR: No child processes"),
+            Some("ECHILD")
+        );
+        assert_eq!(
+            errno_of("bwrap: Creating new namespace failed: Permission denied"),
+            Some("EACCES")
+        );
+        assert_eq!(errno_of("bwrap: Unknown option --argv0"), None);
     }
 
     #[test]

@@ -57,6 +57,13 @@ pub struct Confinement {
     /// Why Codex's apply_patch does (or does not) write there unsandboxed.
     #[serde(default)]
     pub note: String,
+    /// apply_patch's stdout inside a sandbox that blocks the write, recorded from Codex
+    /// 0.171.0 in its own sandbox; `<WS>` stands for the workspace, `<CELL>` for its parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandboxed_stdout: Option<TextExpect>,
+    /// Likewise for stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandboxed_stderr: Option<TextExpect>,
 }
 
 fn one() -> i32 {

@@ -147,13 +147,17 @@ pub fn scenarios_dir() -> PathBuf {
 }
 
 /// The pinned reference: Codex CLI from npm. `None` (with the reason printed) when it cannot
-/// be fetched outside CI; in CI (`CI=true`) that is a test failure instead.
+/// be fetched outside CI; in CI (`CI` set, not false/0) that is a test failure instead.
 pub fn codex_engine() -> Option<Engine> {
     match nsmatrix::artifacts::npm::codex_package(CODEX_VERSION) {
         Ok(pkg) => Some(Engine::new("codex", &pkg.codex)),
         Err(e) => {
             let msg = format!("cannot fetch @openai/codex@{CODEX_VERSION}-linux-x64: {e:#}");
-            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            // The same gate as tests/common's `in_ci`: CI set and not empty, false or 0.
+            if std::env::var("CI").is_ok_and(|v| {
+                let v = v.trim();
+                !v.is_empty() && !v.eq_ignore_ascii_case("false") && v != "0"
+            }) {
                 panic!("{msg}");
             }
             eprintln!("SKIPPING the differential test: {msg}");

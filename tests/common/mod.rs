@@ -13,8 +13,16 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// CI is on when `CI` is set to anything but empty, `false` or `0` (`CI=1`, `CI=true`,
+/// `CI=yes`): the one gate every test that needs a real backend goes through.
 pub fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false")
+    ci_value(std::env::var("CI").ok().as_deref())
+}
+
+/// [`in_ci`] for a given value of `CI` (unset = `None`).
+pub fn ci_value(v: Option<&str>) -> bool {
+    v.map(str::trim)
+        .is_some_and(|v| !v.is_empty() && !v.eq_ignore_ascii_case("false") && v != "0")
 }
 
 /// `true` when the requirement holds; otherwise panics under CI and returns `false` (the test

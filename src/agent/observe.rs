@@ -1,0 +1,267 @@
+//! Properties of a cell observed, not configured: whether the kernel really gave a bwrap its
+//! setuid bit ([`probe_setuid`]) and the evidence a verdict rests on ([`Evidence`], written
+//! into a record's details as `evidence.*`, which the host folds into the result).
+//!
+//! The setuid probe starts the cell's own bwrap under the cell's uid and restrictions with
+//! `--args FD`, FD a pipe nothing is written to: bwrap parses its arguments right after it
+//! acquires its privileges and before it creates any namespace or drops them, so it blocks
+//! in that read with the credentials the kernel gave it at exec. Its `Uid:` line in
+//! /proc/PID/status is then read and the probe killed. Deterministic, no race with a fast
+//! sandbox, and nothing of the measured run is changed.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::protocol::BatchSpec;
+use crate::sandbox::restrict;
+
+/// What the probe saw of a bwrap started as the cell's uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetuidSeen {
+    /// Blocked in its argument read with these real and effective uids.
+    Ids { ruid: u32, euid: u32, pid: u32 },
+    /// It exited before it blocked (e.g. a build that refuses setuid), with this text.
+    Exited(String),
+    /// The probe could not run or read /proc.
+    Unknown(String),
+}
+
+impl SetuidSeen {
+    /// The kernel honoured the setuid bit: effective uid 0 for a non-root caller.
+    pub fn in_effect(&self) -> Option<bool> {
+        match self {
+            SetuidSeen::Ids { ruid, euid, .. } => Some(*euid == 0 && *ruid != 0),
+            _ => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            SetuidSeen::Ids { ruid, euid, pid } => format!(
+                "observed: bwrap pid {pid} ran with ruid {ruid}, euid {euid} ({})",
+                if *euid == 0 && *ruid != 0 {
+                    "setuid in effect"
+                } else {
+                    "setuid not in effect"
+                }
+            ),
+            SetuidSeen::Exited(t) => format!("observed: bwrap exited before it could be read: {t}"),
+            SetuidSeen::Unknown(e) => format!("not observed: {e}"),
+        }
+    }
+}
+
+/// Start `bwrap` as the batch's uid under its restrictions, blocked in `--args FD`, and read
+/// its credentials.
+pub fn probe_setuid(spec: &BatchSpec, bwrap: &Path) -> SetuidSeen {
+    let prepared = match restrict::Prepared::new(&spec.restrictions, spec.uid, spec.gid) {
+        Ok(p) => p,
+        Err(e) => return SetuidSeen::Unknown(format!("restrictions: {e}")),
+    };
+    let mut fds = [0 as libc::c_int; 2];
+    // Both ends close on exec; the child gets the read end as fd 3 below.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return SetuidSeen::Unknown(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    let (rd, wr) = (fds[0], fds[1]);
+    let mut cmd = Command::new(bwrap);
+    cmd.args([OsString::from("--args"), OsString::from("3")])
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: dup2 and fcntl only.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: clear it explicitly.
+            if libc::dup2(rd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    prepared.apply_to(&mut cmd);
+    let child = cmd.spawn();
+    unsafe { libc::close(rd) };
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            unsafe { libc::close(wr) };
+            return SetuidSeen::Unknown(format!("failed to start {}: {e}", bwrap.display()));
+        }
+    };
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let seen = loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            break SetuidSeen::Exited(err.lines().next().unwrap_or("").trim().to_string());
+        }
+        if let Some(ids) = blocked_in_read(pid, bwrap) {
+            break ids;
+        }
+        if Instant::now() >= deadline {
+            break SetuidSeen::Unknown(
+                "bwrap did not block in its argument read within 5 s".into(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    unsafe {
+        libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+        libc::close(wr);
+    }
+    let _ = child.wait();
+    seen
+}
+
+/// The probe's ids once it runs `bwrap` (exec done) and sleeps (blocked in its read).
+fn blocked_in_read(pid: u32, bwrap: &Path) -> Option<SetuidSeen> {
+    // Exec done: the task's name is the bwrap file's (first 15 bytes). /proc/PID/exe would need
+    // ptrace access, which root without CAP_SYS_PTRACE (a container) lacks for another uid.
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    let name = bwrap.file_name()?.to_string_lossy();
+    let want: String = name.chars().take(15).collect();
+    if comm.trim_end_matches('\n') != want {
+        return None;
+    }
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let state = status.lines().find(|l| l.starts_with("State:"))?;
+    if !state.contains("S (sleeping)") {
+        return None;
+    }
+    let ids: Vec<u32> = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (ids.len() >= 2).then(|| SetuidSeen::Ids {
+        ruid: ids[0],
+        euid: ids[1],
+        pid,
+    })
+}
+
+/// What a verdict rests on, written into a record's details as `evidence.KEY`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Evidence {
+    pub items: BTreeMap<&'static str, String>,
+}
+
+impl Evidence {
+    pub fn set(&mut self, key: &'static str, value: impl Into<String>) {
+        self.items.insert(key, value.into());
+    }
+
+    /// Into a record's details.
+    pub fn write_into(&self, details: &mut BTreeMap<String, String>) {
+        for (k, v) in &self.items {
+            details.insert(format!("evidence.{k}"), v.clone());
+        }
+    }
+}
+
+/// [`probe_setuid`] once per bwrap file per batch (the batch's uid and restrictions are
+/// fixed, so the answer is too).
+pub fn probe_setuid_cached(spec: &BatchSpec, bwrap: &Path) -> SetuidSeen {
+    use std::sync::Mutex;
+    static CACHE: Mutex<BTreeMap<std::path::PathBuf, SetuidSeen>> = Mutex::new(BTreeMap::new());
+    if let Some(s) = CACHE.lock().ok().and_then(|c| c.get(bwrap).cloned()) {
+        return s;
+    }
+    let s = probe_setuid(spec, bwrap);
+    if let Ok(mut c) = CACHE.lock() {
+        c.insert(bwrap.to_path_buf(), s.clone());
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{BatchSpec, PROTOCOL_VERSION};
+
+    fn spec(uid: u32, restrictions: crate::protocol::Restrictions) -> BatchSpec {
+        BatchSpec {
+            version: PROTOCOL_VERSION,
+            batch_id: "probe".into(),
+            work_dir: "/nonexistent".into(),
+            uid,
+            gid: uid,
+            restrictions,
+            sysctls: Default::default(),
+            agent_bin: "/nonexistent".into(),
+            cells: Vec::new(),
+        }
+    }
+
+    /// A root-owned 4755 copy of the system bwrap: euid 0 seen as uid 1000; not with
+    /// no-new-privileges; a plain copy never.
+    #[test]
+    fn setuid_is_observed_from_proc() {
+        let sys = Path::new("/usr/bin/bwrap");
+        if unsafe { libc::geteuid() } != 0 || !sys.exists() {
+            eprintln!("SKIP setuid_is_observed_from_proc: needs root and /usr/bin/bwrap");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("nsmatrix-probe-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let suid = dir.join("bwrap-suid");
+        let plain = dir.join("bwrap-plain");
+        for (p, mode) in [(&suid, 0o4755), (&plain, 0o755)] {
+            fs::copy(sys, p).unwrap();
+            std::os::unix::fs::chown(p, Some(0), Some(0)).unwrap();
+            fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let none = spec(1000, Default::default());
+        let seen = probe_setuid(&none, &suid);
+        if crate::sandbox::subject::is_nosuid(&suid) {
+            assert_eq!(seen.in_effect(), Some(false), "{seen:?}");
+        } else {
+            assert_eq!(seen.in_effect(), Some(true), "{seen:?}");
+            assert!(matches!(
+                seen,
+                SetuidSeen::Ids {
+                    ruid: 1000,
+                    euid: 0,
+                    ..
+                }
+            ));
+        }
+        let plain_seen = probe_setuid(&none, &plain);
+        assert_eq!(plain_seen.in_effect(), Some(false), "{plain_seen:?}");
+        let nnp = spec(
+            1000,
+            crate::protocol::Restrictions {
+                no_new_privileges: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(probe_setuid(&nnp, &suid).in_effect(), Some(false));
+        // Inside a user namespace that maps only the cell's uid the kernel ignores the bit:
+        // what the host's userns-limit-0 profile did to its setuid cells.
+        let userns = spec(
+            1000,
+            crate::protocol::Restrictions {
+                userns_limit: Some(0),
+                ..Default::default()
+            },
+        );
+        assert_eq!(probe_setuid(&userns, &suid).in_effect(), Some(false));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,188 @@
+//! The sandbox witness: proof that a Codex cell's command really ran inside a sandbox.
+//!
+//! The command Codex is asked to run in its sandbox is `nsmatrix-sandbox-witness codex
+//! --codex-run-as-apply-patch PATCH` (a symlink to this binary). The witness catches SIGUSR1
+//! and waits for it; the agent, polling Codex's process tree, finds the waiting witness (its
+//! executable is the agent's own, its SigCgt has SIGUSR1), records its ancestry (the bwrap
+//! that started it) and its namespaces against the agent's, and releases it; the witness then
+//! execs the real command. Nothing can pass without being released, and the agent cannot miss
+//! a sandbox that lives only a few milliseconds: the witness waits for it. A witness nobody
+//! releases gives up after [`WAIT`] with exit code 125.
+
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::Duration;
+
+/// The name the witness is started by.
+pub const NAME: &str = "nsmatrix-sandbox-witness";
+/// How long a witness waits to be released.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static RELEASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    RELEASED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The witness's main: wait for SIGUSR1, then exec `args`. Never returns on success.
+///
+/// A handler is installed first (the agent signals only once /proc shows it in SigCgt, so an
+/// early signal cannot kill the witness), then SIGUSR1 is blocked and waited for.
+pub fn main(args: &[OsString]) -> u8 {
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_usr1 as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let ts = libc::timespec {
+            tv_sec: WAIT.as_secs() as libc::time_t,
+            tv_nsec: 0,
+        };
+        let released = RELEASED.load(std::sync::atomic::Ordering::SeqCst)
+            || libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) == libc::SIGUSR1;
+        if !released {
+            eprintln!("{NAME}: not released by the nsmatrix agent within {WAIT:?}");
+            return 125;
+        }
+        // The exec'd command starts with an empty mask and the default action, as it would
+        // have without us.
+        libc::signal(libc::SIGUSR1, libc::SIG_DFL);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+    let Some((prog, rest)) = args.split_first() else {
+        eprintln!("{NAME}: no command");
+        return 125;
+    };
+    let err = std::process::Command::new(prog).args(rest).exec();
+    eprintln!("{NAME}: failed to run {}: {err}", Path::new(prog).display());
+    127
+}
+
+/// What the agent saw of a released witness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub pid: u32,
+    /// Executables of its ancestors up to (not including) the process the agent started.
+    pub ancestors: Vec<String>,
+    /// Namespaces (`mnt`, `user`, `pid`, `net`) in which the witness differs from the agent.
+    pub own_namespaces: Vec<&'static str>,
+}
+
+impl Seen {
+    /// A bwrap among its ancestors.
+    pub fn bwrap(&self) -> Option<&str> {
+        self.ancestors.iter().map(String::as_str).find(|e| {
+            Path::new(e.trim_end_matches(" (deleted)"))
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("bwrap"))
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "observed: the witness (pid {}) ran under {} in its own {} namespace(s)",
+            self.pid,
+            self.ancestors.join(" < "),
+            if self.own_namespaces.is_empty() {
+                "(none!)".to_string()
+            } else {
+                self.own_namespaces.join(", ")
+            }
+        )
+    }
+}
+
+/// Release a witness found by [`find_waiting`].
+pub fn release(seen: &Seen) {
+    unsafe { libc::kill(seen.pid as libc::pid_t, libc::SIGUSR1) };
+}
+
+/// Look for a waiting witness below `root` (by the agent's binary `agent_bin`) and return
+/// what is seen of it; the caller then [`release`]s it. `None` while there is none yet.
+pub fn find_waiting(root: u32, agent_bin: &Path) -> Option<Seen> {
+    let me = fs::metadata(agent_bin).ok()?;
+    let mut stack = vec![root];
+    let mut parent = std::collections::HashMap::new();
+    let mut found = None;
+    while let Some(p) = stack.pop() {
+        for child in children(p) {
+            parent.insert(child, p);
+            stack.push(child);
+            if found.is_none()
+                && fs::metadata(format!("/proc/{child}/exe"))
+                    .is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino())
+                && usr1_caught(child)
+                && cmd_is_witness(child)
+            {
+                found = Some(child);
+            }
+        }
+    }
+    let pid = found?;
+    let mut ancestors = Vec::new();
+    let mut p = parent.get(&pid).copied();
+    while let Some(a) = p {
+        if a == root {
+            break;
+        }
+        let exe = fs::read_link(format!("/proc/{a}/exe"))
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "?".into());
+        ancestors.push(exe);
+        p = parent.get(&a).copied();
+    }
+    let own_namespaces = ["mnt", "user", "pid", "net"]
+        .into_iter()
+        .filter(|ns| {
+            let a = fs::read_link(format!("/proc/self/ns/{ns}")).ok();
+            let b = fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
+            a.is_some() && b.is_some() && a != b
+        })
+        .collect();
+    Some(Seen {
+        pid,
+        ancestors,
+        own_namespaces,
+    })
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(s) = fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// The witness has its SIGUSR1 handler: a signal now releases it, never kills it.
+fn usr1_caught(pid: u32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & (1 << (libc::SIGUSR1 - 1)) != 0)
+}
+
+fn cmd_is_witness(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
+        Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(argv0))
+            .file_name()
+            .is_some_and(|n| n == NAME)
+    })
+}
