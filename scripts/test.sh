@@ -46,4 +46,12 @@ cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo test"
-cargo test --no-fail-fast 2>&1
+mkdir -p target
+set +e
+cargo test --no-fail-fast 2>&1 | tee target/test-output.log
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo's last "test result" line is the doc tests').
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "total: %d passed, %d failed\n", p, f }' target/test-output.log
+exit "$rc"

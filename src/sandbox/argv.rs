@@ -21,7 +21,8 @@ impl BwrapFeatures {
 }
 
 /// The argv after `bwrap` for running `command` with `workspace` as the only writable root,
-/// the way Codex's workspace-write policy does (sandbox-facts §2).
+/// the way Codex's workspace-write policy does (`--ro-bind / /`, `--dev /dev`, `--bind W W`, the
+/// workspace's `.git` and `.codex` read-only again).
 pub fn build(
     profile: ArgvProfile,
     features: BwrapFeatures,
