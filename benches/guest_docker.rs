@@ -1,99 +1,137 @@
-//! Engine guests under TCG, per kernel: a bare boot (QEMU start to power-off), a boot to an
-//! engine that answers (with the bookworm image's data disk), a container's start inside the
-//! guest (create to the agent's hello) and a cell's marginal cost in a running container there
-//! (a batch of 11 cells against one of 1, through the guest-docker backend as `nsmatrix run`
-//! drives it). Median of `NSMATRIX_BENCH_RUNS` (default 1) runs.
+//! Engine guests under TCG, per kernel, through the real binary (a guest's init is the
+//! nsmatrix binary itself, so this bench drives `nsmatrix`, not the library): a bare boot (QEMU
+//! start to power-off) against a boot to an engine that answers (`nsmatrix vm engine
+//! --bare-boot --image bookworm`), then a container's start inside the guest (create to the
+//! agent's hello) and a cell's marginal cost in a running container there: `nsmatrix run` of a
+//! one-container guest-docker matrix with 1 and with 11 cells, from the batch's stage times in
+//! `results.json`. Median of `NSMATRIX_BENCH_RUNS` (default 1) runs.
 //! `cargo bench --bench guest_docker [-- KERNEL...]` (default synology-like-5.10), as root with
 //! QEMU and a Docker engine on the host (the image is built there).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::Path;
+use std::process::Command;
 
-use nsmatrix::backend::guest_docker::GuestDockerBackend;
-use nsmatrix::backend::{Backend, BackendEvent, BatchCtx, Stage};
-use nsmatrix::guest_engine::{self, EngineOptions};
-use nsmatrix::matrix::model::{
-    DockerEnv, EnvKind, Environment, GuestDockerEnv, ImageSource, Profile,
-};
-use nsmatrix::protocol::*;
-use tokio_util::sync::CancellationToken;
+const NSMATRIX: &str = env!("CARGO_BIN_EXE_nsmatrix");
 
-fn spec(cells: usize) -> BatchSpec {
-    BatchSpec {
-        version: PROTOCOL_VERSION,
-        batch_id: format!("bench-{cells}"),
-        work_dir: "/nsmatrix-work/bench".into(),
-        uid: 1000,
-        gid: 1000,
-        restrictions: Default::default(),
-        sysctls: BTreeMap::new(),
-        agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_nsmatrix")),
-        cells: (0..cells)
-            .map(|i| CellSpec {
-                id: i.to_string(),
-                subject: SubjectSpec::Bwrap {
-                    build: "system".into(),
-                    setuid: SetuidMode::Never,
-                    argv: ArgvProfile::Codex,
-                },
-                scenario_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios/add_file"),
-                timeout_ms: 60_000,
-                needs_sysctls: vec![],
-            })
-            .collect(),
-    }
+const SCENARIOS: [&str; 11] = [
+    "add_empty_file",
+    "add_file",
+    "add_nested_dirs",
+    "add_overwrites_existing",
+    "confine_absolute_add",
+    "confine_dotdot_add",
+    "confine_move_out",
+    "confine_symlink_dir_update",
+    "confine_symlink_file_update",
+    "crlf_patch",
+    "delete_dangling_symlink_fails",
+];
+
+fn seconds_after(text: &str, mark: &str) -> f64 {
+    let at = text
+        .find(mark)
+        .unwrap_or_else(|| panic!("no `{mark}` in:\n{text}"));
+    text[at + mark.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no number after `{mark}` in:\n{text}"))
 }
 
-fn env(kernel: &str) -> Environment {
-    Environment {
-        id: format!("bench-{kernel}"),
-        name: "bench".into(),
-        axes: BTreeMap::new(),
-        uid: 1000,
-        kind: EnvKind::GuestDocker(GuestDockerEnv {
-            kernel: kernel.into(),
-            sysctls: BTreeMap::new(),
-            container: DockerEnv {
-                image: "bookworm".into(),
-                image_source: Some(ImageSource::Recipe("bookworm".into())),
-                profile: Some(Profile {
-                    name: "default".into(),
-                    ..Default::default()
-                }),
-                read_only: false,
-                sysctls: BTreeMap::new(),
-            },
+/// (bare boot, engine ready) in seconds.
+fn boots(kernel: &str) -> (f64, f64) {
+    let o = Command::new(NSMATRIX)
+        .args([
+            "vm",
+            "engine",
+            "--kernel",
+            kernel,
+            "--bare-boot",
+            "--image",
+            "bookworm",
+        ])
+        .output()
+        .unwrap();
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "vm engine failed:\n{t}");
+    (
+        seconds_after(&t, "bare boot: "),
+        seconds_after(&t, "engine ready "),
+    )
+}
+
+/// (container start, run) in seconds of a one-container batch with `n` cells.
+fn batch(dir: &Path, kernel: &str, n: usize) -> (f64, f64) {
+    let only: Vec<String> = SCENARIOS[..n].iter().map(|s| format!("\"{s}\"")).collect();
+    let m = dir.join(format!("m-{kernel}-{n}.toml"));
+    std::fs::write(
+        &m,
+        format!(
+            r#"[settings]
+retries = 0
+
+[profile.default]
+seccomp = "default"
+
+[image.bookworm]
+recipe = "bookworm"
+
+[[environment]]
+name = "bench"
+backend = "guest-docker"
+kernel = "{kernel}"
+image = "bookworm"
+profile = "default"
+uid = 1000
+
+[[subject]]
+name = "bwrap"
+kind = "bwrap"
+build = "system"
+setuid = false
+argv = "codex"
+
+[[scenarios]]
+name = "s"
+dir = "{}/scenarios"
+only = [{}]
+"#,
+            env!("CARGO_MANIFEST_DIR"),
+            only.join(", ")
+        ),
+    )
+    .unwrap();
+    let out = dir.join(format!("out-{kernel}-{n}"));
+    let o = Command::new(NSMATRIX)
+        .args(["run", "-q", "--matrix"])
+        .arg(&m)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("results.json")).unwrap_or_else(|e| {
+            panic!(
+                "no results ({e}):\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
         }),
-    }
-}
-
-/// One batch through the backend: (container start, run) from its stage events.
-async fn batch(b: &GuestDockerBackend, e: &Environment, cells: usize) -> (Duration, Duration) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let ctx = BatchCtx {
-        run_id: "bench".into(),
-        batch_id: format!("bench-{cells}"),
-        log_dir: std::env::temp_dir().join(format!("nsmatrix-bench/guest-docker-{cells}")),
-        timeout: Duration::from_secs(600),
-        cancel: CancellationToken::new(),
-        events: tx,
-    };
-    b.run_batch(e, spec(cells), &ctx)
-        .await
-        .expect("the batch runs");
-    drop(ctx);
-    let (mut start, mut run) = (Duration::ZERO, Duration::ZERO);
-    while let Some(ev) = rx.recv().await {
-        if let BackendEvent::StageFinished { stage, elapsed, .. } = ev {
-            match stage {
-                Stage::Start => start += elapsed,
-                Stage::Run => run += elapsed,
-                _ => {}
-            }
-        }
-    }
-    (start, run)
+    )
+    .unwrap();
+    let cells = r["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), n);
+    assert!(
+        cells.iter().all(|c| c["status"] != "ERROR"),
+        "a cell ended in ERROR"
+    );
+    let st = &r["batches"][0]["stage-ms"];
+    let ms = |k: &str| st[k].as_f64().unwrap_or(0.0) / 1000.0;
+    (ms("start"), ms("run"))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -115,46 +153,24 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let host = nsmatrix::backend::docker::connect()
-            .await
-            .expect("a Docker engine on the host");
-        let image = host
-            .ensure_image("bookworm")
-            .await
-            .expect("the bookworm image");
-        for k in &kernels {
-            let (mut bare, mut ready, mut start, mut marginal) = (vec![], vec![], vec![], vec![]);
-            for _ in 0..runs {
-                bare.push(guest_engine::bare_boot(k).await.unwrap().as_secs_f64());
-                let (engine, _) = guest_engine::data::start_with_images(
-                    EngineOptions::new(k),
-                    std::slice::from_ref(&image),
-                )
-                .await
-                .unwrap();
-                ready.push(engine.timings.ready.as_secs_f64());
-                engine.shutdown().await.unwrap();
-
-                let b = GuestDockerBackend::probe().await.expect("guest-docker");
-                let e = env(k);
-                // Two batches of one guest: it boots with the first and stops after the second.
-                let _ = b.prepare("bench", &e, spec(1));
-                let _ = b.prepare("bench", &e, spec(11));
-                let (s1, r1) = batch(&b, &e, 1).await;
-                let (s11, r11) = batch(&b, &e, 11).await;
-                b.end_run("bench", false).await;
-                start.push((s1.as_secs_f64() + s11.as_secs_f64()) / 2.0);
-                marginal.push((r11.as_secs_f64() - r1.as_secs_f64()) / 10.0);
-            }
-            let (bare, ready) = (median(bare), median(ready));
-            println!(
-                "{k}: bare boot {bare:.1} s; engine ready {ready:.1} s (ratio {:.1}, target <= 2); container start {:.1} s; marginal cell {:.0} ms (target <= 100 ms); {runs} run(s)",
-                ready / bare,
-                median(start),
-                median(marginal) * 1000.0
-            );
+    let dir = tempfile::tempdir().unwrap();
+    for k in &kernels {
+        let (mut bare, mut ready, mut start, mut marginal) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..runs {
+            let (b, r) = boots(k);
+            bare.push(b);
+            ready.push(r);
+            let (s1, r1) = batch(dir.path(), k, 1);
+            let (s11, r11) = batch(dir.path(), k, 11);
+            start.push((s1 + s11) / 2.0);
+            marginal.push((r11 - r1) / 10.0);
         }
-    });
+        let (bare, ready) = (median(bare), median(ready));
+        println!(
+            "{k}: bare boot {bare:.1} s; engine ready {ready:.1} s (ratio {:.1}, target <= 2); container start in the guest {:.1} s; marginal cell {:.0} ms (target <= 100 ms); {runs} run(s)",
+            ready / bare,
+            median(start),
+            median(marginal) * 1000.0
+        );
+    }
 }

@@ -3,7 +3,8 @@
 //! container there, and reads the incident's message from it; afterwards nothing of the run is
 //! left: no QEMU started by it, no run directory (with QEMU's copy-on-write overlays) and no
 //! container labelled with its run. An engine that cannot start is ERROR with the console's
-//! tail, never SKIP or PASS; an interrupted run leaves nothing either.
+//! tail, never SKIP or PASS; an interrupted run leaves nothing either, and a killed one leaves
+//! no QEMU and its overlays go with the next run.
 //!
 //! Warm (kernel, engine root file system, data disk cached), each run boots one guest: tens of
 //! seconds under TCG. Without root, QEMU or a Docker engine on the host these tests fail when
@@ -267,4 +268,55 @@ fn an_interrupted_run_leaves_no_guest() {
     );
     assert!(text.contains("interrupted"), "{text}");
     assert_eq!(leftovers_of(pid), Vec::<String>::new(), "{text}");
+}
+
+#[test]
+fn a_killed_run_leaves_no_guest_and_its_overlays_go_with_the_next_run() {
+    if !available() {
+        return;
+    }
+    let _one = ONE_RUN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let m = matrix(dir.path(), None);
+    let mut child = Command::new(bin())
+        .args(["run", "-q", "--matrix"])
+        .arg(&m)
+        .arg("--out")
+        .arg(dir.path().join("killed"))
+        .current_dir(common::repo())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut err = String::new();
+    for l in BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        err.push_str(&l);
+        err.push('\n');
+        if l.contains("engine guest of synology-like-5.10 ready") {
+            child.kill().unwrap();
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(err.contains("ready"), "{status}: {err}");
+    // QEMU dies with its parent (parent-death signal); its run directory is left for a sweep.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let qemu_left = || {
+        leftovers_of(pid)
+            .into_iter()
+            .filter(|l| l.starts_with("QEMU"))
+            .collect::<Vec<_>>()
+    };
+    while !qemu_left().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(qemu_left(), Vec::<String>::new());
+    let (pid2, code, text) = run(&m, &dir.path().join("rerun"), None);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(leftovers_of(pid), Vec::<String>::new(), "{text}");
+    assert_eq!(leftovers_of(pid2), Vec::<String>::new(), "{text}");
 }
