@@ -490,7 +490,7 @@ pub fn diff(a: DiffArgs) -> u8 {
                   not cover the same cells (a SKIPped side, a cell without a twin; exit 4), NO \
                   VERDICT when a pair ended in ERROR (exit 3), else SHIP (exit 0). Bad input \
                   exits 2.",
-    after_help = "Examples:\n  nsmatrix signoff --axis image --from bookworm --to bookworm-suid reports/nightly\n  nsmatrix signoff --axis setuid --from false --to true --format json"
+    after_help = "Examples:\n  nsmatrix signoff --axis image --from bookworm --to bookworm-suid reports/nightly\n  nsmatrix signoff --axis setuid --from false --to true --format json\n  nsmatrix signoff --axis image --from bookworm --to bookworm-suid --filter kernel=synology-like-5.10"
 )]
 pub struct SignoffArgs {
     /// The axis that differs (`image`, `profile`, `setuid`, `kernel`, ...).
@@ -502,6 +502,10 @@ pub struct SignoffArgs {
     /// The candidate value.
     #[arg(long)]
     pub to: String,
+    /// Pair only cells that match: `axis=value` (value may be a glob) or an id glob, as in
+    /// `run --filter`. Repeat to narrow (all must match).
+    #[arg(short = 'f', long = "filter")]
+    pub filters: Vec<String>,
     /// The run (directory or results.json); default: the newest run under reports/.
     pub run: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "markdown")]
@@ -531,13 +535,31 @@ pub fn signoff(a: SignoffArgs) -> u8 {
         );
         return exit::BAD_INPUT;
     };
-    let run = match crate::report::load::load(&path) {
+    let mut run = match crate::report::load::load(&path) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("nsmatrix signoff: {}", error_chain(&e));
             return exit::BAD_INPUT;
         }
     };
+    if !a.filters.is_empty() {
+        let filter = match Filter::parse(&a.filters) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("nsmatrix signoff: {e}");
+                return exit::BAD_INPUT;
+            }
+        };
+        run.cells.retain(|c| filter.matches_axes(&c.id, &c.axes));
+        if run.cells.is_empty() {
+            eprintln!(
+                "nsmatrix signoff: no cell of {} matches --filter {} (see `nsmatrix list` for the axes)",
+                path.display(),
+                a.filters.join(" --filter ")
+            );
+            return exit::BAD_INPUT;
+        }
+    }
     let s = match crate::report::signoff::signoff(&run, &a.axis, &a.from, &a.to) {
         Ok(s) => s,
         Err(e) => {

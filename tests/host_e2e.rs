@@ -223,6 +223,31 @@ fn malformed_matrices_exit_2_with_file_line_col() {
             ),
             "m.toml:5:9: error[bad-axis-value]: no image or root filesystem named `bookwrm`",
         ),
+        // A container in an engine guest: the kernel from the catalog, the image defined.
+        (
+            "guest-docker misspelt kernel",
+            base.replace(
+                "backend = \"host\"",
+                "backend = \"guest-docker\"\nkernel = \"synology-like-5.1\"\nimage = \"bookworm\"",
+            ) + "\n[image.bookworm]\nrecipe = \"bookworm\"\n",
+            "m.toml:4:10: error[bad-axis-value]: no kernel named `synology-like-5.1`",
+        ),
+        (
+            "guest-docker without a kernel",
+            base.replace(
+                "backend = \"host\"",
+                "backend = \"guest-docker\"\nimage = \"bookworm\"",
+            ) + "\n[image.bookworm]\nrecipe = \"bookworm\"\n",
+            "error[missing-axis]: environment `host` (guest-docker) needs `kernel`",
+        ),
+        (
+            "guest-docker host profile",
+            base.replace(
+                "backend = \"host\"",
+                "backend = \"guest-docker\"\nkernel = \"debian-6.1\"\nimage = \"bookworm\"\nprofile = \"deny\"",
+            ) + "\n[image.bookworm]\nrecipe = \"bookworm\"\n\n[profile.deny]\nseccomp = \"deny-userns\"\n",
+            "m.toml:6:11: error[profile-backend]",
+        ),
     ];
     for (what, toml, at) in cases {
         let p = dir.path().join("m.toml");

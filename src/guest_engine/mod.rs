@@ -38,6 +38,9 @@ pub const CONTROL_PORT: &str = "nsmatrix.control";
 pub const ENGINE_READY_MARK: &str = "nsmatrix-engine: dockerd started";
 /// Where the Codex disk is mounted in the guest (read-only).
 pub const GUEST_CODEX_DIR: &str = "/opt/codex";
+/// The guest's copy of its nsmatrix binary (the host's build), which containers bind-mount as
+/// their agent.
+pub const GUEST_AGENT_COPY: &str = "/run/nsmatrix-agent";
 /// dockerd's TCP port inside the guest (reachable only through the host's loopback forward).
 pub const GUEST_ENGINE_PORT: u16 = 2375;
 /// Virtio serial numbers of the disks (the guest finds them by these, not by order).

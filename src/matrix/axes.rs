@@ -12,6 +12,11 @@ use super::model::*;
 use super::raw::*;
 use crate::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
 
+/// Backends whose environments are containers (the docker layer's profiles and images).
+fn is_container(backend: BackendKind) -> bool {
+    matches!(backend, BackendKind::Docker | BackendKind::GuestDocker)
+}
+
 impl Validator<'_> {
     pub(super) fn environment(
         &mut self,
@@ -25,13 +30,14 @@ impl Validator<'_> {
             "host" => BackendKind::Host,
             "docker" => BackendKind::Docker,
             "qemu" => BackendKind::Qemu,
+            "guest-docker" => BackendKind::GuestDocker,
             other => {
                 self.err(
                     "bad-value",
                     span(&r.backend),
                     format!("unknown backend `{other}`"),
                 )
-                .help("use host, docker or qemu");
+                .help("use host, docker, qemu or guest-docker");
                 return Vec::new();
             }
         };
@@ -39,6 +45,7 @@ impl Validator<'_> {
             BackendKind::Host => HOST_AXES,
             BackendKind::Docker => DOCKER_AXES,
             BackendKind::Qemu => QEMU_AXES,
+            BackendKind::GuestDocker => GUEST_DOCKER_AXES,
         };
         let given: [(&'static str, &Option<SValue>); 6] = [
             ("profile", &r.profile),
@@ -55,7 +62,7 @@ impl Validator<'_> {
                 "uid" => Some("1000"),
                 "read-only" => Some("false"),
                 "sysctl" => Some("default"),
-                "profile" if backend == BackendKind::Docker => Some("default"),
+                "profile" if is_container(backend) => Some("default"),
                 "profile" => Some("none"),
                 // A guest runs the root filesystem its kernel's catalog entry names.
                 "image" if backend == BackendKind::Qemu => Some("kernel-default"),
@@ -116,7 +123,7 @@ impl Validator<'_> {
                         name: "none".into(),
                         ..Default::default()
                     }),
-                    None if pname == "default" && backend == BackendKind::Docker => Some(Profile {
+                    None if pname == "default" && is_container(backend) => Some(Profile {
                         name: "default".into(),
                         ..Default::default()
                     }),
@@ -141,7 +148,7 @@ impl Validator<'_> {
                 .then(|| val("image"))
                 .filter(|i| i != "kernel-default");
             if let Some(img) = &image
-                && backend == BackendKind::Docker
+                && is_container(backend)
                 && !self.raw.image.contains_key(img)
             {
                 self.err(
@@ -152,7 +159,7 @@ impl Validator<'_> {
                 .help(format!("define [image.{img}] with a recipe or a reference"));
             }
             let image_source = match (backend, &image) {
-                (BackendKind::Docker | BackendKind::Qemu, Some(img)) => {
+                (BackendKind::Docker | BackendKind::Qemu | BackendKind::GuestDocker, Some(img)) => {
                     match self.raw.image.get(img).map(|i| i.get_ref()) {
                         Some(RawImage {
                             reference: Some(r),
@@ -185,7 +192,7 @@ impl Validator<'_> {
             // A guest's kernel and root filesystem come from the catalog: a misspelt name is
             // bad input here, not an ERROR at provisioning.
             let kernel = allowed.contains(&"kernel").then(|| val("kernel"));
-            if backend == BackendKind::Qemu {
+            if matches!(backend, BackendKind::Qemu | BackendKind::GuestDocker) {
                 let catalog = crate::artifacts::kernels::Catalog::builtin();
                 if let Some(k) = &kernel
                     && !catalog.kernels.iter().any(|c| &c.name == k)
@@ -207,6 +214,7 @@ impl Validator<'_> {
                 suites.sort();
                 suites.dedup();
                 if let Some(img) = &image
+                    && backend == BackendKind::Qemu
                     && !self.raw.image.contains_key(img)
                     && !suites.contains(&img.as_str())
                 {
@@ -274,6 +282,28 @@ impl Validator<'_> {
                     image,
                     sysctls,
                 }),
+                BackendKind::GuestDocker => match image {
+                    Some(image) => EnvKind::GuestDocker(GuestDockerEnv {
+                        kernel: kernel.unwrap_or_default(),
+                        sysctls,
+                        container: DockerEnv {
+                            image,
+                            image_source,
+                            profile,
+                            read_only,
+                            sysctls: BTreeMap::new(),
+                        },
+                    }),
+                    None => {
+                        self.err(
+                            "bad-axis-value",
+                            span(&r.name),
+                            format!("environment `{name}` names no image"),
+                        )
+                        .help("give it image = \"NAME\" with an [image.NAME]");
+                        continue;
+                    }
+                },
             };
             out.push(Environment {
                 id,
@@ -317,7 +347,7 @@ impl Validator<'_> {
                     );
                 }
             }
-            BackendKind::Docker => {
+            BackendKind::Docker | BackendKind::GuestDocker => {
                 if p.bounding_set.is_some()
                     || p.userns_limit.is_some()
                     || p.seccomp.as_deref() == Some("deny-userns")

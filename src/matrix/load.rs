@@ -661,9 +661,9 @@ impl Validator<'_> {
 pub fn parse_require(name: &str) -> Result<String, String> {
     let n = name.trim();
     match n {
-        "host" | "docker" | "qemu" => Ok(n.to_string()),
+        "host" | "docker" | "qemu" | "guest-docker" => Ok(n.to_string()),
         _ => Err(format!(
-            "`{n}` is not a backend: require names host, docker or qemu"
+            "`{n}` is not a backend: require names host, docker, qemu or guest-docker"
         )),
     }
 }

@@ -15,6 +15,8 @@ pub enum BackendKind {
     Host,
     Docker,
     Qemu,
+    /// Containers of a Docker engine running inside a QEMU guest of a chosen kernel.
+    GuestDocker,
 }
 
 impl BackendKind {
@@ -23,6 +25,7 @@ impl BackendKind {
             BackendKind::Host => "host",
             BackendKind::Docker => "docker",
             BackendKind::Qemu => "qemu",
+            BackendKind::GuestDocker => "guest-docker",
         }
     }
 }
@@ -72,6 +75,7 @@ impl Environment {
             EnvKind::Host(_) => BackendKind::Host,
             EnvKind::Docker(_) => BackendKind::Docker,
             EnvKind::Qemu(_) => BackendKind::Qemu,
+            EnvKind::GuestDocker(_) => BackendKind::GuestDocker,
         }
     }
 
@@ -83,10 +87,20 @@ impl Environment {
         }
     }
 
-    /// The container part, when this is a docker environment.
+    /// The container part, when this is a docker environment or a container in a guest's
+    /// engine (the docker layer reads the same fields in both).
     pub fn docker(&self) -> Option<&DockerEnv> {
         match &self.kind {
             EnvKind::Docker(d) => Some(d),
+            EnvKind::GuestDocker(g) => Some(&g.container),
+            _ => None,
+        }
+    }
+
+    /// The guest part, when this is a container in a guest's engine.
+    pub fn guest_docker(&self) -> Option<&GuestDockerEnv> {
+        match &self.kind {
+            EnvKind::GuestDocker(g) => Some(g),
             _ => None,
         }
     }
@@ -107,6 +121,7 @@ pub enum EnvKind {
     Host(HostEnv),
     Docker(DockerEnv),
     Qemu(QemuEnv),
+    GuestDocker(GuestDockerEnv),
 }
 
 /// This machine, under process-level restrictions.
@@ -144,6 +159,31 @@ pub struct QemuEnv {
     pub image: Option<String>,
     /// The sysctl values the guest's agent writes before its cells run.
     pub sysctls: BTreeMap<String, String>,
+}
+
+/// A container of the Docker engine inside a QEMU guest: the qemu layer's kernel and sysctls
+/// (one guest boot per kernel × sysctl set serves all its containers) under the docker layer's
+/// container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GuestDockerEnv {
+    /// The kernel's catalog name (checked against the catalog at load).
+    pub kernel: String,
+    /// The sysctl values the guest writes before its engine starts.
+    pub sysctls: BTreeMap<String, String>,
+    /// The container (its `sysctls` are empty: the guest's are above).
+    pub container: DockerEnv,
+}
+
+impl GuestDockerEnv {
+    /// What one guest serves: its kernel and sysctls.
+    pub fn guest_key(&self) -> String {
+        let mut k = self.kernel.clone();
+        for (n, v) in &self.sysctls {
+            k.push_str(&format!(" {n}={v}"));
+        }
+        k
+    }
 }
 
 /// `[image.NAME]`: built here from a recipe, or any image already in the local engine.

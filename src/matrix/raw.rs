@@ -151,6 +151,10 @@ pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
 /// container): its cells run only where the host has them, else SKIP.
 pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
 pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
+/// A container in a guest's engine: the guest's kernel and sysctl set, the container's image,
+/// profile, uid and read-only root.
+pub(super) const GUEST_DOCKER_AXES: &[&str] =
+    &["kernel", "sysctl", "image", "profile", "uid", "read-only"];
 pub(super) const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
 pub(super) const CODEX_AXES: &[&str] = &["version"];
 /// Axes every cell has besides its environment's and subject's.
@@ -169,6 +173,7 @@ pub(super) fn all_axes() -> BTreeSet<&'static str> {
         HOST_AXES,
         DOCKER_AXES,
         QEMU_AXES,
+        GUEST_DOCKER_AXES,
         BWRAP_AXES,
         CODEX_AXES,
         CELL_AXES,

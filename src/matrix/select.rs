@@ -59,15 +59,24 @@ impl Filter {
     }
 
     pub fn matches(&self, cell: &Cell) -> bool {
+        self.matches_axes(&cell.id, &cell.axes)
+    }
+
+    /// The same test on a cell's id and axes (a recorded result's, say).
+    pub fn matches_axes(
+        &self,
+        id: &str,
+        axes: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
         self.exprs.iter().all(|(k, v)| match k {
             None => {
-                glob_eq(v, &cell.id)
+                glob_eq(v, id)
                     || Glob::new(v)
-                        .map(|g| g.compile_matcher().is_match(&cell.id))
+                        .map(|g| g.compile_matcher().is_match(id))
                         .unwrap_or(false)
             }
-            Some(k) if k == "id" => glob_eq(v, &cell.id),
-            Some(k) => cell.axes.get(k).is_some_and(|have| glob_eq(v, have)),
+            Some(k) if k == "id" => glob_eq(v, id),
+            Some(k) => axes.get(k).is_some_and(|have| glob_eq(v, have)),
         })
     }
 }

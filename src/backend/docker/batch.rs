@@ -72,7 +72,8 @@ impl DockerBackend {
         }
     }
 
-    async fn provision(&self, env: &Environment) -> Result<String, BatchError> {
+    /// The image reference of `env`'s container in this engine, built or found first.
+    pub(crate) async fn provision(&self, env: &Environment) -> Result<String, BatchError> {
         let d = docker_env(env)?;
         let r = match &d.image_source {
             Some(ImageSource::Recipe(name)) => self.ensure_recipe_image(name).await,
@@ -107,7 +108,8 @@ impl DockerBackend {
             ),
             _ => None,
         };
-        let placement = Placement::plan(&spec);
+        let (placement, codex_binds) =
+            Placement::plan(&spec).with_mounted_codex(&spec, &self.codex_mounts);
         let timeouts: HashMap<String, Duration> = placement
             .spec
             .cells
@@ -127,7 +129,12 @@ impl DockerBackend {
                 &sec,
                 seccomp_json.clone(),
                 &placement,
-                mount_agent.then_some(placement.agent_host.as_path()),
+                mount_agent.then_some(
+                    self.agent_in_engine
+                        .as_deref()
+                        .unwrap_or(placement.agent_host.as_path()),
+                ),
+                &codex_binds,
                 &ctx.run_id,
                 &ctx.batch_id,
             );
@@ -263,12 +270,14 @@ impl DockerBackend {
 }
 
 /// The whole container configuration; everything but the security settings is fixed.
+#[allow(clippy::too_many_arguments)]
 fn container_body(
     image: &str,
     sec: &SecuritySettings,
     seccomp_json: Option<String>,
     placement: &Placement,
     agent_bind: Option<&std::path::Path>,
+    ro_binds: &[String],
     run_id: &str,
     batch_id: &str,
 ) -> ContainerCreateBody {
@@ -302,6 +311,15 @@ fn container_body(
         mounts.push(Mount {
             source: Some(agent.display().to_string()),
             target: Some(placement.spec.agent_bin.display().to_string()),
+            typ: Some(MountType::BIND),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    for dir in ro_binds {
+        mounts.push(Mount {
+            source: Some(dir.clone()),
+            target: Some(dir.clone()),
             typ: Some(MountType::BIND),
             read_only: Some(true),
             ..Default::default()
@@ -474,7 +492,7 @@ mod tests {
         )
         .unwrap();
         let placement = Placement::plan(&spec);
-        let body = container_body("img", &sec, None, &placement, None, "run1", "b");
+        let body = container_body("img", &sec, None, &placement, None, &[], "run1", "b");
         assert_eq!(body.user.as_deref(), Some("0:0"));
         assert_eq!(body.labels.as_ref().unwrap()[LABEL_RUN], "run1");
         assert_eq!(
@@ -527,6 +545,7 @@ mod tests {
             None,
             &placement,
             Some(Path::new("/h/nsmatrix")),
+            &["/opt/codex".to_string()],
             "r",
             "b",
         );
@@ -535,5 +554,8 @@ mod tests {
         assert_eq!(mounts[1].source.as_deref(), Some("/h/nsmatrix"));
         assert_eq!(mounts[1].target.as_deref(), Some("/nsmatrix/bin/nsmatrix"));
         assert_eq!(mounts[1].read_only, Some(true));
+        assert_eq!(mounts[2].source.as_deref(), Some("/opt/codex"));
+        assert_eq!(mounts[2].target.as_deref(), Some("/opt/codex"));
+        assert_eq!(mounts[2].read_only, Some(true));
     }
 }

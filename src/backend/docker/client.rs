@@ -39,6 +39,11 @@ pub struct DockerBackend {
     pub(super) docker: Docker,
     pub(super) engine: EngineInfo,
     pub(super) agent_placement: AgentPlacement,
+    /// Codex packages the engine has in its own file system (a guest's read-only Codex disk):
+    /// the binary as a spec names it on this machine → the package's directory there.
+    pub(super) codex_mounts: Vec<(std::path::PathBuf, String)>,
+    /// The agent binary (this build) in the engine's own file system, to bind-mount.
+    pub(super) agent_in_engine: Option<std::path::PathBuf>,
 }
 
 /// How the agent binary gets into a batch's container.
@@ -120,12 +125,21 @@ pub async fn connect_to(host: Option<String>) -> Result<DockerBackend, Unavailab
         docker,
         engine,
         agent_placement: AgentPlacement::Auto,
+        codex_mounts: Vec::new(),
+        agent_in_engine: None,
     })
 }
 
 impl DockerBackend {
     pub(crate) fn engine(&self) -> &EngineInfo {
         &self.engine
+    }
+
+    /// The engine has the Codex package whose binary is `host_bin` on this machine at `dir`
+    /// in its own file system: containers bind-mount it read-only instead of an upload.
+    pub fn with_codex_mount(mut self, host_bin: std::path::PathBuf, dir: String) -> Self {
+        self.codex_mounts.push((host_bin, dir));
+        self
     }
 
     pub fn with_agent_placement(mut self, placement: AgentPlacement) -> Self {
@@ -137,7 +151,16 @@ impl DockerBackend {
     /// this machine's filesystem, as a local socket suggests; creation falls back to an upload
     /// if the engine cannot see the path after all.
     pub(super) fn mount_agent(&self) -> bool {
-        self.agent_placement == AgentPlacement::Auto && self.engine.endpoint.starts_with("unix://")
+        self.agent_in_engine.is_some()
+            || (self.agent_placement == AgentPlacement::Auto
+                && self.engine.endpoint.starts_with("unix://"))
+    }
+
+    /// The engine has this build's binary at `path` in its own file system (an engine guest's
+    /// copy of its init): containers bind-mount it read-only instead of an upload.
+    pub fn with_agent_in_engine(mut self, path: std::path::PathBuf) -> Self {
+        self.agent_in_engine = Some(path);
+        self
     }
 
     /// Remove containers labelled `nsmatrix.run` whose creating process is gone (a run killed

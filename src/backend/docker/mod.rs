@@ -11,4 +11,4 @@ mod profile;
 mod stream;
 
 pub(crate) use backend::host_sysctl_mismatch;
-pub use client::{AgentPlacement, DockerBackend, EngineInfo, connect};
+pub use client::{AgentPlacement, DockerBackend, EngineInfo, connect, connect_to};

@@ -9,7 +9,7 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::protocol::{BatchSpec, Carry, Layout, relocate};
+use crate::protocol::{BatchSpec, Carry, Layout, SubjectSpec, relocate};
 
 pub(crate) const PLACE_DIR: &str = "/nsmatrix";
 pub(crate) const WORK_MOUNT: &str = "/nsmatrix-work";
@@ -75,6 +75,48 @@ impl Placement {
             entries,
             agent_host,
         }
+    }
+
+    /// The same placement with the Codex packages the engine already has read-only (a guest's
+    /// Codex disk) used where they are: `mounts` maps a Codex binary as the spec names it (on
+    /// this machine) to the package's directory in the engine's file system. Those cells' Codex
+    /// points into a read-only bind mount of that directory and the package is not uploaded.
+    /// Returns the directories to bind-mount (at the same path in the container).
+    pub(crate) fn with_mounted_codex(
+        mut self,
+        original: &BatchSpec,
+        mounts: &[(PathBuf, String)],
+    ) -> (Placement, Vec<String>) {
+        let mut binds: Vec<String> = Vec::new();
+        for (i, cell) in original.cells.iter().enumerate() {
+            let SubjectSpec::Codex {
+                codex_bin: host, ..
+            } = &cell.subject
+            else {
+                continue;
+            };
+            let Some((_, dir)) = mounts.iter().find(|(h, _)| h == host) else {
+                continue;
+            };
+            if let Some(SubjectSpec::Codex { codex_bin, .. }) =
+                self.spec.cells.get_mut(i).map(|c| &mut c.subject)
+            {
+                // `<PLACE_DIR>/codex/N/bin/codex`: nothing under `codex/N/` is carried.
+                if let Some(pkg) = codex_bin.parent().and_then(Path::parent)
+                    && let Ok(rel) = pkg.strip_prefix(PLACE_DIR)
+                {
+                    let prefix = format!("{}/", rel.display());
+                    self.entries.retain(
+                        |e| !matches!(e, Entry::File { rel, .. } if rel.starts_with(&prefix)),
+                    );
+                }
+                *codex_bin = PathBuf::from(format!("{dir}/bin/codex"));
+            }
+            if !binds.contains(dir) {
+                binds.push(dir.clone());
+            }
+        }
+        (self, binds)
     }
 
     /// The same placement with the agent bind-mounted at `spec.agent_bin` instead of uploaded.
@@ -151,7 +193,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    use crate::protocol::{ArgvProfile, CellSpec, SetuidMode, SubjectSpec};
+    use crate::protocol::{ArgvProfile, CellSpec, SetuidMode};
 
     fn cell(id: &str, dir: &Path, subject: SubjectSpec) -> CellSpec {
         CellSpec {
@@ -224,6 +266,50 @@ mod tests {
         assert_eq!(
             (p.spec.uid, p.spec.gid, &p.spec.batch_id),
             (1000, 1000, &s.batch_id)
+        );
+    }
+
+    #[test]
+    fn a_mounted_codex_package_is_not_uploaded() {
+        let codex = |bin: &str| SubjectSpec::Codex {
+            version: "1".into(),
+            codex_bin: bin.into(),
+        };
+        let s = spec(
+            Path::new("/h/nsmatrix"),
+            vec![
+                cell("a", Path::new("/h/sc/x"), codex("/h/pkg/bin/codex")),
+                cell("b", Path::new("/h/sc/x"), bwrap()),
+                cell("c", Path::new("/h/sc/y"), codex("/h/other/bin/codex")),
+            ],
+        );
+        let mounts = vec![(PathBuf::from("/h/pkg/bin/codex"), "/opt/codex".to_string())];
+        let (p, binds) = Placement::plan(&s).with_mounted_codex(&s, &mounts);
+        assert_eq!(binds, ["/opt/codex"]);
+        assert!(matches!(&p.spec.cells[0].subject,
+            SubjectSpec::Codex { codex_bin, .. } if codex_bin == Path::new("/opt/codex/bin/codex")));
+        // The package that is not on the engine's disk is still uploaded, in its own slot.
+        assert!(matches!(&p.spec.cells[2].subject,
+            SubjectSpec::Codex { codex_bin, .. } if codex_bin == Path::new("/nsmatrix/codex/1/bin/codex")));
+        let hosts: Vec<&Path> = p
+            .entries
+            .iter()
+            .map(|e| match e {
+                Entry::File { host, .. } | Entry::Dir { host, .. } => host.as_path(),
+            })
+            .collect();
+        assert!(!hosts.contains(&Path::new("/h/pkg/bin/codex")), "{hosts:?}");
+        assert!(
+            !hosts.contains(&Path::new("/h/pkg/codex-resources/bwrap")),
+            "{hosts:?}"
+        );
+        assert!(
+            hosts.contains(&Path::new("/h/other/bin/codex")),
+            "{hosts:?}"
+        );
+        assert!(
+            hosts.contains(&Path::new("/h/other/codex-resources/bwrap")),
+            "{hosts:?}"
         );
     }
 
