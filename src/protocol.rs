@@ -270,8 +270,8 @@ pub enum Carry {
 /// The one relocation of a batch, used by every transport that copies a batch into an
 /// environment: `spec` with every host path rewritten to `layout`'s, and what to carry there
 /// (the agent first, each scenario directory once, each Codex package's binary and its bundled
-/// bwrap once, in Codex's package layout so it finds `../codex-resources/bwrap`). Pure: no
-/// file is read.
+/// bwrap once, in Codex's package layout so it finds `../codex-resources/bwrap`). No file is
+/// read; only whether a Codex package that exists has a bundled bwrap is looked at.
 pub fn relocate(spec: &BatchSpec, layout: &Layout<'_>) -> (BatchSpec, Vec<Carry>) {
     let mut spec = spec.clone();
     let mut carry = vec![Carry::File {
@@ -315,7 +315,10 @@ pub fn relocate(spec: &BatchSpec, layout: &Layout<'_>) -> (BatchSpec, Vec<Carry>
             inside: format!("{inside}/bin/codex"),
             mode: 0o755,
         });
-        if let Some(b) = bundled {
+        // A package that is there without a bundled bwrap (Codex before 0.129.0) carries
+        // its binary alone.
+        let without_bwrap = |b: &std::path::Path| host.is_file() && !b.is_file();
+        if let Some(b) = bundled.filter(|b| !without_bwrap(b)) {
             carry.push(Carry::File {
                 host: b,
                 inside: format!("{inside}/codex-resources/bwrap"),
