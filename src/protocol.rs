@@ -306,6 +306,7 @@ pub fn relocate(spec: &BatchSpec, layout: &Layout<'_>) -> (BatchSpec, Vec<Carry>
             .map(|(host, inside)| Carry::Dir { host, inside }),
     );
     for (host, inside) in codex {
+        let codex_there = host.is_file();
         let bundled = host
             .parent()
             .and_then(std::path::Path::parent)
@@ -317,7 +318,7 @@ pub fn relocate(spec: &BatchSpec, layout: &Layout<'_>) -> (BatchSpec, Vec<Carry>
         });
         // A package that is there without a bundled bwrap (Codex before 0.129.0) carries
         // its binary alone.
-        let without_bwrap = |b: &std::path::Path| host.is_file() && !b.is_file();
+        let without_bwrap = |b: &std::path::Path| codex_there && !b.is_file();
         if let Some(b) = bundled.filter(|b| !without_bwrap(b)) {
             carry.push(Carry::File {
                 host: b,

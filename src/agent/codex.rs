@@ -78,7 +78,9 @@ fn detect_entry(codex: &Path, home: &Path) -> Entry {
     } else if text.contains("[COMMAND]") {
         Entry::Sandbox
     } else {
-        Entry::None("`codex sandbox --help` names neither a `linux` subcommand nor a COMMAND".into())
+        Entry::None(
+            "`codex sandbox --help` names neither a `linux` subcommand nor a COMMAND".into(),
+        )
     }
 }
 
@@ -442,11 +444,12 @@ pub(super) fn prepare_and_run_codex(
         }
         let on_tree = judge(&tree_only, &layout, &run, &norm, false);
         let note = match &outcome {
-            Outcome::Failed {
-                signature,
-                message,
-            } if signature == "output-mismatch" && on_tree != outcome => {
-                format!("on the tree alone; the output differs from {OUTPUT_RECORDED_FROM}'s: {message}")
+            Outcome::Failed { signature, message }
+                if signature == "output-mismatch" && on_tree != outcome =>
+            {
+                format!(
+                    "on the tree alone; the output differs from {OUTPUT_RECORDED_FROM}'s: {message}"
+                )
             }
             _ => format!(
                 "on the tree alone (the expected output was recorded from {OUTPUT_RECORDED_FROM}); the output matches it too"

@@ -278,10 +278,16 @@ mod tests {
 
     #[test]
     fn nearest_versions_bracket_the_missing_one() {
-        let known: Vec<String> = ["0.113.0", "0.115.0", "0.116.0-alpha.1", "0.116.0", "0.171.0"]
-            .into_iter()
-            .map(String::from)
-            .collect();
+        let known: Vec<String> = [
+            "0.113.0",
+            "0.115.0",
+            "0.116.0-alpha.1",
+            "0.116.0",
+            "0.171.0",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
         assert_eq!(nearest_versions("0.114.0", &known), ["0.113.0", "0.115.0"]);
         assert_eq!(nearest_versions("0.170.0", &known), ["0.116.0", "0.171.0"]);
         assert_eq!(nearest_versions("9.0.0", &known), ["0.171.0"]);

@@ -80,9 +80,7 @@ mod tests {
     }
 
     fn known() -> Result<Vec<String>, String> {
-        Ok(["0.113.0", "0.115.0", "0.171.0"]
-            .map(String::from)
-            .to_vec())
+        Ok(["0.113.0", "0.115.0", "0.171.0"].map(String::from).to_vec())
     }
 
     #[test]
@@ -102,7 +100,11 @@ mod tests {
     fn cached_versions_need_no_registry_and_offline_is_an_error() {
         let mut offline = || Err("connection refused".to_string());
         assert!(check(&raw("\"0.171.0\""), &|v| v == "0.171.0", &mut offline).is_empty());
-        let d = check(&raw("[\"0.171.0\", \"0.116.0\"]"), &|v| v == "0.171.0", &mut offline);
+        let d = check(
+            &raw("[\"0.171.0\", \"0.116.0\"]"),
+            &|v| v == "0.171.0",
+            &mut offline,
+        );
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].code, "codex-version-unchecked");
         assert!(d[0].message.contains("connection refused"));
@@ -115,7 +117,11 @@ mod tests {
             calls += 1;
             known()
         };
-        let d = check(&raw("[\"0.113.0\", \"0.115.0\"]"), &|_| false, &mut counting);
+        let d = check(
+            &raw("[\"0.113.0\", \"0.115.0\"]"),
+            &|_| false,
+            &mut counting,
+        );
         assert!(d.is_empty());
         assert_eq!(calls, 1);
     }
