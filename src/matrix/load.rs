@@ -86,7 +86,7 @@ pub fn load_str_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Matri
         }
         v.diags.extend(errors);
     }
-    if v.diags.is_empty() {
+    {
         // Codex versions against the registry's list, only when one is not cached.
         v.diags.extend(super::codex_versions::check(
             &raw,
