@@ -351,7 +351,24 @@ pub(super) fn prepare_and_run_codex(
         .map(|d| d.join("codex-resources"))
         .unwrap_or_default();
     // Every bwrap seen, in order: Codex may try one and fall back to another.
-    let used = if seen.is_empty() {
+    // Codex before 0.129.0 carries a bwrap built into its own executable, used when there is
+    // no system bwrap: the witness then sits in namespaces of its own below the codex
+    // executable alone, with no bwrap executable anywhere above it.
+    let vendored = witnessed.as_ref().filter(|w| {
+        w.bwrap().is_none()
+            && w.own_namespaces.contains(&"user")
+            && w.own_namespaces.contains(&"mnt")
+            && w.ancestors
+                .iter()
+                .any(|a| Path::new(a.trim_end_matches(" (deleted)")) == codex)
+    });
+    let used = if seen.is_empty() && vendored.is_some() {
+        details.insert("codex.bwrap-setuid-effective".into(), "false".into());
+        format!(
+            "{} (vendored in codex: the witness's namespaces were made by the codex executable itself)",
+            codex.display()
+        )
+    } else if seen.is_empty() {
         "not observed (no bwrap process was seen in Codex's process tree)".to_string()
     } else {
         let mut suid_bit = false;
@@ -461,7 +478,8 @@ pub(super) fn prepare_and_run_codex(
     if outcome == Outcome::Passed {
         let sandboxed = witnessed
             .as_ref()
-            .filter(|w| w.bwrap().is_some() && !w.own_namespaces.is_empty());
+            .filter(|w| w.bwrap().is_some() && !w.own_namespaces.is_empty())
+            .or(vendored);
         if let Some(w) = sandboxed {
             let mut ev = super::observe::Evidence::default();
             super::judge::passed_evidence(&sc, &mut ev);
