@@ -277,6 +277,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn marker_knows_packages_without_a_bundled_bwrap() {
+        let d = tempfile::tempdir().unwrap();
+        let codex = d.path().join("codex");
+        let bwrap = d.path().join("bwrap");
+        fs::write(&codex, b"12345").unwrap();
+        assert_eq!(
+            marker_matches("sha512-x\n5\n-\n", &codex, &bwrap),
+            Some(None)
+        );
+        // A bundled bwrap recorded but missing, or a changed codex, means unpack again.
+        assert_eq!(marker_matches("sha512-x\n5\n3\n", &codex, &bwrap), None);
+        assert_eq!(marker_matches("sha512-x\n4\n-\n", &codex, &bwrap), None);
+        fs::write(&bwrap, b"abc").unwrap();
+        assert_eq!(
+            marker_matches("sha512-x\n5\n3\n", &codex, &bwrap),
+            Some(Some(bwrap.clone()))
+        );
+    }
+
+    #[test]
     fn nearest_versions_bracket_the_missing_one() {
         let known: Vec<String> = [
             "0.113.0",
