@@ -381,6 +381,63 @@ mod tests {
     }
 
     #[test]
+    fn a_codex_package_without_a_bundled_bwrap_carries_its_binary_alone() {
+        let pkg = tempfile::tempdir().unwrap();
+        let bin = pkg.path().join("bin/codex");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::write(&bin, b"codex").unwrap();
+        let spec = BatchSpec {
+            version: 1,
+            batch_id: "b".into(),
+            work_dir: "/host/w".into(),
+            uid: 1000,
+            gid: 1000,
+            restrictions: Default::default(),
+            sysctls: Default::default(),
+            agent_bin: "/host/nsmatrix".into(),
+            cells: vec![CellSpec {
+                id: "1".into(),
+                subject: SubjectSpec::Codex {
+                    version: "0.116.0".into(),
+                    codex_bin: bin.clone(),
+                },
+                scenario_dir: "/s/a".into(),
+                timeout_ms: 1000,
+                needs_sysctls: vec![],
+            }],
+        };
+        let layout = Layout {
+            agent: "/in/bin/nsmatrix",
+            root: "/in",
+            work_dir: "/work",
+        };
+        let files = |carry: &[Carry]| {
+            carry
+                .iter()
+                .filter_map(|c| match c {
+                    Carry::File { inside, .. } => Some(inside.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let (_, carry) = relocate(&spec, &layout);
+        assert_eq!(files(&carry), ["/in/bin/nsmatrix", "/in/codex/0/bin/codex"]);
+        // With one (0.129.0 and later) it goes along in the package's layout.
+        let bundled = pkg.path().join("codex-resources/bwrap");
+        std::fs::create_dir_all(bundled.parent().unwrap()).unwrap();
+        std::fs::write(&bundled, b"bwrap").unwrap();
+        let (_, carry) = relocate(&spec, &layout);
+        assert_eq!(
+            files(&carry),
+            [
+                "/in/bin/nsmatrix",
+                "/in/codex/0/bin/codex",
+                "/in/codex/0/codex-resources/bwrap"
+            ]
+        );
+    }
+
+    #[test]
     fn relocation_rewrites_every_host_path_and_carries_each_once() {
         let cell = |id: &str, dir: &str, subject: SubjectSpec| CellSpec {
             id: id.into(),
