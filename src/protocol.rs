@@ -270,8 +270,8 @@ pub enum Carry {
 /// The one relocation of a batch, used by every transport that copies a batch into an
 /// environment: `spec` with every host path rewritten to `layout`'s, and what to carry there
 /// (the agent first, each scenario directory once, each Codex package's binary and its bundled
-/// bwrap once, in Codex's package layout so it finds `../codex-resources/bwrap`). Pure: no
-/// file is read.
+/// bwrap once, in Codex's package layout so it finds `../codex-resources/bwrap`). No file is
+/// read; only whether a Codex package that exists has a bundled bwrap is looked at.
 pub fn relocate(spec: &BatchSpec, layout: &Layout<'_>) -> (BatchSpec, Vec<Carry>) {
     let mut spec = spec.clone();
     let mut carry = vec![Carry::File {
@@ -306,6 +306,7 @@ pub fn relocate(spec: &BatchSpec, layout: &Layout<'_>) -> (BatchSpec, Vec<Carry>
             .map(|(host, inside)| Carry::Dir { host, inside }),
     );
     for (host, inside) in codex {
+        let codex_there = host.is_file();
         let bundled = host
             .parent()
             .and_then(std::path::Path::parent)
@@ -315,7 +316,10 @@ pub fn relocate(spec: &BatchSpec, layout: &Layout<'_>) -> (BatchSpec, Vec<Carry>
             inside: format!("{inside}/bin/codex"),
             mode: 0o755,
         });
-        if let Some(b) = bundled {
+        // A package that is there without a bundled bwrap (Codex before 0.129.0) carries
+        // its binary alone.
+        let without_bwrap = |b: &std::path::Path| codex_there && !b.is_file();
+        if let Some(b) = bundled.filter(|b| !without_bwrap(b)) {
             carry.push(Carry::File {
                 host: b,
                 inside: format!("{inside}/codex-resources/bwrap"),
@@ -374,6 +378,63 @@ mod tests {
         let j = r#"{"version":1,"batch-id":"b","work-dir":"/w","uid":1000,"gid":1000,
                    "agent-bin":"/a","cells":[],"bogus":1}"#;
         assert!(serde_json::from_str::<BatchSpec>(j).is_err());
+    }
+
+    #[test]
+    fn a_codex_package_without_a_bundled_bwrap_carries_its_binary_alone() {
+        let pkg = tempfile::tempdir().unwrap();
+        let bin = pkg.path().join("bin/codex");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::write(&bin, b"codex").unwrap();
+        let spec = BatchSpec {
+            version: 1,
+            batch_id: "b".into(),
+            work_dir: "/host/w".into(),
+            uid: 1000,
+            gid: 1000,
+            restrictions: Default::default(),
+            sysctls: Default::default(),
+            agent_bin: "/host/nsmatrix".into(),
+            cells: vec![CellSpec {
+                id: "1".into(),
+                subject: SubjectSpec::Codex {
+                    version: "0.116.0".into(),
+                    codex_bin: bin.clone(),
+                },
+                scenario_dir: "/s/a".into(),
+                timeout_ms: 1000,
+                needs_sysctls: vec![],
+            }],
+        };
+        let layout = Layout {
+            agent: "/in/bin/nsmatrix",
+            root: "/in",
+            work_dir: "/work",
+        };
+        let files = |carry: &[Carry]| {
+            carry
+                .iter()
+                .filter_map(|c| match c {
+                    Carry::File { inside, .. } => Some(inside.clone()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let (_, carry) = relocate(&spec, &layout);
+        assert_eq!(files(&carry), ["/in/bin/nsmatrix", "/in/codex/0/bin/codex"]);
+        // With one (0.129.0 and later) it goes along in the package's layout.
+        let bundled = pkg.path().join("codex-resources/bwrap");
+        std::fs::create_dir_all(bundled.parent().unwrap()).unwrap();
+        std::fs::write(&bundled, b"bwrap").unwrap();
+        let (_, carry) = relocate(&spec, &layout);
+        assert_eq!(
+            files(&carry),
+            [
+                "/in/bin/nsmatrix",
+                "/in/codex/0/bin/codex",
+                "/in/codex/0/codex-resources/bwrap"
+            ]
+        );
     }
 
     #[test]

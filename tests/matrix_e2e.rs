@@ -99,33 +99,49 @@ fn docker_part_of_the_default_matrix() {
     }) {
         assert_eq!(c["signature"], "capset-denied", "{}", c["id"]);
     }
-    // The real Codex CLI: denied and classified under `default`; passing under the incident's
-    // compose with and without a setuid /usr/bin/bwrap; which bwrap it ran is recorded.
+    // The real Codex CLI 0.171.0: denied and classified under `default`; passing under the
+    // incident's compose with and without a setuid /usr/bin/bwrap; which bwrap it ran is
+    // recorded. (Older releases are held to their measured expectations above.)
     let codex: Vec<&serde_json::Value> = cells
         .iter()
         .filter(|c| axis(c, "kind") == "codex")
         .collect();
     assert!(!codex.is_empty(), "no codex cells in the docker part");
-    for c in &codex {
+    let versions: std::collections::BTreeSet<String> =
+        codex.iter().map(|c| axis(c, "version")).collect();
+    assert!(
+        versions.len() >= 4,
+        "Codex versions in the docker part: {versions:?}"
+    );
+    for c in codex.iter().filter(|c| axis(c, "version") == "0.171.0") {
         match axis(c, "profile").as_str() {
             "default" => assert_eq!(c["signature"], "userns-denied", "{}", c["id"]),
-            "holyclaude" => assert_eq!(c["status"], "PASS", "{}", c["id"]),
+            "holyclaude" | "holyclaude+net-admin" => {
+                assert_eq!(c["status"], "PASS", "{}", c["id"])
+            }
             other => panic!("unexpected profile {other} for {}", c["id"]),
         }
+    }
+    for c in &codex {
         // A pass rests on what was seen in /proc, never assumed: the witness inside Codex's
         // sandbox, under a bwrap, in namespaces of its own (else FAIL sandbox-not-observed).
         // (Under `default` the agent lacks CAP_SYS_PTRACE and cannot read the exe of a
         // failing uid-1000 bwrap; those cells rest on bwrap's own message.)
         if c["status"] == "PASS" {
             let bwrap = c["details"]["codex.bwrap"].as_str().unwrap_or("");
+            // Before 0.129.0, without a system bwrap, Codex runs the bwrap built into its own
+            // executable: seen as namespaces of the witness's own below `codex` alone.
+            let built_in = bwrap.contains("(vendored in codex");
             assert!(
-                bwrap.contains("bwrap (") && !bwrap.starts_with("not observed"),
+                (bwrap.contains("bwrap (") || built_in) && !bwrap.starts_with("not observed"),
                 "{}: {bwrap}",
                 c["id"]
             );
             let sandbox = c["evidence"]["sandbox"].as_str().unwrap_or("");
             assert!(
-                sandbox.starts_with("observed: ") && sandbox.contains("bwrap"),
+                sandbox.starts_with("observed: ")
+                    && (sandbox.contains("bwrap")
+                        || built_in && sandbox.contains("user") && sandbox.contains("mnt")),
                 "{}: {sandbox}",
                 c["id"]
             );
@@ -134,8 +150,16 @@ fn docker_part_of_the_default_matrix() {
     for image in ["bookworm", "bookworm-suid"] {
         assert!(codex.iter().any(|c| axis(c, "image") == image
             && axis(c, "profile") == "holyclaude"
+            && axis(c, "version") == "0.171.0"
             && c["status"] == "PASS"));
     }
+    // Before a bundled bwrap (0.128.0) the setuid image breaks Codex under the incident's
+    // compose: it starts the setuid /usr/bin/bwrap and has nothing to fall back to.
+    let c = cells
+        .iter()
+        .find(|c| c["id"] == "docker-bookworm-suid-holyclaude-uid1000/codex-0.128.0/smoke/add_file")
+        .expect("the 0.128.0 setuid-image cell");
+    assert_eq!(c["signature"], "capset-denied", "{c}");
     let md0 = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(
         md0.contains("## Which bwrap Codex used") && md0.contains("/usr/bin/bwrap (system"),

@@ -19,7 +19,69 @@ use crate::scenario;
 /// home directory the cell's uid cannot enter), one per package, kept for the batch.
 pub(super) struct Copies {
     dir: PathBuf,
-    done: HashMap<PathBuf, PathBuf>,
+    done: HashMap<PathBuf, (PathBuf, Entry)>,
+}
+
+/// How a Codex release runs a command in its Linux sandbox, read from its own `--help`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    /// `codex sandbox [OPTIONS] -- CMD` (0.13x and later).
+    Sandbox,
+    /// `codex sandbox linux [OPTIONS] -- CMD` (up to 0.128.0 at least); `full_auto` when the
+    /// release spells workspace-write `--full-auto` there (0.116.0 and before: `-c
+    /// sandbox_mode=workspace-write` alone leaves its sandbox read-only).
+    SandboxLinux { full_auto: bool },
+    /// Neither: why, for the cell's SKIP.
+    None(String),
+}
+
+impl Entry {
+    fn args(&self) -> &'static [&'static str] {
+        match self {
+            Entry::Sandbox => &["sandbox"],
+            Entry::SandboxLinux { full_auto: false } => &["sandbox", "linux"],
+            Entry::SandboxLinux { full_auto: true } => &["sandbox", "linux", "--full-auto"],
+            Entry::None(_) => &[],
+        }
+    }
+}
+
+/// Ask `codex sandbox --help` which form this release has: a `linux` subcommand, or the
+/// command right after the options.
+fn detect_entry(codex: &Path, home: &Path) -> Entry {
+    let out = std::process::Command::new(codex)
+        .args(["sandbox", "--help"])
+        .env("CODEX_HOME", home)
+        .env("HOME", home)
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => return Entry::None(format!("`codex sandbox --help` did not run: {e}")),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Entry::None(format!(
+            "this release has no `codex sandbox` (`codex sandbox --help` exited {}: {})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    if text.lines().any(|l| l.trim_start().starts_with("linux ")) {
+        let full_auto = std::process::Command::new(codex)
+            .args(["sandbox", "linux", "--help"])
+            .env("CODEX_HOME", home)
+            .env("HOME", home)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--full-auto"))
+            .unwrap_or(false);
+        Entry::SandboxLinux { full_auto }
+    } else if text.contains("[COMMAND]") {
+        Entry::Sandbox
+    } else {
+        Entry::None(
+            "`codex sandbox --help` names neither a `linux` subcommand nor a COMMAND".into(),
+        )
+    }
 }
 
 impl Copies {
@@ -32,7 +94,7 @@ impl Copies {
 
     /// `<pkg>/bin/codex` (and `<pkg>/codex-resources/bwrap`, its bundled fallback) copied to
     /// `<batch>/codex/N/` with the same layout; returns the copy's `bin/codex`.
-    fn get(&mut self, codex_bin: &Path) -> Result<PathBuf> {
+    fn get(&mut self, codex_bin: &Path) -> Result<(PathBuf, Entry)> {
         if let Some(p) = self.done.get(codex_bin) {
             return Ok(p.clone());
         }
@@ -53,8 +115,13 @@ impl Copies {
         {
             copy_exec(&bundled, &root.join("codex-resources").join("bwrap"))?;
         }
-        self.done.insert(codex_bin.to_path_buf(), bin.clone());
-        Ok(bin)
+        let help_home = root.join("help-home");
+        fs::create_dir_all(&help_home)?;
+        let entry = detect_entry(&bin, &help_home);
+        let _ = fs::remove_dir_all(&help_home);
+        self.done
+            .insert(codex_bin.to_path_buf(), (bin.clone(), entry.clone()));
+        Ok((bin, entry))
     }
 }
 
@@ -71,12 +138,29 @@ fn copy_exec(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The Codex release the scenarios' expected output (stdout/stderr) was recorded from: its
+/// cells compare output exactly; other releases' cells are judged on the tree alone.
+pub const OUTPUT_RECORDED_FROM: &str = "0.171.0";
+
+/// Flags of a bwrap command line that tell Codex releases apart.
+const TELLING_FLAGS: &[&str] = &[
+    "--unshare-user",
+    "--unshare-pid",
+    "--unshare-net",
+    "--proc",
+    "--argv0",
+    "--as-pid-1",
+    "--cap-drop",
+];
+
 /// A bwrap process seen in the codex process tree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SeenBwrap {
     exe: String,
     ruid: u32,
     euid: u32,
+    /// Its command line, NUL-separated arguments joined by spaces.
+    argv: String,
 }
 
 /// Every `bwrap` process whose ancestry reaches `root` (the codex process).
@@ -105,10 +189,21 @@ fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
         parent.insert(pid, ppid);
         if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
             let exe = exe.to_string_lossy().into_owned();
-            if Path::new(exe.trim_end_matches(" (deleted)"))
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().contains("bwrap"))
-            {
+            let named_bwrap = |p: &str| {
+                Path::new(p)
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains("bwrap"))
+            };
+            // A bwrap built into Codex runs as the codex executable under argv[0] `bwrap`.
+            let argv0 = fs::read(format!("/proc/{pid}/cmdline"))
+                .ok()
+                .and_then(|b| {
+                    b.split(|&c| c == 0)
+                        .next()
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                })
+                .unwrap_or_default();
+            if named_bwrap(exe.trim_end_matches(" (deleted)")) || named_bwrap(&argv0) {
                 bwraps.push((pid, exe));
             }
         }
@@ -135,8 +230,22 @@ fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
                 (ruid, euid) = (ids[0], ids[1]);
             }
         }
-        let s = SeenBwrap { exe, ruid, euid };
-        if !seen.contains(&s) {
+        let argv = fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| {
+                b.split(|&c| c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let s = SeenBwrap {
+            exe,
+            ruid,
+            euid,
+            argv,
+        };
+        if !seen.iter().any(|o| o.exe == s.exe && o.argv == s.argv) {
             seen.push(s);
         }
     }
@@ -151,7 +260,15 @@ pub(super) fn prepare_and_run_codex(
     let cell = ctx.cell;
     let sc = scenario::load(&cell.scenario_dir)
         .with_context(|| format!("failed to load scenario {}", cell.scenario_dir.display()))?;
-    let codex = match copies.get(codex_bin) {
+    let (codex, entry) = match copies.get(codex_bin) {
+        Ok((_, Entry::None(why))) => {
+            return Ok(record(
+                cell,
+                Outcome::Skipped {
+                    reason: format!("codex {version}: {why}"),
+                },
+            ));
+        }
         Ok(c) => c,
         Err(e) => {
             return Ok(record(
@@ -181,8 +298,8 @@ pub(super) fn prepare_and_run_codex(
         std::os::unix::fs::symlink(&ctx.spec.agent_bin, &witness_bin)
             .with_context(|| format!("failed to link {}", witness_bin.display()))?;
     }
-    let args: Vec<OsString> = vec![
-        "sandbox".into(),
+    let mut args: Vec<OsString> = entry.args().iter().map(OsString::from).collect();
+    args.extend([
         "-c".into(),
         "sandbox_mode=workspace-write".into(),
         "--".into(),
@@ -190,7 +307,7 @@ pub(super) fn prepare_and_run_codex(
         codex.clone().into(),
         "--codex-run-as-apply-patch".into(),
         patch.into(),
-    ];
+    ]);
     let mut seen = Vec::new();
     let mut witnessed: Option<super::witness::Seen> = None;
     let agent_bin = ctx.spec.agent_bin.clone();
@@ -221,8 +338,9 @@ pub(super) fn prepare_and_run_codex(
     details.insert(
         "argv".into(),
         format!(
-            "{} sandbox -c sandbox_mode=workspace-write -- {} {} --codex-run-as-apply-patch PATCH",
+            "{} {} -c sandbox_mode=workspace-write -- {} {} --codex-run-as-apply-patch PATCH",
             codex.display(),
+            entry.args().join(" "),
             witness_bin.display(),
             codex.display()
         ),
@@ -233,7 +351,24 @@ pub(super) fn prepare_and_run_codex(
         .map(|d| d.join("codex-resources"))
         .unwrap_or_default();
     // Every bwrap seen, in order: Codex may try one and fall back to another.
-    let used = if seen.is_empty() {
+    // Codex before 0.129.0 carries a bwrap built into its own executable, used when there is
+    // no system bwrap: the witness then sits in namespaces of its own below the codex
+    // executable alone, with no bwrap executable anywhere above it.
+    let vendored = witnessed.as_ref().filter(|w| {
+        w.bwrap().is_none()
+            && w.own_namespaces.contains(&"user")
+            && w.own_namespaces.contains(&"mnt")
+            && w.ancestors
+                .iter()
+                .any(|a| Path::new(a.trim_end_matches(" (deleted)")) == codex)
+    });
+    let used = if seen.is_empty() && vendored.is_some() {
+        details.insert("codex.bwrap-setuid-effective".into(), "false".into());
+        format!(
+            "{} (vendored in codex: the witness's namespaces were made by the codex executable itself)",
+            codex.display()
+        )
+    } else if seen.is_empty() {
         "not observed (no bwrap process was seen in Codex's process tree)".to_string()
     } else {
         let mut suid_bit = false;
@@ -244,8 +379,12 @@ pub(super) fn prepare_and_run_codex(
                 let path = b.exe.trim_end_matches(" (deleted)");
                 let kind = if Path::new(path).starts_with(&bundled_dir) {
                     "bundled"
-                } else {
+                } else if Path::new(path) == codex {
+                    "vendored in codex"
+                } else if path == "/usr/bin/bwrap" {
                     "system"
+                } else {
+                    "from PATH"
                 };
                 suid_bit |= fs::metadata(path)
                     .map(|m| m.mode() & 0o4000 != 0 && m.uid() == 0)
@@ -259,6 +398,30 @@ pub(super) fn prepare_and_run_codex(
             })
             .collect();
         details.insert("codex.bwrap-setuid-bit".into(), suid_bit.to_string());
+        let flags: Vec<String> = seen
+            .iter()
+            .map(|b| {
+                let args: Vec<&str> = b.argv.split(' ').collect();
+                let present: Vec<&str> = TELLING_FLAGS
+                    .iter()
+                    .copied()
+                    .filter(|f| args.contains(f))
+                    .collect();
+                if present.is_empty() {
+                    "(none of them)".to_string()
+                } else {
+                    present.join(" ")
+                }
+            })
+            .collect();
+        details.insert("codex.bwrap-flags".into(), flags.join(" then "));
+        details.insert(
+            "codex.bwrap-argv".into(),
+            seen.iter()
+                .map(|b| crate::text::tail(&b.argv))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
         details.insert(
             "codex.bwrap-setuid-effective".into(),
             suid_effective.to_string(),
@@ -285,10 +448,38 @@ pub(super) fn prepare_and_run_codex(
             .unwrap_or_else(|| "not seen: the command never started in a sandbox".into()),
     );
     let mut outcome = judge(&sc, &layout, &run, &norm, false);
+    // The scenarios' expected output was recorded from one Codex release; another release may
+    // word its messages differently. Its cells are judged on the tree, the exit code and the
+    // sandbox alone, and the cell says so (and what the full comparison would have said).
+    if version != OUTPUT_RECORDED_FROM {
+        let mut tree_only = sc.clone();
+        tree_only.meta.stdout = None;
+        tree_only.meta.stderr = None;
+        if let Some(c) = tree_only.meta.confinement.as_mut() {
+            c.sandboxed_stdout = None;
+            c.sandboxed_stderr = None;
+        }
+        let on_tree = judge(&tree_only, &layout, &run, &norm, false);
+        let note = match &outcome {
+            Outcome::Failed { signature, message }
+                if signature == "output-mismatch" && on_tree != outcome =>
+            {
+                format!(
+                    "on the tree alone; the output differs from {OUTPUT_RECORDED_FROM}'s: {message}"
+                )
+            }
+            _ => format!(
+                "on the tree alone (the expected output was recorded from {OUTPUT_RECORDED_FROM}); the output matches it too"
+            ),
+        };
+        details.insert("codex.output-judged".into(), note);
+        outcome = on_tree;
+    }
     if outcome == Outcome::Passed {
         let sandboxed = witnessed
             .as_ref()
-            .filter(|w| w.bwrap().is_some() && !w.own_namespaces.is_empty());
+            .filter(|w| w.bwrap().is_some() && !w.own_namespaces.is_empty())
+            .or(vendored);
         if let Some(w) = sandboxed {
             let mut ev = super::observe::Evidence::default();
             super::judge::passed_evidence(&sc, &mut ev);

@@ -86,6 +86,14 @@ pub fn load_str_with(path: &Path, text: &str, opts: LoadOptions) -> Result<Matri
         }
         v.diags.extend(errors);
     }
+    {
+        // Codex versions against the registry's list, only when one is not cached.
+        v.diags.extend(super::codex_versions::check(
+            &raw,
+            &crate::artifacts::npm::is_cached,
+            &mut || crate::artifacts::npm::linux_x64_versions().map_err(|e| format!("{e:#}")),
+        ));
+    }
     if v.diags.is_empty() {
         Ok(matrix)
     } else {

@@ -2,6 +2,7 @@
 
 mod axes;
 mod check;
+mod codex_versions;
 pub(crate) mod diag;
 mod load;
 pub mod model;

@@ -223,23 +223,42 @@ pub fn render_with(run: &RunResults, extras: &Extras) -> String {
         );
         let _ = writeln!(
             md,
-            "| environment / subject | bwrap used | setuid in effect | results |"
+            "| Codex version | environment | bwrap used | setuid in effect | results |"
         );
-        let _ = writeln!(md, "|---|---|---|---|");
-        let mut groups: BTreeMap<(String, String), Vec<&CellResult>> = BTreeMap::new();
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        // Codex version × environment, versions in release order.
+        let version_key = |v: &str| -> Vec<u64> {
+            v.split(['.', '-'])
+                .map(|p| p.parse().unwrap_or(u64::MAX))
+                .collect()
+        };
+        let mut groups: BTreeMap<(Vec<u64>, String, String), Vec<&CellResult>> = BTreeMap::new();
         for c in codex {
+            let version = c
+                .details
+                .get("codex.version")
+                .or_else(|| c.axes.get("version"))
+                .cloned()
+                .unwrap_or_else(|| c.subject.clone());
             groups
-                .entry((c.environment.clone(), c.subject.clone()))
+                .entry((version_key(&version), version, c.environment.clone()))
                 .or_default()
                 .push(c);
         }
-        for ((env, subj), cs) in groups {
-            let mut used: Vec<&str> = cs
+        for ((_, version, env), cs) in groups {
+            // Each cell's sequence of bwraps, a repeat of the same one shown once.
+            let mut used: Vec<String> = cs
                 .iter()
-                .filter_map(|c| c.details.get("codex.bwrap").map(String::as_str))
+                .filter_map(|c| c.details.get("codex.bwrap"))
+                .map(|u| {
+                    let mut steps: Vec<&str> = u.split(" then ").collect();
+                    steps.dedup();
+                    steps.join(" then ")
+                })
                 .collect();
             used.sort();
             used.dedup();
+            let used: Vec<&str> = used.iter().map(String::as_str).collect();
             let observed: Vec<&str> = used
                 .iter()
                 .copied()
@@ -267,7 +286,7 @@ pub fn render_with(run: &RunResults, extras: &Extras) -> String {
             };
             let _ = writeln!(
                 md,
-                "| `{env}/{subj}` | {} | {suid} | {} |",
+                "| {version} | `{env}` | {} | {suid} | {} |",
                 shown.join("; "),
                 grid_cell(cs.iter().copied())
             );

@@ -113,6 +113,9 @@ pub struct Signoff {
     pub verdict_line: String,
 }
 
+/// `--axis codex`: the Codex release, recorded in the cells as `version`.
+const CODEX_AXIS: &str = "codex";
+
 /// Axes that name a cell rather than describe it: they differ between twins for free.
 const IGNORED: &[&str] = &["id"];
 
@@ -139,6 +142,12 @@ pub fn signoff(
     from: &str,
     to: &str,
 ) -> Result<Signoff, SignoffError> {
+    // `codex` names the Codex subject's version axis (cells record it as `version`).
+    let axis = if axis == CODEX_AXIS && !run.cells.iter().any(|c| c.axes.contains_key(axis)) {
+        "version"
+    } else {
+        axis
+    };
     if !run.cells.iter().any(|c| c.axes.contains_key(axis)) {
         let mut known: Vec<&str> = run
             .cells
@@ -533,6 +542,26 @@ mod tests {
             repeat: 1,
             require: Vec::new(),
         }
+    }
+
+    #[test]
+    fn axis_codex_pairs_codex_versions() {
+        use Status::*;
+        let cells: Vec<CellResult> = [
+            ("0.116.0", Xfail, "capset-denied"),
+            ("0.171.0", Pass, "pass"),
+        ]
+        .into_iter()
+        .map(|(v, st, obs)| {
+            let mut c = cell("docker-b", "x", "s", st, obs);
+            c.axes.remove("setuid");
+            c.axes.insert("version".into(), v.into());
+            c
+        })
+        .collect();
+        let s = signoff(&run_of(cells), "codex", "0.116.0", "0.171.0").unwrap();
+        assert_eq!(s.pairs, 1);
+        assert_eq!(s.counts.get(&PairKind::Fixed), Some(&1));
     }
 
     #[test]
