@@ -284,7 +284,17 @@ pub(super) fn prepare_and_run_codex(
             .map(|w| w.describe())
             .unwrap_or_else(|| "not seen: the command never started in a sandbox".into()),
     );
-    let mut outcome = judge(&sc, &layout, &run, &norm, false);
+    let facts = super::observe::deny_facts(
+        ctx.spec,
+        details
+            .get("codex.bwrap-setuid-effective")
+            .map(String::as_str)
+            == Some("true"),
+    );
+    let mut outcome = judge(&sc, &layout, &run, &norm, false, &facts);
+    if matches!(outcome, Outcome::Failed { .. }) {
+        details.insert("signature.facts".into(), facts.describe());
+    }
     if outcome == Outcome::Passed {
         let sandboxed = witnessed
             .as_ref()
