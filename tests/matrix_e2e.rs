@@ -89,7 +89,7 @@ fn docker_part_of_the_default_matrix() {
             && axis(c, "setuid") == "false"
             && axis(c, "image") != "no-bwrap"
     }) {
-        assert_eq!(c["signature"], "userns-denied", "{}", c["id"]);
+        assert_eq!(c["signature"], "userns-denied-seccomp", "{}", c["id"]);
     }
     for c in cells.iter().filter(|c| {
         axis(c, "profile") == "holyclaude"
@@ -108,7 +108,7 @@ fn docker_part_of_the_default_matrix() {
     assert!(!codex.is_empty(), "no codex cells in the docker part");
     for c in &codex {
         match axis(c, "profile").as_str() {
-            "default" => assert_eq!(c["signature"], "userns-denied", "{}", c["id"]),
+            "default" => assert_eq!(c["signature"], "userns-denied-seccomp", "{}", c["id"]),
             "holyclaude" => assert_eq!(c["status"], "PASS", "{}", c["id"]),
             other => panic!("unexpected profile {other} for {}", c["id"]),
         }
