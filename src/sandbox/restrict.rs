@@ -88,6 +88,10 @@ pub enum RestrictError {
     UnknownCap(String),
     #[error("seccomp-deny-userns and userns-limit cannot be combined on one process tree")]
     Conflict,
+    #[error(
+        "userns-limit maps root into its user namespace, which needs CAP_SETUID and CAP_SETFCAP (Linux 5.12+) in the agent's effective set; run nsmatrix as root with them"
+    )]
+    CannotMapRoot,
 }
 
 /// Restrictions resolved into plain data the child can apply with system calls only.
@@ -125,6 +129,9 @@ impl Prepared {
         // Mapping uid 0 needs CAP_SETUID and (since Linux 5.12) CAP_SETFCAP in the parent
         // namespace: only an agent running as root has them.
         let map_root = r.userns_limit.is_some() && unsafe { libc::geteuid() } == 0;
+        if map_root && !["setuid", "setfcap"].iter().all(|c| has_effective_cap(c)) {
+            return Err(RestrictError::CannotMapRoot);
+        }
         let map = |id: u32| {
             if !map_root {
                 format!("{id} {id} 1")
@@ -304,6 +311,21 @@ fn write_file(path: &std::ffi::CStr, data: &std::ffi::CStr) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether capability `name` is in this process's effective set (/proc/self/status `CapEff:`).
+fn has_effective_cap(name: &str) -> bool {
+    let Some(n) = cap_number(name) else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|bits| bits & (1u64 << n) != 0)
 }
 
 fn last_cap() -> u32 {
