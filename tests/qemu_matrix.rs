@@ -163,7 +163,7 @@ async fn debian(kernel: &str, image: Option<&str>, legacy_default: &str) {
     let Some(d) = measure(kernel, "unpriv-clone-0", image).await else {
         return;
     };
-    assert_eq!(d[&(Never, Codex)], "userns-denied", "{d:?}");
+    assert_eq!(d[&(Never, Codex)], "userns-denied-sysctl", "{d:?}");
     assert_eq!(d[&(Force, Codex)], "pass", "{d:?}");
 }
 

@@ -447,7 +447,14 @@ pub(super) fn prepare_and_run_codex(
             .map(|w| w.describe())
             .unwrap_or_else(|| "not seen: the command never started in a sandbox".into()),
     );
-    let mut outcome = judge(&sc, &layout, &run, &norm, false);
+    let facts = super::observe::deny_facts(
+        ctx.spec,
+        details
+            .get("codex.bwrap-setuid-effective")
+            .map(String::as_str)
+            == Some("true"),
+    );
+    let mut outcome = judge(&sc, &layout, &run, &norm, false, &facts);
     // The scenarios' expected output was recorded from one Codex release; another release may
     // word its messages differently. Its cells are judged on the tree, the exit code and the
     // sandbox alone, and the cell says so (and what the full comparison would have said).
@@ -459,7 +466,7 @@ pub(super) fn prepare_and_run_codex(
             c.sandboxed_stdout = None;
             c.sandboxed_stderr = None;
         }
-        let on_tree = judge(&tree_only, &layout, &run, &norm, false);
+        let on_tree = judge(&tree_only, &layout, &run, &norm, false, &facts);
         let note = match &outcome {
             Outcome::Failed { signature, message }
                 if signature == "output-mismatch" && on_tree != outcome =>
@@ -474,6 +481,9 @@ pub(super) fn prepare_and_run_codex(
         };
         details.insert("codex.output-judged".into(), note);
         outcome = on_tree;
+    }
+    if matches!(outcome, Outcome::Failed { .. }) {
+        details.insert("signature.facts".into(), facts.describe());
     }
     if outcome == Outcome::Passed {
         let sandboxed = witnessed

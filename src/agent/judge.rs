@@ -17,6 +17,7 @@ pub(super) fn judge(
     run: &RunOutput,
     norm: &dyn Fn(&str) -> String,
     setuid_ignored_by_nnp: bool,
+    facts: &signature::Facts,
 ) -> Outcome {
     let fail = |sig: &str, message: String| Outcome::Failed {
         signature: sig.into(),
@@ -64,6 +65,8 @@ pub(super) fn judge(
                 format!("{msg} (setuid bit ignored under no-new-privileges)"),
             );
         }
+        // A family row becomes its member when bwrap's line and the observed facts say which.
+        let sig = signature::refine(sig, &msg, facts);
         return fail(sig.name, msg);
     }
     if let Some(line) = signature::front_end_line(&run.stderr) {

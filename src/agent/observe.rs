@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::protocol::BatchSpec;
-use crate::sandbox::restrict;
+use crate::sandbox::{restrict, signature};
 
 /// What the probe saw of a bwrap started as the cell's uid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +173,71 @@ impl Evidence {
     }
 }
 
+/// The facts that tell the members of a signature family apart (see
+/// `signature::refine`), observed for the process tree that runs a cell's sandbox: the agent's
+/// own /proc/self/status (its seccomp mode and filters, effective and bounding capabilities)
+/// and kernel.unprivileged_userns_clone, combined with what the agent itself adds for the cell
+/// (its seccomp filter, bounding set). `privileged` says the bwrap ran with euid 0: as root,
+/// or with its setuid bit observed in effect.
+pub fn deny_facts(spec: &BatchSpec, privileged_setuid: bool) -> signature::Facts {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        status.lines().find_map(|l| {
+            l.strip_prefix(k)
+                .and_then(|r| r.strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+        })
+    };
+    let filtered_here = match (field("Seccomp"), field("Seccomp_filters")) {
+        (Some(mode), filters) => Some(
+            mode == "2"
+                || filters
+                    .and_then(|f| f.parse::<u32>().ok())
+                    .is_some_and(|n| n > 0),
+        ),
+        (None, _) => None,
+    };
+    let seccomp_filter = if spec.restrictions.seccomp_deny_userns {
+        Some(true)
+    } else {
+        filtered_here
+    };
+    let unprivileged_userns_clone =
+        fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone")
+            .ok()
+            .and_then(|v| match v.trim() {
+                "0" => Some(false),
+                "1" => Some(true),
+                _ => None,
+            });
+    // The capability set a privileged bwrap starts with: a root agent's effective set for a
+    // root cell, the bounding set for a setuid one; both within the cell's bounding set.
+    let agent_root = unsafe { libc::geteuid() } == 0;
+    let set = if spec.uid == 0 && agent_root {
+        field("CapEff")
+    } else if spec.uid != 0 && privileged_setuid {
+        field("CapBnd")
+    } else {
+        None
+    }
+    .and_then(|hex| u64::from_str_radix(&hex, 16).ok());
+    let has = |name: &str| {
+        let n = restrict::cap_number(name)?;
+        let kept = spec
+            .restrictions
+            .bounding_set
+            .as_ref()
+            .is_none_or(|keep| keep.iter().any(|c| restrict::cap_number(c) == Some(n)));
+        set.map(|bits| kept && bits & (1u64 << n) != 0)
+    };
+    signature::Facts {
+        seccomp_filter,
+        unprivileged_userns_clone,
+        sys_admin: has("sys_admin"),
+        net_admin: has("net_admin"),
+    }
+}
+
 /// [`probe_setuid`] once per bwrap file per batch (the batch's uid and restrictions are
 /// fixed, so the answer is too).
 pub fn probe_setuid_cached(spec: &BatchSpec, bwrap: &Path) -> SetuidSeen {
@@ -252,8 +317,8 @@ mod tests {
             },
         );
         assert_eq!(probe_setuid(&nnp, &suid).in_effect(), Some(false));
-        // Inside a user namespace that maps only the cell's uid the kernel ignores the bit:
-        // what the host's userns-limit-0 profile did to its setuid cells.
+        // The userns-limit-0 profile's user namespace maps root too (the agent is root), so
+        // the kernel honours the bit there: euid 0, read from /proc, inside that namespace.
         let userns = spec(
             1000,
             crate::protocol::Restrictions {
@@ -261,7 +326,22 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(probe_setuid(&userns, &suid).in_effect(), Some(false));
+        let seen = probe_setuid(&userns, &suid);
+        if crate::sandbox::subject::is_nosuid(&suid) {
+            assert_eq!(seen.in_effect(), Some(false), "{seen:?}");
+        } else {
+            assert!(
+                matches!(
+                    seen,
+                    SetuidSeen::Ids {
+                        ruid: 1000,
+                        euid: 0,
+                        ..
+                    }
+                ),
+                "{seen:?}"
+            );
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 }

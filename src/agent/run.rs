@@ -188,7 +188,13 @@ pub(crate) fn environment_facts() -> BTreeMap<String, String> {
     }
     if let Some(status) = read("/proc/self/status") {
         for line in status.lines() {
-            for k in ["CapBnd", "NoNewPrivs", "Seccomp"] {
+            for k in [
+                "CapEff",
+                "CapBnd",
+                "NoNewPrivs",
+                "Seccomp",
+                "Seccomp_filters",
+            ] {
                 if let Some(v) = line.strip_prefix(k).and_then(|r| r.strip_prefix(':')) {
                     f.insert(format!("agent.{k}"), v.trim().to_string());
                 }
@@ -299,13 +305,20 @@ fn prepare_and_run_bwrap(
     };
     // Renamed to setuid-ignored-nnp only when the probe saw the bit ignored.
     let ignored_seen = setuid_seen.as_ref().and_then(|s| s.in_effect()) == Some(false);
+    let setuid_in_effect = setuid_seen.as_ref().and_then(|s| s.in_effect()) == Some(true);
+    let facts = super::observe::deny_facts(ctx.spec, setuid_in_effect);
     rec.outcome = judge(
         &sc,
         &layout,
         &run,
         &norm,
         bw.setuid_bit && nnp && ctx.spec.uid != 0 && ignored_seen,
+        &facts,
     );
+    if matches!(rec.outcome, Outcome::Failed { .. }) {
+        rec.details
+            .insert("signature.facts".into(), facts.describe());
+    }
     if rec.outcome == Outcome::Passed {
         let mut ev = super::observe::Evidence::default();
         super::judge::passed_evidence(&sc, &mut ev);

@@ -88,6 +88,10 @@ pub enum RestrictError {
     UnknownCap(String),
     #[error("seccomp-deny-userns and userns-limit cannot be combined on one process tree")]
     Conflict,
+    #[error(
+        "userns-limit maps root into its user namespace, which needs CAP_SETUID and CAP_SETFCAP (Linux 5.12+) in the agent's effective set; run nsmatrix as root with them"
+    )]
+    CannotMapRoot,
 }
 
 /// Restrictions resolved into plain data the child can apply with system calls only.
@@ -99,6 +103,10 @@ pub struct Prepared {
     userns_limit: Option<CString>,
     uid_map: CString,
     gid_map: CString,
+    /// The user namespace is entered as root and its maps are written by a helper that stays
+    /// in the parent namespace, so root is mapped too and a setuid-root bwrap inside really
+    /// runs with euid 0 (an unprivileged agent can map only its own uid).
+    map_root: bool,
     nnp: bool,
 }
 
@@ -118,14 +126,30 @@ impl Prepared {
             }
         };
         let cstr = |s: String| CString::new(s).expect("no NUL in a number");
+        // Mapping uid 0 needs CAP_SETUID and (since Linux 5.12) CAP_SETFCAP in the parent
+        // namespace: only an agent running as root has them.
+        let map_root = r.userns_limit.is_some() && unsafe { libc::geteuid() } == 0;
+        if map_root && !["setuid", "setfcap"].iter().all(|c| has_effective_cap(c)) {
+            return Err(RestrictError::CannotMapRoot);
+        }
+        let map = |id: u32| {
+            if !map_root {
+                format!("{id} {id} 1")
+            } else if id == 0 {
+                "0 0 1".to_string()
+            } else {
+                format!("0 0 1\n{id} {id} 1")
+            }
+        };
         Ok(Prepared {
             drop_caps,
             seccomp: r.seccomp_deny_userns.then(deny_userns_filter),
             uid,
             gid,
             userns_limit: r.userns_limit.map(|n| cstr(n.to_string())),
-            uid_map: cstr(format!("{uid} {uid} 1")),
-            gid_map: cstr(format!("{gid} {gid} 1")),
+            uid_map: cstr(map(uid)),
+            gid_map: cstr(map(gid)),
+            map_root,
             nnp: r.no_new_privileges,
         })
     }
@@ -160,13 +184,19 @@ impl Prepared {
                 )
             })?;
         }
+        if let (Some(limit), true) = (&self.userns_limit, self.map_root) {
+            self.enter_userns_mapping_root()?;
+            // Still root (of the new namespace, with all its capabilities): set its limit
+            // before dropping to the cell's uid, which is mapped to itself.
+            write_file(c"/proc/sys/user/max_user_namespaces", limit)?;
+        }
         if self.uid != 0 || self.gid != 0 {
             let groups = [self.gid];
             check(unsafe { libc::setgroups(1, groups.as_ptr()) })?;
             check(unsafe { libc::setresgid(self.gid, self.gid, self.gid) })?;
             check(unsafe { libc::setresuid(self.uid, self.uid, self.uid) })?;
         }
-        if let Some(limit) = &self.userns_limit {
+        if let (Some(limit), false) = (&self.userns_limit, self.map_root) {
             // Changing uid made us non-dumpable, which leaves /proc/self/* owned by root: the
             // maps below could not be written.
             check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })?;
@@ -181,6 +211,81 @@ impl Prepared {
         }
         Ok(())
     }
+
+    /// unshare(CLONE_NEWUSER) as root, with a forked helper left in the parent namespace
+    /// writing the new namespace's maps (root and the cell's ids, each to itself): a process
+    /// inside the namespace has no capability in the parent and could map only one id.
+    fn enter_userns_mapping_root(&self) -> io::Result<()> {
+        let mut fds = [0 as libc::c_int; 2];
+        check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+        let dir = unsafe {
+            libc::open(
+                c"/proc/self".as_ptr(),
+                libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if dir < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // The helper: wait until the namespace exists, write its maps, report by exit code.
+            unsafe { libc::close(fds[1]) };
+            let mut go = 0u8;
+            if unsafe { libc::read(fds[0], (&raw mut go).cast(), 1) } != 1 {
+                unsafe { libc::_exit(125) };
+            }
+            let rc = write_at(dir, c"uid_map", &self.uid_map)
+                .and_then(|()| write_at(dir, c"gid_map", &self.gid_map));
+            let code = match rc {
+                Ok(()) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(124).clamp(1, 124),
+            };
+            unsafe { libc::_exit(code) };
+        }
+        unsafe { libc::close(fds[0]) };
+        let entered = check(unsafe { libc::unshare(libc::CLONE_NEWUSER) });
+        if entered.is_ok() {
+            unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) };
+        }
+        unsafe {
+            libc::close(fds[1]);
+            libc::close(dir);
+        }
+        let mut status = 0;
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        entered?;
+        if waited != pid {
+            return Err(io::Error::last_os_error());
+        }
+        match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+            (true, 0) => Ok(()),
+            (true, code) if code < 124 => Err(io::Error::from_raw_os_error(code)),
+            // No allocation between fork and exec: EPROTO stands for "the helper failed".
+            _ => Err(io::Error::from_raw_os_error(libc::EPROTO)),
+        }
+    }
+}
+
+/// Write `data` to `name` under the directory `dir` (an fd of /proc/<pid>).
+fn write_at(dir: libc::c_int, name: &std::ffi::CStr, data: &std::ffi::CStr) -> io::Result<()> {
+    unsafe {
+        let fd = libc::openat(dir, name.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let bytes = data.to_bytes();
+        let n = libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n != bytes.len() as isize {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {
@@ -206,6 +311,21 @@ fn write_file(path: &std::ffi::CStr, data: &std::ffi::CStr) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether capability `name` is in this process's effective set (/proc/self/status `CapEff:`).
+fn has_effective_cap(name: &str) -> bool {
+    let Some(n) = cap_number(name) else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|bits| bits & (1u64 << n) != 0)
 }
 
 fn last_cap() -> u32 {

@@ -94,7 +94,7 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "userns-denied",
-        mechanism: "clone(CLONE_NEWUSER) gives EPERM: a seccomp filter (Docker's default profile), kernel.unprivileged_userns_clone=0, or no CAP_SYS_ADMIN for a privileged path",
+        mechanism: "creating a namespace gives EPERM and the observed facts do not say which of seccomp, kernel.unprivileged_userns_clone=0 or a missing CAP_SYS_ADMIN denied it (the family of the userns-denied-* signatures)",
         remedy: "run the container with seccomp=unconfined (plus the capabilities bwrap needs), set kernel.unprivileged_userns_clone=1, or make bwrap setuid where seccomp allows it",
         patterns: &[
             Contains("No permissions to creat"),
@@ -129,8 +129,8 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "net-setup-denied",
-        mechanism: "bwrap could not bring up loopback in its new network namespace: no CAP_NET_ADMIN there (root in a container without NET_ADMIN, running bwrap in privileged mode), or an AppArmor userns restriction",
-        remedy: "add NET_ADMIN to the container (cap_add), or let bwrap run unprivileged with a user namespace of its own",
+        mechanism: "bwrap could not bring up loopback in its new network namespace, with an errno and facts that do not say why (the family of net-admin-missing and loopback-preconfigured)",
+        remedy: "read the errno: EPERM is a missing CAP_NET_ADMIN or a security module, EEXIST a network stack that configures loopback itself; or run without --unshare-net",
         patterns: &[
             Contains("Failed RTM_NEWADDR"),
             Contains("Failed RTM_NEWLINK"),
@@ -149,12 +149,17 @@ static TABLE: &[Signature] = &[
         ],
     },
     Signature {
+        name: "mkdir-parents-denied",
+        mechanism: "bwrap cannot create the parents of a bind target: file permissions on the path (an ancestor of the workspace the sandbox's uid cannot search or write), not a security module",
+        remedy: "make every ancestor of the workspace searchable (o+x) by the uid that runs the sandbox, or put the workspace under a directory it owns",
+        patterns: &[Contains("Can't mkdir parents")],
+    },
+    Signature {
         name: "mount-denied",
         mechanism: "a bind or tmpfs mount inside the sandbox was refused",
         remedy: "check the container's mount propagation and security profile (AppArmor/SELinux)",
         patterns: &[
             Both("Can't", "mount"),
-            Contains("Can't mkdir parents"),
             Contains("Can't create file at"),
             Contains("Failed to make / slave"),
             Contains("Failed to mount tmpfs"),
@@ -167,6 +172,131 @@ static TABLE: &[Signature] = &[
         patterns: &[Contains("Unknown option")],
     },
 ];
+
+/// Members of a family: chosen by [`refine`] from a family row's message and the observed
+/// [`Facts`], each with its own remedy. An expectation naming the family matches every member.
+static MEMBERS: &[Signature] = &[
+    Signature {
+        name: "userns-denied-seccomp",
+        mechanism: "clone(CLONE_NEWUSER)/unshare gives EPERM from a seccomp filter on the sandbox's process tree (Docker's default profile without CAP_SYS_ADMIN; Seccomp: 2 observed)",
+        remedy: "run the container with seccomp=unconfined or a profile that allows clone/unshare with namespace flags (plus the capabilities bwrap needs)",
+        patterns: &[],
+    },
+    Signature {
+        name: "userns-denied-sysctl",
+        mechanism: "an unprivileged clone(CLONE_NEWUSER) gives EPERM because kernel.unprivileged_userns_clone is 0 (observed), with no seccomp filter in play",
+        remedy: "set kernel.unprivileged_userns_clone=1 on the kernel that runs the sandbox, or make bwrap setuid",
+        patterns: &[],
+    },
+    Signature {
+        name: "userns-denied-caps",
+        mechanism: "a privileged bwrap (root, or setuid in effect) creating its namespaces without a user namespace gets EPERM: CAP_SYS_ADMIN is not in its effective set (observed), no seccomp filter in play",
+        remedy: "add SYS_ADMIN to the container (cap_add) or its bounding set, or run bwrap unprivileged with --unshare-user where user namespaces are allowed",
+        patterns: &[],
+    },
+    Signature {
+        name: "net-admin-missing",
+        mechanism: "bwrap could not configure loopback in its new network namespace: EPERM (no CAP_NET_ADMIN there, or an AppArmor userns restriction), or any errno while the sandbox observably lacks CAP_NET_ADMIN (root in a container without NET_ADMIN gives ECHILD)",
+        remedy: "add NET_ADMIN to the container (cap_add), or let bwrap run unprivileged with a user namespace of its own",
+        patterns: &[],
+    },
+    Signature {
+        name: "loopback-preconfigured",
+        mechanism: "RTM_NEWADDR gives EEXIST: the runtime's network stack creates network namespaces with loopback already configured (gVisor), which bwrap then fails to add again",
+        remedy: "use a runtime whose new network namespaces start with lo down and unaddressed (a gVisor with that fix), or run without --unshare-net",
+        patterns: &[],
+    },
+];
+
+/// (member, family): an expectation naming the family is met by any member.
+const FAMILIES: &[(&str, &str)] = &[
+    ("userns-denied-seccomp", "userns-denied"),
+    ("userns-denied-sysctl", "userns-denied"),
+    ("userns-denied-caps", "userns-denied"),
+    ("net-admin-missing", "net-setup-denied"),
+    ("loopback-preconfigured", "net-setup-denied"),
+    ("mkdir-parents-denied", "mount-denied"),
+];
+
+/// The family a signature belongs to, if it is a member of one.
+pub fn family_of(name: &str) -> Option<&'static str> {
+    FAMILIES.iter().find(|(m, _)| *m == name).map(|(_, f)| *f)
+}
+
+/// Whether an observed signature meets an expected one: the same name, or a member of the
+/// expected family (`userns-denied` is met by `userns-denied-seccomp`, never the reverse).
+pub fn satisfies(expected: &str, observed: &str) -> bool {
+    expected == observed || family_of(observed) == Some(expected)
+}
+
+/// What the agent observed about the process tree that ran the sandbox, to tell members of a
+/// family apart. `None` means not observed; a member is then never guessed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// A seccomp filter applies to the sandbox (Seccomp: 2 or Seccomp_filters > 0 in
+    /// /proc/self/status of the agent, or one the agent installs for the cell).
+    pub seccomp_filter: Option<bool>,
+    /// kernel.unprivileged_userns_clone (a Debian patch; absent elsewhere).
+    pub unprivileged_userns_clone: Option<bool>,
+    /// CAP_SYS_ADMIN in the effective set a privileged bwrap runs with.
+    pub sys_admin: Option<bool>,
+    /// CAP_NET_ADMIN in the effective set a privileged bwrap runs with.
+    pub net_admin: Option<bool>,
+}
+
+impl Facts {
+    /// One line for a record's details: the facts a member was chosen from.
+    pub fn describe(&self) -> String {
+        let f = |b: Option<bool>| match b {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "not observed",
+        };
+        format!(
+            "seccomp filter: {}; kernel.unprivileged_userns_clone=1: {}; CAP_SYS_ADMIN: {}; CAP_NET_ADMIN: {}",
+            f(self.seccomp_filter),
+            f(self.unprivileged_userns_clone),
+            f(self.sys_admin),
+            f(self.net_admin)
+        )
+    }
+}
+
+/// The member of `sig`'s family that `message` (bwrap's line) and `facts` single out, or
+/// `sig` itself when they do not.
+pub fn refine(sig: &'static Signature, message: &str, facts: &Facts) -> &'static Signature {
+    let member = |n: &str| MEMBERS.iter().find(|s| s.name == n).unwrap_or(sig);
+    match sig.name {
+        "userns-denied" => {
+            // bwrap says "No permissions to create..." only on its unprivileged path (EPERM
+            // for clone(CLONE_NEWUSER) as a plain uid); privileged it says "Creating new
+            // namespace failed: Operation not permitted".
+            let unprivileged = message.contains("No permissions to creat");
+            if facts.seccomp_filter == Some(true) {
+                member("userns-denied-seccomp")
+            } else if facts.seccomp_filter == Some(false)
+                && unprivileged
+                && facts.unprivileged_userns_clone == Some(false)
+            {
+                member("userns-denied-sysctl")
+            } else if facts.seccomp_filter == Some(false)
+                && !unprivileged
+                && facts.sys_admin == Some(false)
+            {
+                member("userns-denied-caps")
+            } else {
+                sig
+            }
+        }
+        "net-setup-denied" => match errno_of(message) {
+            Some("EEXIST") => member("loopback-preconfigured"),
+            Some("EPERM" | "EACCES") => member("net-admin-missing"),
+            _ if facts.net_admin == Some(false) => member("net-admin-missing"),
+            _ => sig,
+        },
+        _ => sig,
+    }
+}
 
 /// Signatures that are decided by the agent from what it observed, not from text.
 static INFERRED: &[Signature] = &[
@@ -290,12 +420,16 @@ pub fn errno_of(message: &str) -> Option<&'static str> {
 
 /// Look a signature up by name (matched and inferred alike).
 pub fn by_name(name: &str) -> Option<&'static Signature> {
-    TABLE.iter().chain(INFERRED).find(|s| s.name == name)
+    TABLE
+        .iter()
+        .chain(MEMBERS)
+        .chain(INFERRED)
+        .find(|s| s.name == name)
 }
 
 /// Every signature name, for validating `expect` rules.
 pub fn names() -> impl Iterator<Item = &'static str> {
-    TABLE.iter().chain(INFERRED).map(|s| s.name)
+    TABLE.iter().chain(MEMBERS).chain(INFERRED).map(|s| s.name)
 }
 
 /// Signatures that say the harness, the scenario or the patch is wrong, never how a sandbox
@@ -430,6 +564,10 @@ mod tests {
             // File permissions, not a security module: the remedy differs.
             (
                 "bwrap: Can't mkdir parents for /var/tmp/nsmatrix/x/ws: Permission denied",
+                "mkdir-parents-denied",
+            ),
+            (
+                "bwrap: Can't create file at /dev/null: Permission denied",
                 "mount-denied",
             ),
             (
@@ -481,6 +619,119 @@ mod tests {
         assert_eq!(all.len(), dedup.len());
         for n in all {
             assert!(!remedy(n).is_empty(), "{n}");
+        }
+    }
+
+    /// Each member, from the real line bwrap printed and the facts observed with it.
+    #[test]
+    fn family_members_from_message_and_facts() {
+        const UNPRIV: &str = "bwrap: No permissions to create new namespace, likely because the kernel does not allow non-privileged user namespaces. On e.g. debian this can be enabled with 'sysctl kernel.unprivileged_userns_clone=1'.";
+        const PRIV: &str = "bwrap: Creating new namespace failed: Operation not permitted";
+        let facts = |seccomp, clone, sys_admin, net_admin| Facts {
+            seccomp_filter: seccomp,
+            unprivileged_userns_clone: clone,
+            sys_admin,
+            net_admin,
+        };
+        let cases = [
+            // Docker's default profile, uid 1000 / root: the filter denies it.
+            (
+                UNPRIV,
+                facts(Some(true), Some(true), Some(false), Some(false)),
+                "userns-denied-seccomp",
+            ),
+            (
+                PRIV,
+                facts(Some(true), Some(true), Some(false), Some(false)),
+                "userns-denied-seccomp",
+            ),
+            // A Debian kernel with kernel.unprivileged_userns_clone=0, no filter.
+            (
+                UNPRIV,
+                facts(Some(false), Some(false), Some(false), Some(false)),
+                "userns-denied-sysctl",
+            ),
+            // Root without CAP_SYS_ADMIN (seccomp=unconfined, Docker's default caps).
+            (
+                PRIV,
+                facts(Some(false), Some(true), Some(false), Some(false)),
+                "userns-denied-caps",
+            ),
+            // Facts that do not decide: the family row, never a guess.
+            (
+                UNPRIV,
+                facts(Some(false), Some(true), Some(false), Some(false)),
+                "userns-denied",
+            ),
+            (PRIV, facts(None, None, None, None), "userns-denied"),
+            (
+                PRIV,
+                facts(Some(false), None, Some(true), Some(true)),
+                "userns-denied",
+            ),
+            // Loopback: EPERM and EEXIST by errno; ECHILD (root under the holyclaude compose)
+            // by the observed missing NET_ADMIN.
+            (
+                "bwrap: loopback: Failed RTM_NEWADDR: Operation not permitted",
+                facts(None, None, None, None),
+                "net-admin-missing",
+            ),
+            (
+                "bwrap: loopback: Failed RTM_NEWADDR: File exists",
+                facts(None, None, None, Some(true)),
+                "loopback-preconfigured",
+            ),
+            (
+                "bwrap: loopback: Failed RTM_NEWADDR: No child processes",
+                facts(Some(false), None, Some(true), Some(false)),
+                "net-admin-missing",
+            ),
+            (
+                "bwrap: loopback: Failed RTM_NEWADDR: No child processes",
+                facts(None, None, None, Some(true)),
+                "net-setup-denied",
+            ),
+            (
+                "bwrap: loopback: Failed RTM_NEWADDR: No child processes",
+                facts(None, None, None, None),
+                "net-setup-denied",
+            ),
+        ];
+        for (text, f, want) in cases {
+            let sig = classify(text).expect(text);
+            let got = refine(sig, text, &f).name;
+            assert_eq!(got, want, "{text} with {f:?}");
+            assert!(
+                satisfies(sig.name, got),
+                "{got} is in {}'s family",
+                sig.name
+            );
+            assert!(satisfies(got, got));
+            assert!(!remedy(got).is_empty());
+        }
+        // Rows outside a family are never refined.
+        let cap = classify("bwrap: capset failed: Operation not permitted").unwrap();
+        assert_eq!(
+            refine(cap, "", &facts(Some(true), None, None, None)).name,
+            "capset-denied"
+        );
+    }
+
+    #[test]
+    fn a_family_is_met_by_its_members_only() {
+        assert!(satisfies("userns-denied", "userns-denied-seccomp"));
+        assert!(satisfies("userns-denied", "userns-denied-sysctl"));
+        assert!(satisfies("userns-denied", "userns-denied-caps"));
+        assert!(satisfies("userns-denied", "userns-denied"));
+        assert!(satisfies("mount-denied", "mkdir-parents-denied"));
+        assert!(satisfies("net-setup-denied", "loopback-preconfigured"));
+        // A member is exact: neither the family nor a sibling meets it.
+        assert!(!satisfies("userns-denied-seccomp", "userns-denied"));
+        assert!(!satisfies("userns-denied-seccomp", "userns-denied-caps"));
+        assert!(!satisfies("userns-denied", "userns-limit"));
+        assert!(!satisfies("mount-denied", "lsm-mount-denied"));
+        for (member, family) in FAMILIES {
+            assert!(by_name(member).is_some() && by_name(family).is_some());
         }
     }
 }
