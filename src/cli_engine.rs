@@ -1,6 +1,6 @@
 //! `nsmatrix vm engine`: boot a Docker engine inside a QEMU guest of a chosen kernel, print what
 //! it reports, optionally run one container there, and tear it down. A debugging aid for the
-//! engine guests of `guest_engine`.
+//! engine guests of `backend::guest_docker::engine`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -14,8 +14,8 @@ use bollard::query_parameters::{
 use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 
+use crate::backend::guest_docker::engine::{self as guest_engine, EngineOptions, GuestEngine};
 use crate::exit;
-use crate::guest_engine::{self, EngineOptions, GuestEngine};
 
 #[derive(Args, Debug, Clone)]
 #[command(about = "Debugging aids around QEMU guests")]
@@ -216,7 +216,10 @@ async fn report_and_run(a: &EngineArgs, g: &GuestEngine, refs: &[String]) -> Res
         .unwrap_or_else(|| image.clone());
     let mut binds = Vec::new();
     if a.mount_codex {
-        binds.push(format!("{0}:{0}:ro", crate::guest_engine::GUEST_CODEX_DIR));
+        binds.push(format!(
+            "{0}:{0}:ro",
+            crate::backend::guest_docker::engine::GUEST_CODEX_DIR
+        ));
     }
     let body = ContainerCreateBody {
         image: Some(reference.clone()),

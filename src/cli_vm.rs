@@ -43,7 +43,7 @@ pub fn kernels(a: KernelsArgs) -> u8 {
             let rows = kernels::list();
             print!("{}", kernels::render_list(&rows));
             if verbose {
-                crate::guest_engine::check_config::print_verbose(&rows);
+                crate::backend::guest_docker::engine::check_config::print_verbose(&rows);
             }
             exit::OK
         }

@@ -76,7 +76,10 @@ pub fn report() -> Vec<(String, String)> {
         }
         None => add("backends", "not probed: no runtime".into()),
     }
-    add("engine guests", crate::guest_engine::disks::doctor_line());
+    add(
+        "engine guests",
+        crate::backend::guest_docker::engine::disks::doctor_line(),
+    );
     add(
         "cache",
         crate::artifacts::cache::cache_dir().display().to_string(),

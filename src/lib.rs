@@ -14,7 +14,6 @@ pub mod cli_engine;
 pub mod cli_vm;
 pub(crate) mod doctor;
 pub(crate) mod exit;
-pub mod guest_engine;
 pub mod matrix;
 pub(crate) mod plan;
 pub(crate) mod progress;

@@ -348,6 +348,48 @@ fn base_name(p: &std::path::Path) -> String {
         .unwrap_or_else(|| "scenario".into())
 }
 
+/// The contract between the host and a guest whose init starts a Docker engine
+/// (`nsmatrix.mode=engine`): what the guest's PID 1 is told, and the names both sides use.
+pub mod engine {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Serialize};
+
+    /// The engine spec in the per-boot part of the initramfs (the guest's view).
+    pub const GUEST_ENGINE_SPEC: &str = "/nsmatrix/engine.json";
+    /// The virtio-serial port the host writes `stop` to.
+    pub const CONTROL_PORT: &str = "nsmatrix.control";
+    /// Printed on the console when dockerd has been started.
+    pub const ENGINE_READY_MARK: &str = "nsmatrix-engine: dockerd started";
+    /// Where the Codex disk is mounted in the guest (read-only).
+    pub const GUEST_CODEX_DIR: &str = "/opt/codex";
+    /// The guest's copy of its nsmatrix binary (the host's build), which containers bind-mount as
+    /// their agent.
+    pub const GUEST_AGENT_COPY: &str = "/run/nsmatrix-agent";
+    /// Printed by a bare boot (no disks, no engine) just before powering off.
+    pub const BARE_MARK: &str = "nsmatrix-engine: bare boot done";
+
+    /// Virtio serial numbers of the disks (the guest finds them by these, not by order).
+    pub const SERIAL_ROOT: &str = "nsm-engine-root";
+    pub const SERIAL_DATA: &str = "nsm-engine-data";
+    pub const SERIAL_CODEX: &str = "nsm-codex";
+
+    /// What the guest's PID 1 is told (serialised into the initramfs).
+    #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct EngineSpec {
+        pub sysctls: BTreeMap<String, String>,
+        pub dockerd_args: Vec<String>,
+        /// Power off right after init (a bare boot, for timing).
+        #[serde(default)]
+        pub bare: bool,
+        #[serde(default)]
+        pub data_disk: bool,
+        #[serde(default)]
+        pub codex_disk: bool,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

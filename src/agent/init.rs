@@ -35,7 +35,7 @@ pub fn is_guest_init() -> bool {
         && std::env::var_os("container").is_none()
         && !Path::new("/.dockerenv").exists()
         && (Path::new(GUEST_BATCH).exists()
-            || Path::new(crate::guest_engine::GUEST_ENGINE_SPEC).exists())
+            || Path::new(crate::protocol::engine::GUEST_ENGINE_SPEC).exists())
 }
 
 /// PID 1's entry point: never returns; the guest powers off at the end, also on error.
@@ -82,7 +82,7 @@ fn run() -> Result<()> {
         .unwrap_or("batch")
         .to_string();
     if mode == "engine" {
-        return crate::guest_engine::guest::run(t0);
+        return super::engine::run(t0);
     }
     let spec: BatchSpec = serde_json::from_slice(
         &fs::read(GUEST_BATCH).with_context(|| format!("failed to read {GUEST_BATCH}"))?,

@@ -2,6 +2,7 @@
 
 mod cell;
 mod codex;
+mod engine;
 pub mod init;
 mod judge;
 mod observe;

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use toml::Spanned;
 
-use super::load::{Validator, Values, axis_label, sanitize, span, varying_axes};
+use super::load::{Validator, Values, axis_label, sanitize, varying_axes};
 use super::model::*;
+use super::raw::span;
 use super::raw::*;
 use crate::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
 

@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use globset::Glob;
 
 use super::diag::Diagnostic;
-use super::load::span;
 use super::model::Matrix;
 use super::raw::scalar_text;
+use super::raw::span;
 use super::raw::{RawMatrix, Selector};
 use super::select::selector_matches;
 

@@ -3,8 +3,8 @@
 //! file naming the nearest releases that exist.
 
 use super::diag::Diagnostic;
-use super::load::span;
 use super::raw::RawMatrix;
+use super::raw::span;
 
 /// Every `version` of a `kind = "codex"` subject that `known` (the registry's linux-x64
 /// releases, fetched only when a version is not cached already) does not have.

@@ -123,10 +123,6 @@ pub(super) struct Validator<'a> {
     pub(super) base: PathBuf,
 }
 
-pub(super) fn span<T>(s: &Spanned<T>) -> Option<Range<usize>> {
-    Some(s.span())
-}
-
 /// `90s`, `10m`, `1h`, `500ms`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();

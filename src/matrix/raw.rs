@@ -182,3 +182,8 @@ pub(super) fn all_axes() -> BTreeSet<&'static str> {
     .into_iter()
     .collect()
 }
+
+/// The byte range of a value in the file (for diagnostics).
+pub(super) fn span<T>(s: &Spanned<T>) -> Option<std::ops::Range<usize>> {
+    Some(s.span())
+}

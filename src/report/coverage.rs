@@ -149,6 +149,30 @@ fn short(reason: &str) -> String {
     }
 }
 
+// The run's summary line and exit code depend on its coverage, so they live beside it (the
+// result model itself knows nothing of coverage).
+impl RunResults {
+    /// `12 PASS, 0 FAIL, 3 XFAIL, 0 XPASS, 0 ERROR, 1 SKIP`, then the SKIPs by backend and
+    /// reason and, when a requirement is broken, `LOST COVERAGE` naming it.
+    pub fn summary_line(&self) -> String {
+        let counts = self.counts();
+        let mut line = Status::ALL
+            .iter()
+            .map(|s| format!("{} {}", counts.get(s).copied().unwrap_or(0), s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        line.push_str(&summary_suffix(self));
+        line
+    }
+
+    pub fn exit_code(&self) -> u8 {
+        super::for_run(
+            self.cells.iter().map(|c| &c.status),
+            !lost_required(self).is_empty(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -378,26 +378,6 @@ impl RunResults {
         }
         c
     }
-
-    /// `12 PASS, 0 FAIL, 3 XFAIL, 0 XPASS, 0 ERROR, 1 SKIP`, then the SKIPs by backend and
-    /// reason and, when a requirement is broken, `LOST COVERAGE` naming it.
-    pub fn summary_line(&self) -> String {
-        let counts = self.counts();
-        let mut line = Status::ALL
-            .iter()
-            .map(|s| format!("{} {}", counts.get(s).copied().unwrap_or(0), s.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        line.push_str(&super::coverage::summary_suffix(self));
-        line
-    }
-
-    pub fn exit_code(&self) -> u8 {
-        super::for_run(
-            self.cells.iter().map(|c| &c.status),
-            !super::coverage::lost_required(self).is_empty(),
-        )
-    }
 }
 
 /// A cell result for unit tests of pure functions.

@@ -1,6 +1,6 @@
 //! The guest-docker backend: containers of a Docker engine that runs inside a QEMU guest of a
 //! chosen kernel. It is the qemu layer under the docker layer: one guest boot
-//! (`guest_engine`) per kernel × sysctl set serves every container of that kernel × sysctl
+//! (`engine`) per kernel × sysctl set serves every container of that kernel × sysctl
 //! set, and each batch is a container that [`DockerBackend::run_batch`] runs against the
 //! guest's engine exactly as against a local one (the scenarios uploaded, since the guest does
 //! not share this machine's files; the agent is the guest's copy of its own init, the same
@@ -21,7 +21,9 @@ use futures_util::future::BoxFuture;
 
 use super::docker::{self, AgentPlacement, DockerBackend};
 use super::{Backend, BatchCtx, BatchError, Stage, Stages, Unavailable};
-use crate::guest_engine::{self, EngineOptions, GUEST_CODEX_DIR, GuestEngine};
+pub mod engine;
+
+use self::engine::{self as guest_engine, EngineOptions, GUEST_CODEX_DIR, GuestEngine};
 use crate::matrix::model::{BackendKind, Environment};
 use crate::protocol::{BatchSpec, SubjectSpec};
 

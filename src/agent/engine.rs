@@ -13,15 +13,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use super::{
-    CONTROL_PORT, ENGINE_READY_MARK, EngineSpec, GUEST_ENGINE_SPEC, SERIAL_CODEX, SERIAL_DATA,
-    SERIAL_ROOT,
+use crate::protocol::engine::{
+    BARE_MARK, CONTROL_PORT, ENGINE_READY_MARK, EngineSpec, GUEST_AGENT_COPY, GUEST_CODEX_DIR,
+    GUEST_ENGINE_SPEC, SERIAL_CODEX, SERIAL_DATA, SERIAL_ROOT,
 };
 
 /// Where the engine's root file system is mounted before the root switches to it.
 const NEW_ROOT: &str = "/engine";
-/// Printed by a bare boot (no disks, no engine) just before powering off.
-pub const BARE_MARK: &str = "nsmatrix-engine: bare boot done";
 
 /// Entry point from `agent::init::run` for `nsmatrix.mode=engine`. Returning powers off.
 pub fn run(t0: Instant) -> Result<()> {
@@ -56,7 +54,7 @@ pub fn run(t0: Instant) -> Result<()> {
     }
     if spec.codex_disk {
         let codex = wait_disk(SERIAL_CODEX, Duration::from_secs(5))?;
-        let at = format!("{NEW_ROOT}{}", super::GUEST_CODEX_DIR);
+        let at = format!("{NEW_ROOT}{}", GUEST_CODEX_DIR);
         fs::create_dir_all(&at)?;
         mount(Some(&codex), &at, Some("ext4"), libc::MS_RDONLY, None)?;
     }
@@ -86,8 +84,8 @@ pub fn run(t0: Instant) -> Result<()> {
     network()?;
     // This binary (the same build as the host's) for containers to bind-mount as their agent:
     // no upload of tens of MB per container through the forwarded port.
-    fs::copy("/proc/self/exe", super::GUEST_AGENT_COPY)
-        .with_context(|| format!("failed to copy the agent to {}", super::GUEST_AGENT_COPY))?;
+    fs::copy("/proc/self/exe", GUEST_AGENT_COPY)
+        .with_context(|| format!("failed to copy the agent to {}", GUEST_AGENT_COPY))?;
     for (k, v) in &spec.sysctls {
         let p = Path::new("/proc/sys").join(k.replace('.', "/"));
         fs::write(&p, v).with_context(|| format!("failed to set sysctl {k}={v}"))?;

@@ -14,7 +14,6 @@
 pub mod check_config;
 pub mod data;
 pub mod disks;
-pub mod guest;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,30 +22,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bollard::Docker;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::process::{Child, Command};
 
 use crate::artifacts::kernels::{self, Kernel, KernelFacts};
 use crate::backend::qemu::Accel;
+pub use crate::protocol::engine::{
+    BARE_MARK, CONTROL_PORT, ENGINE_READY_MARK, EngineSpec, GUEST_AGENT_COPY, GUEST_CODEX_DIR,
+    GUEST_ENGINE_SPEC, SERIAL_CODEX, SERIAL_DATA, SERIAL_ROOT,
+};
 use crate::text::tail_of_file as tail_of;
 
-/// The engine spec in the per-boot part of the initramfs (the guest's view).
-pub const GUEST_ENGINE_SPEC: &str = "/nsmatrix/engine.json";
-/// The virtio-serial port the host writes `stop` to.
-pub const CONTROL_PORT: &str = "nsmatrix.control";
-/// Printed on the console when dockerd has been started.
-pub const ENGINE_READY_MARK: &str = "nsmatrix-engine: dockerd started";
-/// Where the Codex disk is mounted in the guest (read-only).
-pub const GUEST_CODEX_DIR: &str = "/opt/codex";
-/// The guest's copy of its nsmatrix binary (the host's build), which containers bind-mount as
-/// their agent.
-pub const GUEST_AGENT_COPY: &str = "/run/nsmatrix-agent";
 /// dockerd's TCP port inside the guest (reachable only through the host's loopback forward).
 pub const GUEST_ENGINE_PORT: u16 = 2375;
-/// Virtio serial numbers of the disks (the guest finds them by these, not by order).
-pub const SERIAL_ROOT: &str = "nsm-engine-root";
-pub const SERIAL_DATA: &str = "nsm-engine-data";
-pub const SERIAL_CODEX: &str = "nsm-codex";
 
 /// dockerd's flags in the guest: no iptables, no default bridge (containers run with
 /// `--network none`), overlay2 on the data disk, the API on the forwarded TCP port.
@@ -65,21 +53,6 @@ pub fn default_dockerd_args() -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect()
-}
-
-/// What the guest's PID 1 is told (serialised into the initramfs).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub struct EngineSpec {
-    pub sysctls: BTreeMap<String, String>,
-    pub dockerd_args: Vec<String>,
-    /// Power off right after init (a bare boot, for timing).
-    #[serde(default)]
-    pub bare: bool,
-    #[serde(default)]
-    pub data_disk: bool,
-    #[serde(default)]
-    pub codex_disk: bool,
 }
 
 /// What to boot.
@@ -381,7 +354,7 @@ pub async fn bare_boot(kernel_name: &str) -> Result<Duration> {
     let console = run_dir.join("console.log");
     let saw = std::fs::read_to_string(&console)
         .unwrap_or_default()
-        .contains(guest::BARE_MARK);
+        .contains(BARE_MARK);
     let tail = tail_of(&console, 15);
     let _ = child.start_kill();
     let _ = child.wait().await;
