@@ -326,7 +326,7 @@ fn an_unreachable_docker_engine_is_lost_coverage_and_fails_run_and_signoff() {
     assert!(cells.iter().all(|c| c["status"] == "SKIP"), "{results}");
     assert_eq!(
         results["require"],
-        serde_json::json!(["host", "docker", "qemu"])
+        serde_json::json!(["host", "docker", "qemu", "guest-docker"])
     );
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     let coverage = md.find("## Coverage").expect("a coverage section");
