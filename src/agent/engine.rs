@@ -7,11 +7,13 @@
 use std::ffi::CString;
 use std::fs;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+
+use super::init::{find_port, mount};
 
 use crate::protocol::engine::{
     BARE_MARK, CONTROL_PORT, ENGINE_READY_MARK, EngineSpec, GUEST_AGENT_COPY, GUEST_CODEX_DIR,
@@ -225,19 +227,6 @@ fn listen_for_stop(dockerd: libc::pid_t) {
     });
 }
 
-fn find_port(name: &str) -> Option<PathBuf> {
-    for e in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
-        let n = fs::read_to_string(e.path().join("name")).unwrap_or_default();
-        if n.trim() == name {
-            let dev = Path::new("/dev").join(e.file_name());
-            if dev.exists() {
-                return Some(dev);
-            }
-        }
-    }
-    None
-}
-
 /// The block device whose virtio serial is `serial` (waiting for the driver to probe it).
 fn wait_disk(serial: &str, wait: Duration) -> Result<String> {
     let deadline = Instant::now() + wait;
@@ -295,37 +284,6 @@ fn network() -> Result<()> {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-    }
-    Ok(())
-}
-
-fn mount(
-    src: Option<&str>,
-    target: &str,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> Result<()> {
-    let c = |s: &str| CString::new(s).expect("no NUL in mount arguments");
-    let (src_c, target_c) = (src.map(c), c(target));
-    let (fs_c, data_c) = (fstype.map(c), data.map(c));
-    let ptr = |o: &Option<CString>| o.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
-    // SAFETY: every pointer is a valid C string or null, as mount(2) allows.
-    let rc = unsafe {
-        libc::mount(
-            ptr(&src_c),
-            target_c.as_ptr(),
-            ptr(&fs_c),
-            flags,
-            ptr(&data_c).cast(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "mount {} on {target}: {}",
-            src.unwrap_or("-"),
-            std::io::Error::last_os_error()
-        );
     }
     Ok(())
 }

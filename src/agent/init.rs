@@ -182,7 +182,7 @@ fn mount_basics() -> Result<()> {
     Ok(())
 }
 
-fn mount(
+pub(super) fn mount(
     src: Option<&str>,
     target: &str,
     fstype: Option<&str>,
@@ -257,7 +257,7 @@ fn open_port(name: &str, wait: Duration) -> Result<fs::File> {
     }
 }
 
-fn find_port(name: &str) -> Option<PathBuf> {
+pub(super) fn find_port(name: &str) -> Option<PathBuf> {
     for e in fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
         let n = fs::read_to_string(e.path().join("name")).unwrap_or_default();
         if n.trim() == name {
