@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -141,6 +142,28 @@ pub fn download(url: &str, dest: &Path) -> Result<()> {
     io::copy(&mut body, &mut out).with_context(|| format!("failed to download {url}"))?;
     out.flush()?;
     Ok(())
+}
+
+/// Holds an exclusive `flock` on `<entry>.lock` until dropped.
+pub struct Lock(#[allow(dead_code)] fs::File);
+
+pub fn lock(entry: &Path) -> Result<Lock> {
+    let parent = entry.parent().expect("cache entries have a parent");
+    fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
+    let path = entry.with_extension("lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("failed to open {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; blocks until the other builder is done.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("failed to lock {}", path.display()));
+    }
+    Ok(Lock(f))
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -14,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::artifacts::cache::cache_dir;
+use crate::artifacts::cache::{cache_dir, lock};
 
 /// Bump when the way a recipe becomes a tree changes (post-processing, layout), so that every
 /// cached tree is rebuilt.
@@ -204,28 +203,6 @@ pub(crate) fn ensure_rootfs_tar(recipe: &RootfsRecipe) -> Result<PathBuf> {
     fs::rename(&partial, &tarball)
         .with_context(|| format!("failed to move {} into place", tarball.display()))?;
     Ok(tarball)
-}
-
-/// Holds an exclusive `flock` on `<entry>.lock` until dropped.
-struct Lock(#[allow(dead_code)] fs::File);
-
-fn lock(entry: &Path) -> Result<Lock> {
-    let parent = entry.parent().expect("cache entries have a parent");
-    fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
-    let path = entry.with_extension("lock");
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("failed to open {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own; blocks until the other builder is done.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("failed to lock {}", path.display()));
-    }
-    Ok(Lock(f))
 }
 
 fn build(recipe: &RootfsRecipe, entry: &Path, mirror: &str) -> Result<()> {

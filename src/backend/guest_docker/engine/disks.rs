@@ -10,7 +10,6 @@
 //! The engine data disk, which needs a boot to prepare, is in `super::data`.
 
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -45,27 +44,7 @@ pub fn engine_dir() -> PathBuf {
     cache_dir().join("engine")
 }
 
-/// An exclusive lock next to a cache entry, released on drop.
-pub struct Lock(#[allow(dead_code)] fs::File);
-
-pub fn lock(entry: &Path) -> Result<Lock> {
-    if let Some(p) = entry.parent() {
-        fs::create_dir_all(p).with_context(|| format!("failed to create {}", p.display()))?;
-    }
-    let path = entry.with_extension("lock");
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("failed to open {}", path.display()))?;
-    // SAFETY: flock on an open fd.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("failed to lock {}", path.display()));
-    }
-    Ok(Lock(f))
-}
+pub use crate::artifacts::cache::{Lock, lock};
 
 /// The engine's root file system as an ext4 image (built with debootstrap first if needed).
 pub fn engine_rootfs_image() -> Result<PathBuf> {
