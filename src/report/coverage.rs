@@ -177,22 +177,12 @@ impl RunResults {
 mod tests {
     use super::*;
     use crate::exit;
-    use crate::report::model::{SCHEMA_VERSION, sample_cell};
+    use crate::report::model::sample_cell;
 
     fn run_of(cells: Vec<crate::report::CellResult>, require: &[&str]) -> RunResults {
         RunResults {
-            schema_version: SCHEMA_VERSION,
-            run_name: "t".into(),
-            matrix: "m".into(),
-            started: "s".into(),
-            duration_ms: 1,
-            interrupted: None,
-            host: Default::default(),
-            batches: vec![],
-            cells,
-            shard: None,
-            repeat: 1,
             require: require.iter().map(|s| s.to_string()).collect(),
+            ..crate::report::model::sample_run(cells)
         }
     }
 

@@ -570,23 +570,10 @@ mod tests {
 #[cfg(test)]
 mod coverage_tests {
     use super::*;
-    use crate::report::model::{SCHEMA_VERSION, sample_cell};
+    use crate::report::model::sample_cell;
 
     fn run_of(cells: Vec<CellResult>) -> RunResults {
-        RunResults {
-            schema_version: SCHEMA_VERSION,
-            run_name: "t".into(),
-            matrix: "m".into(),
-            started: "s".into(),
-            duration_ms: 1,
-            interrupted: None,
-            host: Default::default(),
-            batches: vec![],
-            cells,
-            shard: None,
-            repeat: 1,
-            require: Vec::new(),
-        }
+        crate::report::model::sample_run(cells)
     }
 
     #[test]

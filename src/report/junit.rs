@@ -188,22 +188,12 @@ fn failure_text(c: &CellResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::model::{RunResults, SCHEMA_VERSION, fold_repeats, sample_cell};
+    use crate::report::model::{RunResults, fold_repeats, sample_cell};
 
     fn run_of(cells: Vec<CellResult>) -> RunResults {
         RunResults {
-            schema_version: SCHEMA_VERSION,
-            run_name: "t".into(),
-            matrix: "m".into(),
-            started: "s".into(),
-            duration_ms: 1,
-            interrupted: None,
-            host: Default::default(),
-            batches: vec![],
-            cells,
-            shard: None,
             repeat: 3,
-            require: Vec::new(),
+            ..crate::report::model::sample_run(cells)
         }
     }
 

@@ -380,6 +380,25 @@ impl RunResults {
     }
 }
 
+/// A run of these cells for unit tests of pure functions (repeat 1, nothing required).
+#[cfg(test)]
+pub(crate) fn sample_run(cells: Vec<CellResult>) -> RunResults {
+    RunResults {
+        schema_version: SCHEMA_VERSION,
+        run_name: "t".into(),
+        matrix: "m".into(),
+        started: "s".into(),
+        duration_ms: 1,
+        interrupted: None,
+        host: Default::default(),
+        batches: vec![],
+        cells,
+        shard: None,
+        repeat: 1,
+        require: Vec::new(),
+    }
+}
+
 /// A cell result for unit tests of pure functions.
 #[cfg(test)]
 pub(crate) fn sample_cell(id: &str, status: Status, observed: &str) -> CellResult {

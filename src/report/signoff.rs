@@ -507,7 +507,7 @@ impl Signoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::model::{SCHEMA_VERSION, sample_cell};
+    use crate::report::model::sample_cell;
 
     fn cell(env: &str, setuid: &str, scenario: &str, status: Status, obs: &str) -> CellResult {
         let mut c = sample_cell(
@@ -528,20 +528,7 @@ mod tests {
     }
 
     fn run_of(cells: Vec<CellResult>) -> RunResults {
-        RunResults {
-            schema_version: SCHEMA_VERSION,
-            run_name: "t".into(),
-            matrix: "m".into(),
-            started: "s".into(),
-            duration_ms: 1,
-            interrupted: None,
-            host: Default::default(),
-            batches: vec![],
-            cells,
-            shard: None,
-            repeat: 1,
-            require: Vec::new(),
-        }
+        crate::report::model::sample_run(cells)
     }
 
     #[test]
