@@ -15,8 +15,10 @@ use super::judge::judge;
 use crate::protocol::{CellRecord, Outcome};
 use crate::scenario;
 
-/// Readable copies of Codex packages in the batch's directory (the cache may sit under a
-/// home directory the cell's uid cannot enter), one per package, kept for the batch.
+/// The Codex packages of a batch, each usable by the cell's uid: used where they are when that
+/// uid can reach them (a container's or guest's read-only package), else copied into the
+/// batch's directory with the package's layout (the host's cache may sit under a home
+/// directory the cell's uid cannot enter).
 pub(super) struct Copies {
     dir: PathBuf,
     done: HashMap<PathBuf, (PathBuf, Entry)>,
@@ -92,9 +94,10 @@ impl Copies {
         }
     }
 
-    /// `<pkg>/bin/codex` (and `<pkg>/codex-resources/bwrap`, its bundled fallback) copied to
-    /// `<batch>/codex/N/` with the same layout; returns the copy's `bin/codex`.
-    fn get(&mut self, codex_bin: &Path) -> Result<(PathBuf, Entry)> {
+    /// `<pkg>/bin/codex` as the batch's uid can run it: in place when that uid can reach it
+    /// and its bundled fallback `<pkg>/codex-resources/bwrap`, else both copied to
+    /// `<batch>/codex/N/` with the same layout. Returns the `bin/codex` to run.
+    fn get(&mut self, codex_bin: &Path, uid: u32, gid: u32) -> Result<(PathBuf, Entry)> {
         if let Some(p) = self.done.get(codex_bin) {
             return Ok(p.clone());
         }
@@ -104,17 +107,26 @@ impl Copies {
                 codex_bin.display()
             );
         }
-        let root = self.dir.join(self.done.len().to_string());
-        let bin = root.join("bin").join("codex");
-        copy_exec(codex_bin, &bin)?;
-        if let Some(bundled) = codex_bin
+        let bundled = codex_bin
             .parent()
             .and_then(Path::parent)
             .map(|d| d.join("codex-resources/bwrap"))
-            && bundled.is_file()
-        {
-            copy_exec(&bundled, &root.join("codex-resources").join("bwrap"))?;
-        }
+            .filter(|b| b.is_file());
+        let root = self.dir.join(self.done.len().to_string());
+        let in_place = executable_by(codex_bin, uid, gid)
+            && bundled
+                .as_deref()
+                .is_none_or(|b| executable_by(b, uid, gid));
+        let bin = if in_place {
+            codex_bin.to_path_buf()
+        } else {
+            let bin = root.join("bin").join("codex");
+            copy_exec(codex_bin, &bin)?;
+            if let Some(bundled) = &bundled {
+                copy_exec(bundled, &root.join("codex-resources").join("bwrap"))?;
+            }
+            bin
+        };
         let help_home = root.join("help-home");
         fs::create_dir_all(&help_home)?;
         let entry = detect_entry(&bin, &help_home);
@@ -123,6 +135,34 @@ impl Copies {
             .insert(codex_bin.to_path_buf(), (bin.clone(), entry.clone()));
         Ok((bin, entry))
     }
+}
+
+/// Whether `uid`/`gid` may execute `file` and enter every directory above it, by the mode
+/// bits (root always may). ACLs and security modules are not consulted: a false yes shows up
+/// as the cell's own failure to start Codex, never as a pass.
+fn executable_by(file: &Path, uid: u32, gid: u32) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let may = |p: &Path, bits: u32| {
+        let Ok(m) = fs::metadata(p) else {
+            return false;
+        };
+        let shift = if m.uid() == uid {
+            6
+        } else if m.gid() == gid {
+            3
+        } else {
+            0
+        };
+        (m.mode() >> shift) & bits == bits
+    };
+    may(file, 0o5)
+        && file
+            .ancestors()
+            .skip(1)
+            .filter(|d| !d.as_os_str().is_empty())
+            .all(|d| may(d, 0o1))
 }
 
 /// Copy an executable, creating its directories 0755 so the cell's uid can reach it.
@@ -260,7 +300,7 @@ pub(super) fn prepare_and_run_codex(
     let cell = ctx.cell;
     let sc = scenario::load(&cell.scenario_dir)
         .with_context(|| format!("failed to load scenario {}", cell.scenario_dir.display()))?;
-    let (codex, entry) = match copies.get(codex_bin) {
+    let (codex, entry) = match copies.get(codex_bin, ctx.spec.uid, ctx.spec.gid) {
         Ok((_, Entry::None(why))) => {
             return Ok(record(
                 cell,
@@ -526,4 +566,32 @@ pub(super) fn prepare_and_run_codex(
         stderr_tail: crate::text::tail(&norm(&run.stderr)),
         details,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_package_behind_a_private_directory_is_not_executable_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let open = d.path().join("open/bin");
+        let closed = d.path().join("closed/bin");
+        for dir in [&open, &closed] {
+            fs::create_dir_all(dir).unwrap();
+            fs::write(dir.join("codex"), b"x").unwrap();
+            fs::set_permissions(dir.join("codex"), fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        fs::set_permissions(d.path().join("open"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(d.path().join("closed"), fs::Permissions::from_mode(0o700)).unwrap();
+        let (uid, gid) = (54321, 54321);
+        // The temporary directory's own ancestors (/tmp) are world-searchable.
+        assert!(executable_by(&open.join("codex"), uid, gid));
+        assert!(!executable_by(&closed.join("codex"), uid, gid));
+        assert!(executable_by(&closed.join("codex"), 0, 0));
+        fs::set_permissions(open.join("codex"), fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(!executable_by(&open.join("codex"), uid, gid));
+        assert!(!executable_by(&d.path().join("missing"), uid, gid));
+    }
 }

@@ -108,8 +108,20 @@ impl DockerBackend {
             ),
             _ => None,
         };
-        let (placement, codex_binds) =
-            Placement::plan(&spec).with_mounted_codex(&spec, &self.codex_mounts);
+        // Codex packages are bind-mounted read-only, never copied, wherever the engine has them:
+        // a guest's Codex disk, or this machine's package cache for a local engine.
+        let plan = |local: bool| {
+            let mounts = if !self.codex_mounts.is_empty() {
+                self.codex_mounts.clone()
+            } else if local {
+                Placement::local_codex_packages(&spec)
+            } else {
+                Vec::new()
+            };
+            Placement::plan(&spec).with_mounted_codex(&spec, &mounts)
+        };
+        let mut mount_agent = self.mount_agent();
+        let (mut placement, mut codex_binds) = plan(mount_agent && self.agent_in_engine.is_none());
         let timeouts: HashMap<String, Duration> = placement
             .spec
             .cells
@@ -122,7 +134,6 @@ impl DockerBackend {
             env.id, spec.uid
         ))
         .await;
-        let mut mount_agent = self.mount_agent();
         let created = loop {
             let body = container_body(
                 image,
@@ -146,11 +157,12 @@ impl DockerBackend {
                 Ok(c) => break c,
                 Err(e) if mount_agent && error_chain(&e).contains("bind source path") => {
                     log.line(&format!(
-                        "nsmatrix: the engine cannot bind-mount the agent ({}); uploading it",
+                        "nsmatrix: the engine cannot bind-mount this machine's files ({}); uploading the agent and Codex instead",
                         error_chain(&e)
                     ))
                     .await;
                     mount_agent = false;
+                    (placement, codex_binds) = plan(false);
                 }
                 Err(e) => return Err(fail(Stage::Start, "create the container", &error_chain(&e))),
             }
@@ -277,7 +289,7 @@ fn container_body(
     seccomp_json: Option<String>,
     placement: &Placement,
     agent_bind: Option<&std::path::Path>,
-    ro_binds: &[String],
+    ro_binds: &[(String, String)],
     run_id: &str,
     batch_id: &str,
 ) -> ContainerCreateBody {
@@ -316,10 +328,10 @@ fn container_body(
             ..Default::default()
         });
     }
-    for dir in ro_binds {
+    for (source, target) in ro_binds {
         mounts.push(Mount {
-            source: Some(dir.clone()),
-            target: Some(dir.clone()),
+            source: Some(source.clone()),
+            target: Some(target.clone()),
             typ: Some(MountType::BIND),
             read_only: Some(true),
             ..Default::default()
@@ -545,7 +557,7 @@ mod tests {
             None,
             &placement,
             Some(Path::new("/h/nsmatrix")),
-            &["/opt/codex".to_string()],
+            &[("/opt/codex".to_string(), "/nsmatrix/codex/0".to_string())],
             "r",
             "b",
         );
@@ -555,7 +567,7 @@ mod tests {
         assert_eq!(mounts[1].target.as_deref(), Some("/nsmatrix/bin/nsmatrix"));
         assert_eq!(mounts[1].read_only, Some(true));
         assert_eq!(mounts[2].source.as_deref(), Some("/opt/codex"));
-        assert_eq!(mounts[2].target.as_deref(), Some("/opt/codex"));
+        assert_eq!(mounts[2].target.as_deref(), Some("/nsmatrix/codex/0"));
         assert_eq!(mounts[2].read_only, Some(true));
     }
 }

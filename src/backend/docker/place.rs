@@ -77,17 +77,19 @@ impl Placement {
         }
     }
 
-    /// The same placement with the Codex packages the engine already has read-only (a guest's
-    /// Codex disk) used where they are: `mounts` maps a Codex binary as the spec names it (on
-    /// this machine) to the package's directory in the engine's file system. Those cells' Codex
-    /// points into a read-only bind mount of that directory and the package is not uploaded.
-    /// Returns the directories to bind-mount (at the same path in the container).
+    /// The same placement with the Codex packages the engine already has in its own file
+    /// system (a guest's read-only Codex disk, or this machine's package cache when the engine
+    /// is local) bind-mounted read-only where the upload would have put them: `mounts` maps a
+    /// Codex binary as the spec names it (on this machine) to its package's directory in the
+    /// engine's file system. The cell's Codex keeps its path (`<PLACE_DIR>/codex/N/bin/codex`),
+    /// so a mounted and an uploaded package look the same inside; only the copy is skipped.
+    /// Returns the binds to add, as (source in the engine, target in the container).
     pub(crate) fn with_mounted_codex(
         mut self,
         original: &BatchSpec,
         mounts: &[(PathBuf, String)],
-    ) -> (Placement, Vec<String>) {
-        let mut binds: Vec<String> = Vec::new();
+    ) -> (Placement, Vec<(String, String)>) {
+        let mut binds: Vec<(String, String)> = Vec::new();
         for (i, cell) in original.cells.iter().enumerate() {
             let SubjectSpec::Codex {
                 codex_bin: host, ..
@@ -98,25 +100,51 @@ impl Placement {
             let Some((_, dir)) = mounts.iter().find(|(h, _)| h == host) else {
                 continue;
             };
-            if let Some(SubjectSpec::Codex { codex_bin, .. }) =
-                self.spec.cells.get_mut(i).map(|c| &mut c.subject)
-            {
-                // `<PLACE_DIR>/codex/N/bin/codex`: nothing under `codex/N/` is carried.
-                if let Some(pkg) = codex_bin.parent().and_then(Path::parent)
-                    && let Ok(rel) = pkg.strip_prefix(PLACE_DIR)
-                {
-                    let prefix = format!("{}/", rel.display());
-                    self.entries.retain(
-                        |e| !matches!(e, Entry::File { rel, .. } if rel.starts_with(&prefix)),
-                    );
-                }
-                *codex_bin = PathBuf::from(format!("{dir}/bin/codex"));
-            }
-            if !binds.contains(dir) {
-                binds.push(dir.clone());
+            let Some(SubjectSpec::Codex { codex_bin, .. }) =
+                self.spec.cells.get(i).map(|c| &c.subject)
+            else {
+                continue;
+            };
+            // `<PLACE_DIR>/codex/N/bin/codex`: nothing under `codex/N/` is carried.
+            let Some(pkg) = codex_bin.parent().and_then(Path::parent) else {
+                continue;
+            };
+            let Ok(rel) = pkg.strip_prefix(PLACE_DIR) else {
+                continue;
+            };
+            let prefix = format!("{}/", rel.display());
+            self.entries
+                .retain(|e| !matches!(e, Entry::File { rel, .. } if rel.starts_with(&prefix)));
+            let bind = (dir.clone(), pkg.display().to_string());
+            if !binds.contains(&bind) {
+                binds.push(bind);
             }
         }
         (self, binds)
+    }
+
+    /// The package directories of the spec's Codex binaries on this machine, for an engine
+    /// that shares this machine's file system: `<pkg>/bin/codex` → `<pkg>`.
+    pub(crate) fn local_codex_packages(spec: &BatchSpec) -> Vec<(PathBuf, String)> {
+        let mut out: Vec<(PathBuf, String)> = Vec::new();
+        for cell in &spec.cells {
+            let SubjectSpec::Codex { codex_bin, .. } = &cell.subject else {
+                continue;
+            };
+            let Some(bin_dir) = codex_bin.parent() else {
+                continue;
+            };
+            if bin_dir.file_name().is_none_or(|n| n != "bin") {
+                continue;
+            }
+            let Some(pkg) = bin_dir.parent() else {
+                continue;
+            };
+            if !out.iter().any(|(h, _)| h == codex_bin) {
+                out.push((codex_bin.clone(), pkg.display().to_string()));
+            }
+        }
+        out
     }
 
     /// The same placement with the agent bind-mounted at `spec.agent_bin` instead of uploaded.
@@ -285,9 +313,13 @@ mod tests {
         );
         let mounts = vec![(PathBuf::from("/h/pkg/bin/codex"), "/opt/codex".to_string())];
         let (p, binds) = Placement::plan(&s).with_mounted_codex(&s, &mounts);
-        assert_eq!(binds, ["/opt/codex"]);
+        // Mounted where the upload would have put it: the cell's path does not change.
+        assert_eq!(
+            binds,
+            [("/opt/codex".to_string(), "/nsmatrix/codex/0".to_string())]
+        );
         assert!(matches!(&p.spec.cells[0].subject,
-            SubjectSpec::Codex { codex_bin, .. } if codex_bin == Path::new("/opt/codex/bin/codex")));
+            SubjectSpec::Codex { codex_bin, .. } if codex_bin == Path::new("/nsmatrix/codex/0/bin/codex")));
         // The package that is not on the engine's disk is still uploaded, in its own slot.
         assert!(matches!(&p.spec.cells[2].subject,
             SubjectSpec::Codex { codex_bin, .. } if codex_bin == Path::new("/nsmatrix/codex/1/bin/codex")));
@@ -310,6 +342,44 @@ mod tests {
         assert!(
             hosts.contains(&Path::new("/h/other/codex-resources/bwrap")),
             "{hosts:?}"
+        );
+    }
+
+    #[test]
+    fn a_local_engine_mounts_each_codex_package_once() {
+        let codex = |bin: &str| SubjectSpec::Codex {
+            version: "1".into(),
+            codex_bin: bin.into(),
+        };
+        let s = spec(
+            Path::new("/h/nsmatrix"),
+            vec![
+                cell("a", Path::new("/h/sc/x"), codex("/h/pkg/bin/codex")),
+                cell("b", Path::new("/h/sc/y"), codex("/h/pkg/bin/codex")),
+                cell("c", Path::new("/h/sc/x"), bwrap()),
+                // Not in an npm package's layout: uploaded as before.
+                cell("d", Path::new("/h/sc/x"), codex("/h/loose/codex")),
+            ],
+        );
+        let mounts = Placement::local_codex_packages(&s);
+        assert_eq!(
+            mounts,
+            [(PathBuf::from("/h/pkg/bin/codex"), "/h/pkg".to_string())]
+        );
+        let (p, binds) = Placement::plan(&s).with_mounted_codex(&s, &mounts);
+        assert_eq!(
+            binds,
+            [("/h/pkg".to_string(), "/nsmatrix/codex/0".to_string())]
+        );
+        assert!(
+            p.entries.iter().any(
+                |e| matches!(e, Entry::File { host, .. } if host == Path::new("/h/loose/codex"))
+            )
+        );
+        assert!(
+            !p.entries
+                .iter()
+                .any(|e| matches!(e, Entry::File { host, .. } if host.starts_with("/h/pkg")))
         );
     }
 
