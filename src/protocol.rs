@@ -366,6 +366,13 @@ pub mod engine {
     /// The guest's copy of its nsmatrix binary (the host's build), which containers bind-mount as
     /// their agent.
     pub const GUEST_AGENT_COPY: &str = "/run/nsmatrix-agent";
+    /// dockerd's API socket in the guest; the guest's init forwards the TCP port QEMU forwards
+    /// to it (dockerd listening on TCP without TLS sleeps a deliberate second at start).
+    pub const DOCKERD_SOCKET: &str = "/run/docker.sock";
+    /// containerd's socket and configuration in the guest, when the init starts it before
+    /// dockerd (as distributions' service units do).
+    pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+    pub const CONTAINERD_CONFIG: &str = "/run/containerd/config.toml";
     /// Printed by a bare boot (no disks, no engine) just before powering off.
     pub const BARE_MARK: &str = "nsmatrix-engine: bare boot done";
 
@@ -387,6 +394,14 @@ pub mod engine {
         pub data_disk: bool,
         #[serde(default)]
         pub codex_disk: bool,
+        /// containerd's configuration: the init writes it to [`CONTAINERD_CONFIG`], starts
+        /// containerd and waits for [`CONTAINERD_SOCKET`] before it starts dockerd (whose args
+        /// then name that socket). `None`: dockerd starts a containerd of its own.
+        #[serde(default)]
+        pub containerd_config: Option<String>,
+        /// The init forwards TCP connections on this port to [`DOCKERD_SOCKET`].
+        #[serde(default)]
+        pub api_port: Option<u16>,
     }
 }
 

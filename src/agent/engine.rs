@@ -16,8 +16,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use super::init::{find_port, mount};
 
 use crate::protocol::engine::{
-    BARE_MARK, CONTROL_PORT, ENGINE_READY_MARK, EngineSpec, GUEST_AGENT_COPY, GUEST_CODEX_DIR,
-    GUEST_ENGINE_SPEC, SERIAL_CODEX, SERIAL_DATA, SERIAL_ROOT,
+    BARE_MARK, CONTAINERD_CONFIG, CONTAINERD_SOCKET, CONTROL_PORT, DOCKERD_SOCKET,
+    ENGINE_READY_MARK, EngineSpec, GUEST_AGENT_COPY, GUEST_CODEX_DIR, GUEST_ENGINE_SPEC,
+    SERIAL_CODEX, SERIAL_DATA, SERIAL_ROOT,
 };
 
 /// Where the engine's root file system is mounted before the root switches to it.
@@ -93,6 +94,13 @@ pub fn run(t0: Instant) -> Result<()> {
         fs::write(&p, v).with_context(|| format!("failed to set sysctl {k}={v}"))?;
         eprintln!("nsmatrix-engine: sysctl {k}={v}");
     }
+    let containerd = match &spec.containerd_config {
+        Some(config) => Some(start_containerd(config, t0)?),
+        None => None,
+    };
+    if let Some(port) = spec.api_port {
+        forward_api(port)?;
+    }
     let mut dockerd = Command::new("dockerd")
         .args(&spec.dockerd_args)
         .spawn()
@@ -118,6 +126,14 @@ pub fn run(t0: Instant) -> Result<()> {
     };
     let _ = dockerd.try_wait();
     eprintln!("nsmatrix-engine: dockerd exited (wait status {status})");
+    if let Some(pid) = containerd {
+        // SAFETY: kill(2) and waitpid(2) on the child we started.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+            let mut st = 0;
+            libc::waitpid(pid, &mut st, 0);
+        }
+    }
     // SAFETY: plain syscalls; the data disk must be consistent when a preparation boot ends.
     unsafe {
         libc::sync();
@@ -195,6 +211,67 @@ fn errno_name(e: i32) -> &'static str {
         libc::ENOSYS => "ENOSYS",
         _ => "errno",
     }
+}
+
+/// Start containerd with `config` and wait until its socket answers, so that dockerd (told
+/// that socket) connects at once instead of starting its own and retrying with a backoff.
+/// containerd is a child of PID 1 like dockerd, stopped when dockerd has exited.
+fn start_containerd(config: &str, t0: Instant) -> Result<libc::pid_t> {
+    let dir = Path::new(CONTAINERD_CONFIG).parent().expect("a file path");
+    fs::create_dir_all(dir)?;
+    fs::write(CONTAINERD_CONFIG, config)
+        .with_context(|| format!("failed to write {CONTAINERD_CONFIG}"))?;
+    let child = Command::new("containerd")
+        .args(["--config", CONTAINERD_CONFIG])
+        .spawn()
+        .context("failed to start containerd")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::os::unix::net::UnixStream::connect(CONTAINERD_SOCKET).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "containerd (pid {}) did not open {CONTAINERD_SOCKET} within 120 s",
+                child.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "nsmatrix-engine: containerd ready (pid {}, {} ms since init)",
+        child.id(),
+        t0.elapsed().as_millis()
+    );
+    Ok(child.id() as libc::pid_t)
+}
+
+/// Forward TCP connections on `port` (the one QEMU forwards from the host's loopback) to
+/// dockerd's unix socket, byte for byte in both directions (attach's upgraded streams
+/// included). A connection that comes before dockerd listens is closed, and the host retries.
+fn forward_api(port: u16) -> Result<()> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", port))
+        .with_context(|| format!("failed to listen on port {port} for the engine's API"))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(tcp) = conn else { continue };
+            std::thread::spawn(move || {
+                let Ok(unix) = std::os::unix::net::UnixStream::connect(DOCKERD_SOCKET) else {
+                    return;
+                };
+                let _ = tcp.set_nodelay(true);
+                let (Ok(mut tcp_in), Ok(mut unix_out)) = (tcp.try_clone(), unix.try_clone()) else {
+                    return;
+                };
+                let up = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut tcp_in, &mut unix_out);
+                    let _ = unix_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut unix_in, mut tcp_out) = (unix, tcp);
+                let _ = std::io::copy(&mut unix_in, &mut tcp_out);
+                let _ = tcp_out.shutdown(std::net::Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+    Ok(())
 }
 
 /// A thread that reads the control port and sends dockerd SIGTERM on `stop`.
