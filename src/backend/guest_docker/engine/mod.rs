@@ -5,8 +5,9 @@
 //! `nsmatrix.mode=engine` ([`guest`]); it mounts the engine's root file system (an ext4 image
 //! used through `snapshot=on`, so the cached image is never written) and, when images are asked
 //! for, a data disk holding `/var/lib/docker` prepared once per image set ([`data`]). dockerd
-//! listens on TCP port 2375 inside the guest; QEMU's user-mode network (`restrict=on`: the guest
-//! reaches nothing outside) forwards `127.0.0.1:PORT` on the host to it, so the engine is only
+//! listens on its unix socket, which the guest's init forwards TCP port 2375 to; QEMU's
+//! user-mode network (`restrict=on`: the guest reaches nothing outside) forwards
+//! `127.0.0.1:PORT` on the host to that port, so the engine is only
 //! reachable from this machine's loopback. [`GuestEngine::shutdown`] kills QEMU and removes the
 //! run directory with QEMU's snapshot files; a run directory whose owner died (SIGKILL) is swept,
 //! with its QEMU, by the next start.
