@@ -16,7 +16,9 @@ use crate::protocol::{CellRecord, Outcome};
 use crate::scenario;
 
 /// Readable copies of Codex packages in the batch's directory (the cache may sit under a
-/// home directory the cell's uid cannot enter), one per package, kept for the batch.
+/// home directory the cell's uid cannot enter), one per package, kept for the batch. A package
+/// every user can already reach (a guest's read-only Codex disk, a container's placed copy) is
+/// used where it is: a copy of 130-315 MB costs seconds and, in a guest, its memory.
 pub(super) struct Copies {
     dir: PathBuf,
     done: HashMap<PathBuf, (PathBuf, Entry)>,
@@ -105,16 +107,21 @@ impl Copies {
             );
         }
         let root = self.dir.join(self.done.len().to_string());
-        let bin = root.join("bin").join("codex");
-        copy_exec(codex_bin, &bin)?;
-        if let Some(bundled) = codex_bin
-            .parent()
-            .and_then(Path::parent)
-            .map(|d| d.join("codex-resources/bwrap"))
-            && bundled.is_file()
-        {
-            copy_exec(&bundled, &root.join("codex-resources").join("bwrap"))?;
-        }
+        let bin = if reachable_by_everyone(codex_bin) {
+            codex_bin.to_path_buf()
+        } else {
+            let bin = root.join("bin").join("codex");
+            copy_exec(codex_bin, &bin)?;
+            if let Some(bundled) = codex_bin
+                .parent()
+                .and_then(Path::parent)
+                .map(|d| d.join("codex-resources/bwrap"))
+                && bundled.is_file()
+            {
+                copy_exec(&bundled, &root.join("codex-resources").join("bwrap"))?;
+            }
+            bin
+        };
         let help_home = root.join("help-home");
         fs::create_dir_all(&help_home)?;
         let entry = detect_entry(&bin, &help_home);
@@ -123,6 +130,21 @@ impl Copies {
             .insert(codex_bin.to_path_buf(), (bin.clone(), entry.clone()));
         Ok((bin, entry))
     }
+}
+
+/// Whether any uid may run `bin` and its package's bundled bwrap: both world-executable and
+/// every directory above them world-searchable.
+fn reachable_by_everyone(bin: &Path) -> bool {
+    let other_x = |p: &Path| fs::metadata(p).is_ok_and(|m| m.mode() & 0o001 != 0);
+    let file_ok = |p: &Path| {
+        fs::metadata(p).is_ok_and(|m| m.is_file() && m.mode() & 0o005 == 0o005)
+            && p.ancestors().skip(1).all(other_x)
+    };
+    let bundled = bin
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("codex-resources/bwrap"));
+    file_ok(bin) && bundled.is_none_or(|b| !b.exists() || file_ok(&b))
 }
 
 /// Copy an executable, creating its directories 0755 so the cell's uid can reach it.
