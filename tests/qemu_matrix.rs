@@ -240,7 +240,11 @@ async fn qemu_codex_cells() {
         return;
     };
     for (c, v) in r.iter().zip(["0.171.0", "0.128.0"]) {
-        eprintln!("debian-6.1 codex {v}: {} {:?}", verdict(c), c.details);
+        eprintln!(
+            "debian-6.1 codex {v}: {} via {:?}",
+            verdict(c),
+            c.details.get("codex.bwrap")
+        );
         assert_eq!(verdict(c), "pass", "codex {v}: {c:?}");
         assert_eq!(
             c.details["codex.path"],
@@ -261,7 +265,11 @@ async fn qemu_codex_cells() {
         return;
     };
     for (c, v) in r.iter().zip(["0.171.0", "0.128.0"]) {
-        eprintln!("nouserns-6.1 codex {v}: {} {:?}", verdict(c), c.details);
+        eprintln!(
+            "nouserns-6.1 codex {v}: {} via {:?}",
+            verdict(c),
+            c.details.get("codex.bwrap")
+        );
     }
     // Measured: on a kernel without user namespaces both run the guest's unprivileged
     // /usr/bin/bwrap, which gets EPERM; 0.171.0 does not fall back to its bundled bwrap then.
