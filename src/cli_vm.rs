@@ -155,7 +155,21 @@ pub fn shell(a: ShellArgs) -> u8 {
                     &exe,
                     m.settings.cell_timeout,
                 );
-                let spec = crate::backend::Backend::prepare(&q, "shell", &cell.env, base);
+                let mut spec = crate::backend::Backend::prepare(&q, "shell", &cell.env, base);
+                // A Codex cell's package comes along (mounted at /opt/codex/VERSION).
+                for c in &mut spec.cells {
+                    if let crate::protocol::SubjectSpec::Codex { version, codex_bin } =
+                        &mut c.subject
+                    {
+                        match crate::artifacts::npm::codex_package(version) {
+                            Ok(p) => *codex_bin = p.codex,
+                            Err(e) => {
+                                eprintln!("nsmatrix shell: Codex CLI {version}: {e:#}");
+                                return exit::ERRORS;
+                            }
+                        }
+                    }
+                }
                 match q.shell(&cell.env, spec).await {
                     Ok(()) => exit::OK,
                     Err(e) => {

@@ -32,12 +32,15 @@ fn sysctl_set(name: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// (setuid, argv) → "pass" | signature | "skip".
-async fn measure(
+/// One guest of `kernel` with the sysctl set `set` running `subjects` on `scenario` (uid
+/// 1000): the records in the order of `subjects`.
+async fn run_cells(
     kernel: &str,
     set: &str,
     image: Option<&str>,
-) -> Option<std::collections::HashMap<(SetuidMode, ArgvProfile), String>> {
+    subjects: &[SubjectSpec],
+    scenario: &str,
+) -> Option<Vec<CellRecord>> {
     let b = match QemuBackend::probe().await {
         Ok(b) => b,
         Err(u) => {
@@ -57,7 +60,7 @@ async fn measure(
             sysctls: sysctls.clone(),
         }),
     };
-    let batch = format!("matrix-{kernel}-{set}");
+    let batch = format!("matrix-{kernel}-{set}-{}", subjects.len());
     let spec = BatchSpec {
         version: PROTOCOL_VERSION,
         batch_id: batch.clone(),
@@ -67,18 +70,16 @@ async fn measure(
         restrictions: Default::default(),
         sysctls: sysctls.clone(),
         agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_nsmatrix")),
-        cells: CELLS
+        cells: subjects
             .iter()
             .enumerate()
-            .map(|(i, (setuid, argv))| CellSpec {
+            .map(|(i, subject)| CellSpec {
                 id: format!("{i}"),
-                subject: SubjectSpec::Bwrap {
-                    build: "system".into(),
-                    setuid: *setuid,
-                    argv: *argv,
-                },
-                scenario_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios/add_file"),
-                timeout_ms: 30_000,
+                subject: subject.clone(),
+                scenario_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("scenarios")
+                    .join(scenario),
+                timeout_ms: 60_000,
                 needs_sysctls: sysctls.keys().cloned().collect(),
             })
             .collect(),
@@ -88,14 +89,14 @@ async fn measure(
         run_id: "test".into(),
         batch_id: batch.clone(),
         log_dir: std::env::temp_dir().join(format!("nsmatrix-qemu-test-logs/{batch}")),
-        timeout: Duration::from_secs(240),
+        timeout: Duration::from_secs(300),
         cancel: CancellationToken::new(),
         events: tx,
     };
     let timed = b.run_batch_timed(&env, spec, &ctx).await;
     drop(ctx);
     let timings = timed.unwrap_or_else(|e| panic!("{kernel} {set}: {e}"));
-    let mut out = std::collections::HashMap::new();
+    let mut out: Vec<Option<CellRecord>> = vec![None; subjects.len()];
     while let Some(ev) = rx.recv().await {
         if let BackendEvent::Agent {
             event: AgentEvent::CellFinished(c),
@@ -103,23 +104,51 @@ async fn measure(
         } = ev
         {
             let i: usize = c.id.parse().unwrap();
-            let r = match &c.outcome {
-                Outcome::Passed => "pass".to_string(),
-                Outcome::Failed { signature, .. } => signature.clone(),
-                Outcome::Skipped { reason } => format!("skip ({reason})"),
-                Outcome::Error { message, .. } => format!("error ({message})"),
-            };
-            eprintln!(
-                "{kernel:<13} {set:<15} {:<6?} {:<13} {r}   [{}]",
-                CELLS[i].0,
-                CELLS[i].1.as_str(),
-                c.stderr_tail.trim()
-            );
-            out.insert(CELLS[i], r);
+            out[i] = Some(c);
         }
     }
     eprintln!("{kernel} {set}: {timings:?}");
-    assert_eq!(out.len(), CELLS.len(), "{kernel} {set}: {out:?}");
+    let out: Vec<CellRecord> = out.into_iter().flatten().collect();
+    assert_eq!(out.len(), subjects.len(), "{kernel} {set}: {out:?}");
+    Some(out)
+}
+
+/// "pass" | signature | "skip (why)" | "error (why)".
+fn verdict(c: &CellRecord) -> String {
+    match &c.outcome {
+        Outcome::Passed => "pass".to_string(),
+        Outcome::Failed { signature, .. } => signature.clone(),
+        Outcome::Skipped { reason } => format!("skip ({reason})"),
+        Outcome::Error { message, .. } => format!("error ({message})"),
+    }
+}
+
+/// (setuid, argv) → "pass" | signature | "skip".
+async fn measure(
+    kernel: &str,
+    set: &str,
+    image: Option<&str>,
+) -> Option<std::collections::HashMap<(SetuidMode, ArgvProfile), String>> {
+    let subjects: Vec<SubjectSpec> = CELLS
+        .iter()
+        .map(|(setuid, argv)| SubjectSpec::Bwrap {
+            build: "system".into(),
+            setuid: *setuid,
+            argv: *argv,
+        })
+        .collect();
+    let records = run_cells(kernel, set, image, &subjects, "add_file").await?;
+    let mut out = std::collections::HashMap::new();
+    for (i, c) in records.iter().enumerate() {
+        let r = verdict(c);
+        eprintln!(
+            "{kernel:<13} {set:<15} {:<6?} {:<13} {r}   [{}]",
+            CELLS[i].0,
+            CELLS[i].1.as_str(),
+            c.stderr_tail.trim()
+        );
+        out.insert(CELLS[i], r);
+    }
     Some(out)
 }
 
@@ -182,4 +211,79 @@ async fn qemu_matrix_debian_6_12() {
     // With trixie's own bwrap 0.12 setuid is refused (facts §3b; the default matrix measures
     // that): the kernel's own behaviour is checked with bookworm's bwrap here.
     debian("debian-6.12", Some("bookworm"), "pass").await;
+}
+
+/// The Codex CLI `version` from npm (cached), as a cell's subject.
+fn codex(version: &str) -> Option<SubjectSpec> {
+    match nsmatrix::artifacts::npm::codex_package(version) {
+        Ok(p) => Some(SubjectSpec::Codex {
+            version: version.into(),
+            codex_bin: p.codex,
+        }),
+        Err(e) => {
+            common::require(false, &format!("Codex CLI {version} from npm: {e:#}"));
+            None
+        }
+    }
+}
+
+/// Codex in guests: every release of the batch comes on its own read-only disk, mounted by
+/// the agent at /opt/codex/VERSION (not in the initramfs), and runs there as uid 1000 with the
+/// bwrap it picks observed in /proc. One boot serves both releases.
+#[tokio::test]
+async fn qemu_codex_cells() {
+    let (Some(pinned), Some(old)) = (codex("0.171.0"), codex("0.128.0")) else {
+        return;
+    };
+    let both = [pinned, old];
+    let Some(r) = run_cells("debian-6.1", "default", None, &both, "add_file").await else {
+        return;
+    };
+    for (c, v) in r.iter().zip(["0.171.0", "0.128.0"]) {
+        eprintln!(
+            "debian-6.1 codex {v}: {} via {:?}",
+            verdict(c),
+            c.details.get("codex.bwrap")
+        );
+        assert_eq!(verdict(c), "pass", "codex {v}: {c:?}");
+        assert_eq!(
+            c.details["codex.path"],
+            format!("/opt/codex/{v}/bin/codex"),
+            "{c:?}"
+        );
+        assert!(
+            c.details["codex.bwrap"].starts_with("/usr/bin/bwrap (system)"),
+            "{c:?}"
+        );
+        let witness = &c.details["codex.sandbox-witness"];
+        assert!(
+            witness.contains("/usr/bin/bwrap") && witness.contains("user"),
+            "{witness}"
+        );
+    }
+    let Some(r) = run_cells("nouserns-6.1", "default", None, &both, "add_file").await else {
+        return;
+    };
+    for (c, v) in r.iter().zip(["0.171.0", "0.128.0"]) {
+        eprintln!(
+            "nouserns-6.1 codex {v}: {} via {:?}",
+            verdict(c),
+            c.details.get("codex.bwrap")
+        );
+    }
+    // Measured: on a kernel without user namespaces both run the guest's unprivileged
+    // /usr/bin/bwrap, which gets EPERM; 0.171.0 does not fall back to its bundled bwrap then.
+    for (c, v) in r.iter().zip(["0.171.0", "0.128.0"]) {
+        assert_eq!(verdict(c), "userns-denied", "codex {v}: {c:?}");
+        assert_eq!(
+            c.details["codex.path"],
+            format!("/opt/codex/{v}/bin/codex"),
+            "{c:?}"
+        );
+        assert!(
+            c.details["codex.bwrap"].starts_with("/usr/bin/bwrap (system)"),
+            "{c:?}"
+        );
+        assert_eq!(c.details["codex.bwrap-setuid-effective"], "false", "{c:?}");
+    }
 }

@@ -203,30 +203,10 @@ struct SeenBwrap {
     argv: String,
 }
 
-/// Every `bwrap` process whose ancestry reaches `root` (the codex process).
+/// Every `bwrap` process below `root` (the codex process).
 fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return;
-    };
-    let mut parent: HashMap<u32, u32> = HashMap::new();
     let mut bwraps: Vec<(u32, String)> = Vec::new();
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let ppid = rest
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        parent.insert(pid, ppid);
+    for (pid, _) in super::witness::descendants(root) {
         if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
             let exe = exe.to_string_lossy().into_owned();
             let named_bwrap = |p: &str| {
@@ -249,15 +229,6 @@ fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
         }
     }
     for (pid, exe) in bwraps {
-        let mut p = pid;
-        let mut hops = 0;
-        while p != root && p > 1 && hops < 64 {
-            p = parent.get(&p).copied().unwrap_or(0);
-            hops += 1;
-        }
-        if p != root {
-            continue;
-        }
         let (mut ruid, mut euid) = (u32::MAX, u32::MAX);
         if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status"))
             && let Some(line) = status.lines().find(|l| l.starts_with("Uid:"))
@@ -351,16 +322,19 @@ pub(super) fn prepare_and_run_codex(
     let mut seen = Vec::new();
     let mut witnessed: Option<super::witness::Seen> = None;
     let agent_bin = ctx.spec.agent_bin.clone();
+    let (uid, gid) = (ctx.spec.uid, ctx.spec.gid);
     let mut observe = |pid: u32| {
-        if witnessed.is_none()
-            && let Some(w) = super::witness::find_waiting(pid, &agent_bin)
-        {
-            // While the witness waits, the sandbox around it is alive: see it, then go on.
+        super::witness::as_fsuid(uid, gid, || {
+            if witnessed.is_none()
+                && let Some(w) = super::witness::find_waiting(pid, &agent_bin)
+            {
+                // While the witness waits, the sandbox around it is alive: see it, then go on.
+                scan_bwrap(pid, &mut seen);
+                super::witness::release(&w);
+                witnessed = Some(w);
+            }
             scan_bwrap(pid, &mut seen);
-            super::witness::release(&w);
-            witnessed = Some(w);
-        }
-        scan_bwrap(pid, &mut seen);
+        })
     };
     let run = run_program(
         ctx,

@@ -305,7 +305,7 @@ fn listen_for_stop(dockerd: libc::pid_t) {
 }
 
 /// The block device whose virtio serial is `serial` (waiting for the driver to probe it).
-fn wait_disk(serial: &str, wait: Duration) -> Result<String> {
+pub(super) fn wait_disk(serial: &str, wait: Duration) -> Result<String> {
     let deadline = Instant::now() + wait;
     loop {
         if let Ok(rd) = fs::read_dir("/sys/block") {

@@ -22,6 +22,12 @@ pub(crate) const GUEST_BATCH: &str = "/nsmatrix/batch.json";
 pub(crate) const GUEST_AGENT: &str = "/nsmatrix/nsmatrix";
 pub(crate) const GUEST_MODULES_DIR: &str = "/nsmatrix/modules";
 pub(crate) const GUEST_MODULES_LIST: &str = "/nsmatrix/modules/load";
+/// The read-only disks to mount, one `SERIAL MOUNTPOINT` line each (absent: none).
+pub(crate) const GUEST_DISKS: &str = "/nsmatrix/disks";
+/// Modules to load before mounting them (a packaged kernel's virtio_blk and ext4), with `load`.
+pub(crate) const GUEST_DISK_MODULES_DIR: &str = "/nsmatrix/disk-modules";
+/// Codex packages are mounted at `<this>/<version>`.
+pub(crate) const GUEST_CODEX_ROOT: &str = "/opt/codex";
 /// The virtio-serial port name the results travel on.
 pub(crate) const RESULTS_PORT: &str = "nsmatrix.results";
 /// Printed on the console when the batch is about to run; the launcher times the boot by it.
@@ -74,7 +80,7 @@ fn run() -> Result<()> {
     }
     pivotable_root().context("failed to make the root pivotable")?;
     mount_basics()?;
-    let loaded = load_modules()?;
+    let loaded = load_modules(GUEST_MODULES_DIR, GUEST_MODULES_LIST)?;
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let mode = cmdline
         .split_whitespace()
@@ -95,6 +101,7 @@ fn run() -> Result<()> {
         spec.cells.len(),
         t0.elapsed().as_millis()
     );
+    mount_disks().context("failed to mount the batch's disks")?;
     if mode == "shell" {
         return shell(&spec);
     }
@@ -213,14 +220,49 @@ pub(super) fn mount(
     Ok(())
 }
 
-/// Load the modules listed (in dependency order) by the launcher; a built-in one is not listed.
-fn load_modules() -> Result<Vec<String>> {
-    let Ok(list) = fs::read_to_string(GUEST_MODULES_LIST) else {
+/// Mount the read-only disks of [`GUEST_DISKS`] (the Codex packages), after loading the
+/// modules that reading them needs.
+fn mount_disks() -> Result<()> {
+    let Ok(list) = fs::read_to_string(GUEST_DISKS) else {
+        return Ok(());
+    };
+    let t = Instant::now();
+    let loaded = load_modules(
+        GUEST_DISK_MODULES_DIR,
+        &format!("{GUEST_DISK_MODULES_DIR}/load"),
+    )?;
+    for line in list.lines().filter(|l| !l.trim().is_empty()) {
+        let (serial, at) = line
+            .split_once(' ')
+            .ok_or_else(|| anyhow!("{GUEST_DISKS}: bad line {line:?}"))?;
+        let dev = super::engine::wait_disk(serial, Duration::from_secs(10))?;
+        fs::create_dir_all(at)?;
+        mount(
+            Some(&dev),
+            at,
+            Some("ext4"),
+            libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID,
+            None,
+        )?;
+        eprintln!("nsmatrix-init: {dev} ({serial}) mounted read-only at {at}");
+    }
+    eprintln!(
+        "nsmatrix-init: disks mounted in {} ms ({} modules loaded for them)",
+        t.elapsed().as_millis(),
+        loaded.len()
+    );
+    Ok(())
+}
+
+/// Load the modules listed (in dependency order) in `list`; a built-in one is not listed, one
+/// already loaded is skipped.
+fn load_modules(dir: &str, list: &str) -> Result<Vec<String>> {
+    let Ok(list) = fs::read_to_string(list) else {
         return Ok(Vec::new());
     };
     let mut loaded = Vec::new();
     for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let path = Path::new(GUEST_MODULES_DIR).join(name);
+        let path = Path::new(dir).join(name);
         let f =
             fs::File::open(&path).with_context(|| format!("failed to open {}", path.display()))?;
         let params = CString::new("").unwrap();

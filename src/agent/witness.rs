@@ -89,7 +89,11 @@ impl Seen {
         format!(
             "observed: the witness (pid {}) ran under {} in its own {} namespace(s)",
             self.pid,
-            self.ancestors.join(" < "),
+            if self.ancestors.is_empty() {
+                "the process the agent started (a direct child)".to_string()
+            } else {
+                self.ancestors.join(" < ")
+            },
             if self.own_namespaces.is_empty() {
                 "(none!)".to_string()
             } else {
@@ -108,24 +112,14 @@ pub fn release(seen: &Seen) {
 /// what is seen of it; the caller then [`release`]s it. `None` while there is none yet.
 pub fn find_waiting(root: u32, agent_bin: &Path) -> Option<Seen> {
     let me = fs::metadata(agent_bin).ok()?;
-    let mut stack = vec![root];
-    let mut parent = std::collections::HashMap::new();
-    let mut found = None;
-    while let Some(p) = stack.pop() {
-        for child in children(p) {
-            parent.insert(child, p);
-            stack.push(child);
-            if found.is_none()
-                && fs::metadata(format!("/proc/{child}/exe"))
-                    .is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino())
-                && usr1_caught(child)
-                && cmd_is_witness(child)
-            {
-                found = Some(child);
-            }
-        }
-    }
-    let pid = found?;
+    let tree = descendants(root);
+    let parent: std::collections::HashMap<u32, u32> = tree.iter().copied().collect();
+    let pid = tree.iter().map(|&(child, _)| child).find(|&child| {
+        fs::metadata(format!("/proc/{child}/exe"))
+            .is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino())
+            && usr1_caught(child)
+            && cmd_is_witness(child)
+    })?;
     let mut ancestors = Vec::new();
     let mut p = parent.get(&pid).copied();
     while let Some(a) = p {
@@ -153,17 +147,91 @@ pub fn find_waiting(root: u32, agent_bin: &Path) -> Option<Seen> {
     })
 }
 
-fn children(pid: u32) -> Vec<u32> {
+/// Every process below `root` with its parent, found from `root` down through
+/// `/proc/PID/task/TID/children`; a kernel without them (CONFIG_PROC_CHILDREN off, as in
+/// small kernels) gets one pass over every process's parent in `/proc`.
+pub fn descendants(root: u32) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        if let Ok(s) = fs::read_to_string(t.path().join("children")) {
-            out.extend(s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        let Some(kids) = children(p) else {
+            return descendants_by_scan(root);
+        };
+        for child in kids {
+            out.push((child, p));
+            stack.push(child);
         }
     }
     out
+}
+
+/// `None` when the kernel has no `children` files (or `pid` is gone).
+fn children(pid: u32) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut any = false;
+    for t in tasks.flatten() {
+        if let Ok(s) = fs::read_to_string(t.path().join("children")) {
+            any = true;
+            out.extend(s.split_whitespace().filter_map(|x| x.parse::<u32>().ok()));
+        }
+    }
+    any.then_some(out)
+}
+
+fn descendants_by_scan(root: u32) -> Vec<(u32, u32)> {
+    let mut parent: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the command name (which may hold spaces) in parentheses.
+        if let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+        {
+            parent.insert(pid, ppid);
+        }
+    }
+    parent
+        .iter()
+        .filter(|&(&pid, _)| {
+            let mut p = pid;
+            for _ in 0..64 {
+                match parent.get(&p) {
+                    Some(&pp) if pp == root => return true,
+                    Some(&pp) if pp > 1 => p = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .map(|(&pid, &ppid)| (pid, ppid))
+        .collect()
+}
+
+/// Run `f` with the file-system uid and gid of `uid`/`gid` (when this process is root and
+/// `uid` is not): a process's `/proc` links (`exe`, `ns/*`) are readable to its own uid and
+/// gid, and to root only with CAP_SYS_PTRACE, which a container's root lacks under Docker's
+/// defaults.
+pub fn as_fsuid<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
+    // SAFETY: setfsuid(2)/setfsgid(2) change only this thread's file-system ids, and they
+    // are put back.
+    unsafe {
+        if uid == 0 || libc::geteuid() != 0 {
+            return f();
+        }
+        let gid_before = libc::setfsgid(gid) as u32;
+        let uid_before = libc::setfsuid(uid) as u32;
+        let out = f();
+        libc::setfsuid(uid_before);
+        libc::setfsgid(gid_before);
+        out
+    }
 }
 
 /// The witness has its SIGUSR1 handler: a signal now releases it, never kills it.

@@ -155,12 +155,25 @@ fn kernels_root() -> PathBuf {
     cache_dir().join("kernels")
 }
 
-/// A cached kernel of that name, whatever its key (no network). The newest wins.
+/// A cached kernel of that name, whatever its key (no network). The newest wins. A built
+/// kernel whose config lacks a line of the fragment compiled into this nsmatrix was built from
+/// an older fragment and is not taken (the fragment changed: build again).
 pub fn cached(name: &str) -> Option<Kernel> {
+    let fragment = Catalog::builtin()
+        .get(name)
+        .ok()
+        .and_then(|k| k.fragment.clone())
+        .and_then(|f| FRAGMENTS.iter().find(|(p, _)| *p == f).map(|(_, t)| *t));
     let mut dirs: Vec<_> = fs::read_dir(kernels_root().join(name))
         .ok()?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("kernel.json").exists())
+        .filter(|e| {
+            fragment.is_none_or(|f| {
+                fs::read_to_string(e.path().join("config"))
+                    .is_ok_and(|c| check_fragment(f, &c).is_ok())
+            })
+        })
         .collect();
     dirs.sort_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
     Kernel::load(&dirs.last()?.path()).ok()

@@ -51,6 +51,12 @@ static TABLE: &[Signature] = &[
         patterns: &[Contains("Unknown option --argv0")],
     },
     Signature {
+        name: "landlock-unsupported",
+        mechanism: "Codex's Landlock+seccomp sandbox (0.114 and before) cannot restrict the command: the kernel has no Landlock (before 5.13, or built without CONFIG_SECURITY_LANDLOCK), and Codex panics",
+        remedy: "use a kernel with Landlock (5.13+ with CONFIG_SECURITY_LANDLOCK=y), or a Codex release that sandboxes with bwrap (0.115 and later)",
+        patterns: &[Contains("Sandbox(LandlockRestrict)")],
+    },
+    Signature {
         name: "userns-lsm-denied",
         mechanism: "clone(CLONE_NEWUSER) gives EACCES: a security module denies the user namespace (AppArmor's unprivileged-userns restriction, an SELinux policy)",
         remedy: "allow the program in the security module (an AppArmor profile with `userns,` for bwrap) or set kernel.apparmor_restrict_unprivileged_userns=0",
@@ -541,6 +547,10 @@ mod tests {
                 "setuid-refused",
             ),
             ("bwrap: Unknown option --argv0", "bwrap-too-old"),
+            (
+                "error applying legacy Linux sandbox restrictions: Sandbox(LandlockRestrict)",
+                "landlock-unsupported",
+            ),
             (
                 "bwrap: Unknown option --disable-userns",
                 "bwrap-option-unsupported",

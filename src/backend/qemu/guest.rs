@@ -15,11 +15,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::agent::init::{GUEST_AGENT, GUEST_BATCH, GUEST_MODULES_DIR, GUEST_MODULES_LIST};
+use crate::agent::init::{
+    GUEST_AGENT, GUEST_BATCH, GUEST_CODEX_ROOT, GUEST_DISK_MODULES_DIR, GUEST_DISKS,
+    GUEST_MODULES_DIR, GUEST_MODULES_LIST,
+};
 use crate::artifacts::cache::cache_dir;
 use crate::artifacts::debian::{Mirror, extract_deb};
 use crate::artifacts::kernels::Kernel;
-use crate::protocol::{BatchSpec, Carry, Layout, relocate};
+use crate::protocol::{BatchSpec, Carry, Layout, SubjectSpec, relocate};
 
 /// Bump when the root file system's recipe changes.
 const ROOTFS_RECIPE: &str = "debs:bubblewrap,busybox-static;merged-usr;pruned v1";
@@ -246,10 +249,92 @@ pub(crate) const GUEST_LAYOUT: Layout<'static> = Layout {
     work_dir: GUEST_WORK_DIR,
 };
 
+/// The read-only disks a batch's guest mounts: one cached ext4 image per Codex version its
+/// cells run (never in the initramfs: a Codex binary is 130-315 MB, which TCG would unpack on
+/// every boot), and the modules the guest's kernel needs to read them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GuestDisks {
+    /// (image, virtio serial, mount point in the guest).
+    pub disks: Vec<(PathBuf, String, String)>,
+    /// A Codex binary as the host's spec names it → its package directory in the guest.
+    pub codex: Vec<(PathBuf, String)>,
+    /// Modules loaded before mounting (a packaged kernel's virtio_blk, ext4 and their
+    /// dependencies): their directory and file names in load order.
+    pub modules: Option<(PathBuf, Vec<String>)>,
+}
+
+impl GuestDisks {
+    /// The disks `spec`'s Codex cells need (none for a batch without Codex), built and cached
+    /// by [`codex_disk`](crate::backend::guest_docker::engine::disks::codex_disk) once per
+    /// version.
+    pub(crate) fn for_batch(kernel: &Kernel, spec: &BatchSpec) -> Result<GuestDisks> {
+        use crate::backend::guest_docker::engine::disks;
+        let mut wanted: Vec<(String, PathBuf)> = Vec::new();
+        for c in &spec.cells {
+            if let SubjectSpec::Codex { version, codex_bin } = &c.subject
+                && !wanted.iter().any(|(_, b)| b == codex_bin)
+            {
+                wanted.push((version.clone(), codex_bin.clone()));
+            }
+        }
+        let mut out = GuestDisks::default();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        for (i, (version, bin)) in wanted.into_iter().enumerate() {
+            // A package that is not cached leaves its cells to SKIP in the guest, as elsewhere.
+            if !bin.is_file() {
+                continue;
+            }
+            let image = disks::codex_disk(&version)?;
+            let mount = format!("{GUEST_CODEX_ROOT}/{version}");
+            out.disks
+                .push((image, format!("nsm-codex-{i}"), mount.clone()));
+            out.codex.push((bin, mount));
+        }
+        let (dir, names) = disks::engine_modules(kernel)?;
+        out.modules = Some((dir, names));
+        Ok(out)
+    }
+
+    /// The (image, serial) pairs for the launcher.
+    pub(crate) fn drives(&self) -> Vec<(PathBuf, String)> {
+        self.disks
+            .iter()
+            .map(|(f, s, _)| (f.clone(), s.clone()))
+            .collect()
+    }
+}
+
 /// Write the per-batch initramfs: `base` followed by the agent, the spec and what
-/// [`relocate`] says the batch needs (scenarios, Codex). Returns the guest's spec.
-pub(crate) fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> Result<BatchSpec> {
-    let (guest_spec, carry) = relocate(spec, &GUEST_LAYOUT);
+/// [`relocate`] says the batch needs (scenarios; Codex packages come on `disks` instead).
+/// Returns the guest's spec.
+pub(crate) fn write_batch_initrd(
+    base: &Path,
+    spec: &BatchSpec,
+    disks: &GuestDisks,
+    dest: &Path,
+) -> Result<BatchSpec> {
+    let (mut guest_spec, mut carry) = relocate(spec, &GUEST_LAYOUT);
+    // Codex runs from its disk, where the agent mounts it: nothing of it is carried.
+    let codex_carried = format!("{}/codex/", GUEST_LAYOUT.root);
+    carry
+        .retain(|c| !matches!(c, Carry::File { inside, .. } if inside.starts_with(&codex_carried)));
+    for (host_cell, cell) in spec.cells.iter().zip(guest_spec.cells.iter_mut()) {
+        if let (
+            SubjectSpec::Codex {
+                codex_bin: host, ..
+            },
+            SubjectSpec::Codex { codex_bin, .. },
+        ) = (&host_cell.subject, &mut cell.subject)
+        {
+            *codex_bin = match disks.codex.iter().find(|(h, _)| h == host) {
+                Some((_, dir)) => PathBuf::from(format!("{dir}/bin/codex")),
+                // Not on any disk (not cached): the agent SKIPs it as not in this environment.
+                None => PathBuf::from(format!("{GUEST_CODEX_ROOT}/missing/bin/codex")),
+            };
+        }
+    }
     fs::copy(base, dest).with_context(|| format!("failed to copy {}", base.display()))?;
     let f = fs::OpenOptions::new().append(true).open(dest)?;
     let mut w = Cpio::new(BufWriter::new(f));
@@ -283,6 +368,23 @@ pub(crate) fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> 
                 w.file(inside.trim_start_matches('/'), *mode, &data)?;
             }
             Carry::Dir { host, inside } => w.tree(host, inside.trim_start_matches('/'))?,
+        }
+    }
+    if !disks.disks.is_empty() {
+        let mut list = String::new();
+        for (_, serial, mount) in &disks.disks {
+            list.push_str(&format!("{serial} {mount}\n"));
+        }
+        w.file(GUEST_DISKS.trim_start_matches('/'), 0o644, list.as_bytes())?;
+        if let Some((dir, names)) = &disks.modules {
+            let at = GUEST_DISK_MODULES_DIR.trim_start_matches('/');
+            w.dir(at, 0o755)?;
+            for m in names {
+                let data = fs::read(dir.join(m))
+                    .with_context(|| format!("failed to read {}", dir.join(m).display()))?;
+                w.file(&format!("{at}/{m}"), 0o644, &data)?;
+            }
+            w.file(&format!("{at}/load"), 0o644, names.join("\n").as_bytes())?;
         }
     }
     w.file(

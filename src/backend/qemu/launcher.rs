@@ -60,6 +60,9 @@ pub(crate) struct Launch {
     pub results: Option<PathBuf>,
     /// `nsmatrix.mode=` on the kernel command line.
     pub mode: &'static str,
+    /// Read-only raw disk images attached as virtio disks, with the serial the guest finds
+    /// each by (the Codex packages).
+    pub disks: Vec<(PathBuf, String)>,
 }
 
 impl Launch {
@@ -100,6 +103,19 @@ impl Launch {
             Console::Stdio => push(&["-chardev", "stdio,id=con,signal=off"]),
         }
         push(&["-serial", "chardev:con"]);
+        for (i, (file, serial)) in self.disks.iter().enumerate() {
+            // Shared read-only by every guest that needs it; the host's page cache keeps it
+            // warm between guests.
+            push(&[
+                "-drive",
+                &format!(
+                    "if=none,id=ro{i},format=raw,readonly=on,file={}",
+                    file.display()
+                ),
+                "-device",
+                &format!("virtio-blk-pci,drive=ro{i},serial={serial}"),
+            ]);
+        }
         if let Some(r) = &self.results {
             push(&["-device", "virtio-serial-pci,id=vser"]);
             push(&["-chardev", &format!("file,id=res,path={}", r.display())]);
@@ -311,6 +327,7 @@ mod tests {
             console: Console::File("/l/console.log".into()),
             results: Some("/r/results".into()),
             mode: "batch",
+            disks: vec![("/c/codex-0.171.0.ext4".into(), "nsm-codex-0".into())],
         };
         let a = l.argv().join(" ");
         for want in [
@@ -322,6 +339,8 @@ mod tests {
             "rdinit=/nsmatrix/nsmatrix",
             "file,id=con,path=/l/console.log",
             "name=nsmatrix.results",
+            "if=none,id=ro0,format=raw,readonly=on,file=/c/codex-0.171.0.ext4",
+            "virtio-blk-pci,drive=ro0,serial=nsm-codex-0",
         ] {
             assert!(a.contains(want), "{want} missing from {a}");
         }

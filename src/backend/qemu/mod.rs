@@ -13,7 +13,7 @@ use anyhow::Context;
 use crate::protocol::BatchSpec;
 
 pub(crate) use accel::test_boot;
-pub(crate) use guest::{ensure_base, ensure_rootfs, write_batch_initrd};
+pub(crate) use guest::{GuestDisks, ensure_base, ensure_rootfs, write_batch_initrd};
 pub use launcher::Accel;
 pub(crate) use launcher::{Console, Ending, Launch, watch};
 
@@ -145,11 +145,15 @@ impl QemuBackend {
         let run_dir = RunDir::new(&ctx.run_id, &ctx.batch_id).map_err(err(Stage::Provision))?;
         let (kernel, base) = self.provision(env).await.map_err(err(Stage::Provision))?;
         let initrd = run_dir.path.join("initrd.cpio");
-        let (b, s, i) = (base.clone(), spec.clone(), initrd.clone());
-        tokio::task::spawn_blocking(move || write_batch_initrd(&b, &s, &i))
-            .await
-            .map_err(|e| BatchError::new(Stage::Provision, e.to_string()))?
-            .map_err(err(Stage::Provision))?;
+        let (b, s, i, k) = (base.clone(), spec.clone(), initrd.clone(), kernel.clone());
+        let disks = tokio::task::spawn_blocking(move || -> anyhow::Result<GuestDisks> {
+            let disks = GuestDisks::for_batch(&k, &s)?;
+            write_batch_initrd(&b, &s, &disks, &i)?;
+            Ok(disks)
+        })
+        .await
+        .map_err(|e| BatchError::new(Stage::Provision, e.to_string()))?
+        .map_err(err(Stage::Provision))?;
         let provision = t.elapsed();
         done(Stage::Provision, t);
 
@@ -165,6 +169,7 @@ impl QemuBackend {
             console: Console::File(console_log.clone()),
             results: Some(results),
             mode: "batch",
+            disks: disks.drives(),
         };
         stage(Stage::Start);
         let t = std::time::Instant::now();
@@ -249,7 +254,8 @@ impl QemuBackend {
         let run_dir = RunDir::new("shell", &spec.batch_id)?;
         let (kernel, base) = self.provision(env).await?;
         let initrd = run_dir.path.join("initrd.cpio");
-        write_batch_initrd(&base, &spec, &initrd)?;
+        let disks = GuestDisks::for_batch(&kernel, &spec)?;
+        write_batch_initrd(&base, &spec, &disks, &initrd)?;
         let launch = Launch {
             qemu: self.qemu.clone(),
             accel: self.accel,
@@ -259,6 +265,7 @@ impl QemuBackend {
             console: Console::Stdio,
             results: None,
             mode: "shell",
+            disks: disks.drives(),
         };
         let status = tokio::process::Command::new(&self.qemu)
             .args(launch.argv())
