@@ -297,6 +297,27 @@ pub(crate) fn write_batch_initrd(base: &Path, spec: &BatchSpec, dest: &Path) -> 
     Ok(guest_spec)
 }
 
+/// What the bare boot's init prints before it powers off.
+pub(crate) const BARE_MARK: &str = "nsmatrix-bare-boot-init";
+
+/// `base` followed by an init script at the agent's path that powers off at once (the bare
+/// boot [`super::QemuBackend::bare_boot`] compares a batch with).
+pub(crate) fn write_bare_initrd(base: &Path, dest: &Path) -> Result<()> {
+    fs::copy(base, dest).with_context(|| format!("failed to copy {}", base.display()))?;
+    let f = fs::OpenOptions::new().append(true).open(dest)?;
+    let mut w = Cpio::new(BufWriter::new(f));
+    w.file(
+        GUEST_AGENT.trim_start_matches('/'),
+        0o755,
+        format!("#!/bin/sh\necho {BARE_MARK}\nexec poweroff -f\n").as_bytes(),
+    )?;
+    w.finish()?
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    Ok(())
+}
+
 /// A copy of the agent without debug info (cached by size and mtime): under TCG every byte of
 /// the initramfs costs boot time, and debug info can be half of the binary. Without `strip`
 /// the binary is used as it is.
