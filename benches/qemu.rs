@@ -1,6 +1,6 @@
 //! Per kernel under the probed accelerator, side by side (interleaved, median of
 //! `NSMATRIX_BENCH_RUNS`, default 3): a bare boot (same kernel, base initramfs and QEMU flags,
-//! an init that powers off at once), a batch of 1 cell and of 12 cells (the per-batch initramfs
+//! an init that ends the guest at once), a batch of 1 cell and of 12 cells (the per-batch initramfs
 //! included), their ratio to the bare boot and a cell's marginal cost.
 //! `cargo bench --bench qemu [-- KERNEL...]`. Needs qemu and the kernels (fetched/built on use).
 

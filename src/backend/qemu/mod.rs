@@ -94,14 +94,18 @@ impl QemuBackend {
         })
     }
 
-    /// Fetch/build the kernel and assemble the guest's base initramfs (blocking work).
-    pub(crate) async fn provision(&self, env: &Environment) -> anyhow::Result<(Kernel, PathBuf)> {
+    /// Fetch/build the kernel and assemble the guest's base initramfs (blocking work). Returns
+    /// the kernel, the base initramfs and the image QEMU boots ([`guest::boot_image`]).
+    pub(crate) async fn provision(
+        &self,
+        env: &Environment,
+    ) -> anyhow::Result<(Kernel, PathBuf, PathBuf)> {
         let q = env
             .qemu()
             .with_context(|| format!("environment {} is not a qemu environment", env.id))?;
         let kernel_name = q.kernel.clone();
         let image = q.image.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(Kernel, PathBuf)> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Kernel, PathBuf, PathBuf)> {
             let kernel = kernels::ensure(&kernel_name)?;
             let suite = match image {
                 Some(i) => i,
@@ -112,7 +116,8 @@ impl QemuBackend {
             };
             let rootfs = ensure_rootfs(&suite, false)?;
             let base = ensure_base(&kernel, &rootfs)?;
-            Ok((kernel, base))
+            let boot = guest::boot_image(&kernel);
+            Ok((kernel, base, boot))
         })
         .await
         .context("the provisioning task panicked")?
@@ -150,7 +155,7 @@ impl QemuBackend {
             )
         })?;
         let run_dir = RunDir::new(&ctx.run_id, &ctx.batch_id).map_err(err(Stage::Provision))?;
-        let (kernel, base) = self.provision(env).await.map_err(err(Stage::Provision))?;
+        let (_, base, boot) = self.provision(env).await.map_err(err(Stage::Provision))?;
         let initrd = run_dir.path.join("initrd.cpio");
         let (b, s, i) = (base.clone(), spec.clone(), initrd.clone());
         tokio::task::spawn_blocking(move || write_batch_initrd(&b, &s, &i))
@@ -166,7 +171,7 @@ impl QemuBackend {
         let launch = Launch {
             qemu: self.qemu.clone(),
             accel: self.accel,
-            kernel: kernel.vmlinuz(),
+            kernel: boot,
             initrd,
             memory_mb: self.memory_mb,
             console: Console::File(console_log.clone()),
@@ -252,7 +257,7 @@ impl QemuBackend {
 
     /// The reference a batch's boot is measured against: the same kernel, base initramfs
     /// (root file system and modules) and QEMU flags, with a two-line init in place of the
-    /// agent that powers the guest off at once. Returns QEMU's start to its exit.
+    /// agent that ends the guest at once. Returns QEMU's start to its exit.
     pub async fn bare_boot(&self, kernel_name: &str) -> anyhow::Result<Duration> {
         let env = Environment {
             id: format!("bare-{kernel_name}"),
@@ -265,7 +270,7 @@ impl QemuBackend {
                 sysctls: Default::default(),
             }),
         };
-        let (kernel, base) = self.provision(&env).await?;
+        let (_, base, boot) = self.provision(&env).await?;
         let run_dir = RunDir::new("bare", kernel_name)?;
         let initrd = run_dir.path.join("initrd.cpio");
         guest::write_bare_initrd(&base, &initrd)?;
@@ -273,7 +278,7 @@ impl QemuBackend {
         let launch = Launch {
             qemu: self.qemu.clone(),
             accel: self.accel,
-            kernel: kernel.vmlinuz(),
+            kernel: boot,
             initrd,
             memory_mb: self.memory_mb,
             console: Console::File(console.clone()),
@@ -305,13 +310,13 @@ impl QemuBackend {
     /// this terminal (`nsmatrix shell CELL`). Returns when the guest powers off.
     pub(crate) async fn shell(&self, env: &Environment, spec: BatchSpec) -> anyhow::Result<()> {
         let run_dir = RunDir::new("shell", &spec.batch_id)?;
-        let (kernel, base) = self.provision(env).await?;
+        let (_, base, boot) = self.provision(env).await?;
         let initrd = run_dir.path.join("initrd.cpio");
         write_batch_initrd(&base, &spec, &initrd)?;
         let launch = Launch {
             qemu: self.qemu.clone(),
             accel: self.accel,
-            kernel: kernel.vmlinuz(),
+            kernel: boot,
             initrd,
             memory_mb: self.memory_mb,
             console: Console::Stdio,
