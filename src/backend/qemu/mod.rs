@@ -26,8 +26,8 @@ use crate::matrix::model::{BackendKind, Environment};
 /// vCPUs of a batch guest (`-smp`).
 pub(crate) const GUEST_VCPUS: u32 = 1;
 
-/// QEMU's own resident memory beside a guest's RAM (TCG's translation buffer, devices),
-/// rounded up from a measured guest (see docs/architecture.md).
+/// QEMU's own resident memory beside a guest's RAM (TCG's translation buffer, devices). With
+/// the RAM it bounds what a batch guest was measured to use (see docs/architecture.md).
 pub(crate) const QEMU_OVERHEAD_MB: u64 = 128;
 
 /// Lines of console kept in an error message.
