@@ -30,7 +30,8 @@ pub struct RunArgs {
     /// glob). Repeat to narrow (all must match).
     #[arg(long = "filter", short = 'f')]
     pub filters: Vec<String>,
-    /// Batches run at once (a QEMU guest counts more than a container).
+    /// Job slots (default: the number of cores). A process or a container takes one, a guest
+    /// one per vCPU; guests also need their memory free.
     #[arg(long, short = 'j')]
     pub jobs: Option<usize>,
     /// Output directory (default: reports/<run name>).
@@ -195,7 +196,7 @@ pub fn run(a: RunArgs) -> u8 {
         summary
     );
     println!(
-        "nsmatrix: reports in {}/ (report.md, heatmap.svg, junit.xml, results.json, results.jsonl, logs/)",
+        "nsmatrix: reports in {}/ (report.md, heatmap.svg, timeline.svg, junit.xml, results.json, results.jsonl, logs/)",
         out_dir.display()
     );
     if let Some(d) = &diff {

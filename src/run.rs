@@ -81,6 +81,8 @@ pub(crate) async fn run(
         fail_fast: opts.fail_fast,
         repeat,
         log_root: opts.out_dir.join("logs"),
+        memory_mb: crate::schedule::memory_budget_mb(),
+        run_started: started,
     };
     let dispatched =
         crate::schedule::dispatch(&plan, &run_id, &matrix.settings, &dispatch, &mut rec).await?;
@@ -126,6 +128,7 @@ pub(crate) async fn run(
         shard: None,
         repeat,
         require: matrix.settings.require.clone(),
+        timeline: Some(dispatched.timeline),
     })
 }
 

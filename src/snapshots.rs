@@ -111,6 +111,7 @@ fn report_md() {
         shard: None,
         repeat: 1,
         require: Vec::new(),
+        timeline: None,
     };
     let md = crate::report::markdown::render_with(&run, &Default::default());
     insta::with_settings!({ filters => redactions() }, {

@@ -30,9 +30,10 @@ pub(crate) const DEFAULT_WORK_ROOT: &str = "/nsmatrix-work";
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
 
-    /// How many of `--jobs`' permits one batch takes (a guest weighs more than a process).
-    fn weight(&self, _jobs: usize) -> u32 {
-        1
+    /// What one batch of `env` holds while it runs: the scheduler starts it only when that
+    /// much is free (a process or a container: one job slot and no memory to speak of).
+    fn demand(&self, _env: &Environment) -> Demand {
+        Demand::PROCESS
     }
 
     /// Add this backend's part to a batch spec (restrictions, sysctls, work dir).
@@ -61,6 +62,27 @@ pub trait Backend: Send + Sync {
 
     /// (fact, value) rows for `nsmatrix doctor`.
     fn describe(&self) -> Vec<(String, String)>;
+}
+
+/// What a batch holds while it runs, weighed against the machine: `--jobs` slots (one per core
+/// by default) and the memory that was available when the run started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Demand {
+    /// Job slots: a process or a container takes one, a guest one per vCPU.
+    pub cpus: u32,
+    /// Memory it keeps resident (a guest's RAM and QEMU's own), in MiB.
+    pub memory_mb: u64,
+    /// Batches sharing one resource that runs them one after another (the containers of one
+    /// engine guest share its vCPUs): its key and how many may run at once.
+    pub group: Option<(String, u32)>,
+}
+
+impl Demand {
+    pub const PROCESS: Demand = Demand {
+        cpus: 1,
+        memory_mb: 0,
+        group: None,
+    };
 }
 
 /// Estimated cost of a batch in milliseconds: starting its environment plus its cells, for

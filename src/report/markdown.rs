@@ -14,6 +14,8 @@ pub struct Extras<'a> {
     pub baseline: Option<&'a Diff>,
     /// The heat map's file name, next to report.md.
     pub heatmap: Option<&'a str>,
+    /// The timeline's file name, next to report.md (a run that dispatched batches).
+    pub timeline: Option<&'a str>,
 }
 
 pub fn render_with(run: &RunResults, extras: &Extras) -> String {
@@ -334,7 +336,47 @@ pub fn render_with(run: &RunResults, extras: &Extras) -> String {
         }
         md.push('\n');
     }
+    if let (Some(file), Some(t)) = (extras.timeline, &run.timeline) {
+        render_timeline(&mut md, t, run.duration_ms, file);
+    }
     md
+}
+
+/// "Where the time went": the schedule's summary, each backend's part, the slowest batches.
+fn render_timeline(md: &mut String, t: &super::timeline::Timeline, run_ms: u64, file: &str) {
+    let _ = writeln!(
+        md,
+        "## Where the time went
+"
+    );
+    let _ = writeln!(
+        md,
+        "![timeline: one lane per job slot, each batch a bar split into its stages]({file})\n"
+    );
+    let _ = writeln!(md, "{}.\n", super::timeline::summary(t, run_ms));
+    let parts: Vec<String> = t
+        .parts()
+        .into_iter()
+        .map(|(b, start, end)| {
+            format!(
+                "{b} {:.1} s (from {:.1} s)",
+                end.saturating_sub(start) as f64 / 1000.0,
+                start as f64 / 1000.0
+            )
+        })
+        .collect();
+    if !parts.is_empty() {
+        let _ = writeln!(
+            md,
+            "Parts, first batch's start to last one's end: {}.\n",
+            parts.join(", ")
+        );
+    }
+    let _ = writeln!(md, "Slowest batches:\n");
+    for s in t.slowest(5) {
+        let _ = writeln!(md, "- `{}`", super::timeline::span_title(s));
+    }
+    md.push('\n');
 }
 
 fn grid_cell<'a>(cells: impl Iterator<Item = &'a CellResult>) -> String {

@@ -174,5 +174,6 @@ pub fn merge(
         shard: None,
         repeat: first.repeat,
         require: first.require,
+        timeline: None,
     })
 }

@@ -10,6 +10,7 @@ pub mod markdown;
 pub mod merge;
 pub mod model;
 pub mod signoff;
+pub mod timeline;
 
 use std::path::Path;
 
@@ -17,7 +18,8 @@ use anyhow::{Context, Result};
 
 pub use model::{CellResult, RunResults, Status};
 
-/// Write `results.json`, `junit.xml`, `report.md` and `heatmap.svg` into `dir`, with the
+/// Write `results.json`, `junit.xml`, `report.md`, `heatmap.svg` and (for a run that
+/// dispatched batches) `timeline.svg` into `dir`, with the
 /// changes against a baseline (`diff.md`, `diff.json`, the top of
 /// `report.md`, the heat map's marks) when one is given.
 pub fn write_all_with(run: &RunResults, dir: &Path, baseline: Option<&diff::Diff>) -> Result<()> {
@@ -33,6 +35,10 @@ pub fn write_all_with(run: &RunResults, dir: &Path, baseline: Option<&diff::Diff
     w("junit.xml", junit::render(run))?;
     let changed = baseline.map(|d| d.changed_groups()).unwrap_or_default();
     w(heatmap::FILE_NAME, heatmap::render(run, &changed))?;
+    let timeline = run.timeline.as_ref().filter(|t| !t.spans.is_empty());
+    if let Some(t) = timeline {
+        w(timeline::FILE_NAME, timeline::render(t, run.duration_ms))?;
+    }
     if let Some(d) = baseline {
         w("diff.md", d.render_markdown())?;
         w(
@@ -47,6 +53,7 @@ pub fn write_all_with(run: &RunResults, dir: &Path, baseline: Option<&diff::Diff
             &markdown::Extras {
                 baseline,
                 heatmap: Some(heatmap::FILE_NAME),
+                timeline: timeline.map(|_| timeline::FILE_NAME),
             },
         ),
     )?;

@@ -358,6 +358,10 @@ pub struct RunResults {
     /// of their cells is lost coverage and fails the run (exit 4).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub require: Vec<String>,
+    /// When each batch ran on which job slot, stage by stage (`timeline.svg`); absent in
+    /// merged shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<super::timeline::Timeline>,
 }
 
 /// Which shard of how many a run was, and which environments (batches) it held.
@@ -396,6 +400,7 @@ pub(crate) fn sample_run(cells: Vec<CellResult>) -> RunResults {
         shard: None,
         repeat: 1,
         require: Vec::new(),
+        timeline: None,
     }
 }
 

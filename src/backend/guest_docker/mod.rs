@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 
 use super::docker::{self, AgentPlacement, DockerBackend};
-use super::{Backend, BatchCtx, BatchError, Stage, Stages, Unavailable};
+use super::{Backend, BatchCtx, BatchError, Demand, Stage, Stages, Unavailable};
 pub mod engine;
 
 use self::engine::{self as guest_engine, EngineOptions, GUEST_CODEX_DIR, GuestEngine};
@@ -224,6 +224,18 @@ async fn shut_down(r: Running) {
 impl Backend for GuestDockerBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::GuestDocker
+    }
+
+    /// A container runs on its engine guest's one vCPU: one job slot, the guest's memory while
+    /// it runs, and one batch of a guest at a time (two would share the one vCPU, leaving a
+    /// host core idle).
+    fn demand(&self, env: &Environment) -> Demand {
+        Demand {
+            cpus: 1,
+            memory_mb: u64::from(EngineOptions::new("").memory_mb)
+                + crate::backend::qemu::QEMU_OVERHEAD_MB,
+            group: env.guest_docker().map(|g| (g.guest_key(), 1)),
+        }
     }
 
     /// Records what the environment's guest must hold (its image, the Codex package) and

@@ -1,7 +1,8 @@
-//! [`GuestImage`]: the initramfs a guest boots. Two concatenated `newc` cpio archives (the kernel
-//! unpacks both): a cached base (a small root file system from Debian packages — `bubblewrap`,
-//! `busybox-static` and their dependencies — plus the kernel's modules) and a per-batch part
-//! (the static agent, the batch spec, the scenario directories).
+//! [`GuestImage`]: the initramfs a guest boots. Concatenated `newc` cpio archives (the kernel
+//! unpacks them all): a cached base (a small root file system from Debian packages —
+//! `bubblewrap`, `busybox-static` and their dependencies — plus the kernel's modules) with the
+//! static agent appended (cached per base and agent build), then a small per-batch part (the
+//! batch spec, the scenario directories, Codex where a cell needs it).
 //!
 //! Why a small initramfs and not a debootstrap'd image: TCG unpacks and pages in every byte, so
 //! a ~10 MB initramfs boots in a fraction of the time of a 200 MB image, and it needs neither a
@@ -239,13 +240,96 @@ pub(crate) fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// What QEMU boots for `kernel`: the kernel's own uncompressed image through its PVH entry
+/// where the kernel has one (`CONFIG_PVH=y`, Debian's kernels), else the bzImage. Under TCG the
+/// bzImage's decompressor is emulated instruction by instruction (XZ: several seconds per
+/// boot); the uncompressed image is the same kernel, decompressed once here from the same
+/// bzImage and cached beside it. Any failure falls back to the bzImage.
+pub(crate) fn boot_image(kernel: &Kernel) -> PathBuf {
+    let bz = kernel.vmlinuz();
+    let out = kernel.dir.join("vmlinux-pvh");
+    if out.exists() {
+        return out;
+    }
+    let pvh = fs::read_to_string(kernel.dir.join("config"))
+        .is_ok_and(|c| c.lines().any(|l| l.trim() == "CONFIG_PVH=y"));
+    if !pvh {
+        return bz;
+    }
+    match extract_vmlinux(&bz, &out) {
+        Ok(()) => out,
+        Err(e) => {
+            eprintln!(
+                "nsmatrix: booting {} compressed (its uncompressed image could not be extracted: {e:#})",
+                bz.display()
+            );
+            bz
+        }
+    }
+}
+
+/// Decompress a bzImage's payload (XZ or zstd, located by its boot protocol header) into
+/// `out`, an ELF image.
+fn extract_vmlinux(bz: &Path, out: &Path) -> Result<()> {
+    let b = fs::read(bz).with_context(|| format!("failed to read {}", bz.display()))?;
+    let u32_at = |o: usize| -> Result<usize> {
+        let s = b.get(o..o + 4).context("a truncated bzImage")?;
+        Ok(u32::from_le_bytes(s.try_into().expect("4 bytes")) as usize)
+    };
+    anyhow::ensure!(b.get(0x202..0x206) == Some(b"HdrS"), "not a bzImage");
+    let setup_sects = match b.get(0x1f1).copied().unwrap_or(0) {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let start = (setup_sects + 1) * 512 + u32_at(0x248)?;
+    // The payload ends with its uncompressed size (4 bytes), which no decompressor reads.
+    let len = u32_at(0x24c)?.checked_sub(4).context("an empty payload")?;
+    let payload = b.get(start..start + len).context("a truncated payload")?;
+    let tool: &[&str] = if payload.starts_with(b"\xfd7zXZ\x00") {
+        &["xz", "-dc", "--single-stream"]
+    } else if payload.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        &["zstd", "-dcq"]
+    } else {
+        bail!("its payload is neither XZ nor zstd");
+    };
+    let tmp = out.with_extension(unique_tmp());
+    let mut child = std::process::Command::new(tool[0])
+        .args(&tool[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(fs::File::create(&tmp)?)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("failed to run {}", tool[0]))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let payload = payload.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&payload));
+    let o = child.wait_with_output()?;
+    let wrote = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer panicked"))?;
+    let elf = fs::read(&tmp)
+        .map(|d| d.starts_with(b"\x7fELF"))
+        .unwrap_or(false);
+    if !o.status.success() || wrote.is_err() || !elf {
+        let _ = fs::remove_file(&tmp);
+        bail!(
+            "{} failed ({}): {}",
+            tool[0],
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    fs::rename(&tmp, out)?;
+    Ok(())
+}
+
 /// The batch's work dir inside a guest.
 pub(crate) const GUEST_WORK_DIR: &str = "/var/tmp/nsmatrix-work";
 
 /// Where a batch's files land inside a guest.
 pub(crate) const GUEST_LAYOUT: Layout<'static> = Layout {
     agent: GUEST_AGENT,
-    root: "/nsmatrix",
+    root: GUEST_AGENT_DIR,
     work_dir: GUEST_WORK_DIR,
 };
 
@@ -306,9 +390,9 @@ impl GuestDisks {
     }
 }
 
-/// Write the per-batch initramfs: `base` followed by the agent, the spec and what
-/// [`relocate`] says the batch needs (scenarios; Codex packages come on `disks` instead).
-/// Returns the guest's spec.
+/// Write the per-batch initramfs: the cached base-and-agent archive ([`with_agent`]) followed
+/// by what only this batch has: the spec and what [`relocate`] says it needs besides the agent
+/// (scenarios; Codex packages come on `disks` instead). Returns the guest's spec.
 pub(crate) fn write_batch_initrd(
     base: &Path,
     spec: &BatchSpec,
@@ -335,12 +419,17 @@ pub(crate) fn write_batch_initrd(
             };
         }
     }
-    fs::copy(base, dest).with_context(|| format!("failed to copy {}", base.display()))?;
+    let boot = with_agent(base, &spec.agent_bin)?;
+    // An in-kernel copy of the cached part; the batch's own part is appended.
+    fs::copy(&boot, dest).with_context(|| format!("failed to copy {}", boot.display()))?;
     let f = fs::OpenOptions::new().append(true).open(dest)?;
     let mut w = Cpio::new(BufWriter::new(f));
-    let mut made = std::collections::BTreeSet::new();
+    // The base holds the agent's directory.
+    let mut made =
+        std::collections::BTreeSet::from([PathBuf::from(GUEST_AGENT_DIR.trim_start_matches('/'))]);
     for c in &carry {
         let inside = match c {
+            Carry::File { host, .. } if *host == spec.agent_bin => continue,
             Carry::File { inside, .. } | Carry::Dir { inside, .. } => inside,
         };
         // The kernel's unpacker creates no parents: every directory first.
@@ -356,12 +445,6 @@ pub(crate) fn write_batch_initrd(
             }
         }
         match c {
-            // The agent: without debug info (every byte costs boot time under TCG).
-            Carry::File { host, inside, mode } if *host == spec.agent_bin => {
-                let agent = fs::read(stripped_agent(host)?)
-                    .with_context(|| format!("failed to read the agent {}", host.display()))?;
-                w.file(inside.trim_start_matches('/'), *mode, &agent)?;
-            }
             Carry::File { host, inside, mode } => {
                 let data =
                     fs::read(host).with_context(|| format!("failed to read {}", host.display()))?;
@@ -392,26 +475,77 @@ pub(crate) fn write_batch_initrd(
         0o644,
         &serde_json::to_vec(&guest_spec)?,
     )?;
+    // A scratch file QEMU reads at once: no fsync (a crash leaves nothing worth keeping).
+    w.finish()?.into_inner().map_err(|e| e.into_error())?;
+    Ok(guest_spec)
+}
+
+/// Where the agent's directory is in the guest (`/nsmatrix`).
+const GUEST_AGENT_DIR: &str = "/nsmatrix";
+
+/// `base` followed by the agent without debug info, cached per base and agent build: what
+/// every batch of a kernel × root file system boots, built once.
+fn with_agent(base: &Path, agent: &Path) -> Result<PathBuf> {
+    let key = agent_key(agent)?;
+    let stem = base
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let out = base.with_file_name(format!("{stem}+agent-{key}.cpio"));
+    if out.exists() {
+        return Ok(out);
+    }
+    let stripped = stripped_agent(agent)?;
+    let data = fs::read(&stripped)
+        .with_context(|| format!("failed to read the agent {}", stripped.display()))?;
+    let tmp = out.with_extension(unique_tmp());
+    fs::copy(base, &tmp).with_context(|| format!("failed to copy {}", base.display()))?;
+    let f = fs::OpenOptions::new().append(true).open(&tmp)?;
+    let mut w = Cpio::new(BufWriter::new(f));
+    w.file(GUEST_AGENT.trim_start_matches('/'), 0o755, &data)?;
     w.finish()?
         .into_inner()
         .map_err(|e| e.into_error())?
         .sync_all()?;
-    Ok(guest_spec)
+    fs::rename(&tmp, &out)?;
+    Ok(out)
+}
+
+/// What the bare boot's init prints before it powers off.
+pub(crate) const BARE_MARK: &str = "nsmatrix-bare-boot-init";
+
+/// `base` followed by an init script at the agent's path that ends the guest at once the way
+/// the agent does (a reboot, which `-no-reboot` turns into QEMU's exit; it works on kernels
+/// without ACPI too): the bare boot [`super::QemuBackend::bare_boot`] compares a batch with.
+pub(crate) fn write_bare_initrd(base: &Path, dest: &Path) -> Result<()> {
+    fs::copy(base, dest).with_context(|| format!("failed to copy {}", base.display()))?;
+    let f = fs::OpenOptions::new().append(true).open(dest)?;
+    let mut w = Cpio::new(BufWriter::new(f));
+    w.file(
+        GUEST_AGENT.trim_start_matches('/'),
+        0o755,
+        // Through the kernel's log, written to the console at once (a tty's buffer would be
+        // lost to the immediate reboot).
+        format!(
+            "#!/bin/sh\nmount -t devtmpfs dev /dev\necho '<1>{BARE_MARK}' >/dev/kmsg\nexec reboot -f\n"
+        )
+        .as_bytes(),
+    )?;
+    w.finish()?
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    Ok(())
 }
 
 /// A copy of the agent without debug info (cached by size and mtime): under TCG every byte of
 /// the initramfs costs boot time, and debug info can be half of the binary. Without `strip`
 /// the binary is used as it is.
 fn stripped_agent(agent: &Path) -> Result<PathBuf> {
-    let md = fs::metadata(agent)
-        .with_context(|| format!("failed to read the agent {}", agent.display()))?;
-    let mut h = Sha256::new();
-    h.update(agent.to_string_lossy().as_bytes());
-    h.update(md.len().to_le_bytes());
-    h.update(format!("{:?}", md.modified().ok()));
     let out = cache_dir()
         .join("guest")
-        .join(format!("agent-{}", &hex::encode(h.finalize())[..16]));
+        .join(format!("agent-{}", agent_key(agent)?));
     if out.exists() {
         return Ok(out);
     }
@@ -433,6 +567,18 @@ fn stripped_agent(agent: &Path) -> Result<PathBuf> {
             Ok(agent.to_path_buf())
         }
     }
+}
+
+/// An agent build's key: its path, size and modification time (never its bytes: no file is
+/// re-hashed when nothing changed).
+fn agent_key(agent: &Path) -> Result<String> {
+    let md = fs::metadata(agent)
+        .with_context(|| format!("failed to read the agent {}", agent.display()))?;
+    let mut h = Sha256::new();
+    h.update(agent.to_string_lossy().as_bytes());
+    h.update(md.len().to_le_bytes());
+    h.update(format!("{:?}", md.modified().ok()));
+    Ok(hex::encode(h.finalize())[..16].to_string())
 }
 
 /// A scratch suffix unique per process and call (concurrent batches share the cache).
@@ -547,6 +693,99 @@ impl<W: Write> Cpio<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names in a newc archive (concatenated archives included), in order.
+    fn names(buf: &[u8]) -> Vec<String> {
+        let (mut out, mut at) = (Vec::new(), 0);
+        let hex = |b: &[u8]| usize::from_str_radix(std::str::from_utf8(b).unwrap(), 16).unwrap();
+        let pad = |n: usize| n.div_ceil(4) * 4;
+        while at + 110 <= buf.len() {
+            if &buf[at..at + 6] != b"070701" {
+                at += 512 - at % 512; // the padding after a trailer
+                continue;
+            }
+            let size = hex(&buf[at + 54..at + 62]);
+            let namesize = hex(&buf[at + 94..at + 102]);
+            let name =
+                String::from_utf8_lossy(&buf[at + 110..at + 110 + namesize - 1]).into_owned();
+            at = pad(at + 110 + namesize);
+            at = pad(at + size);
+            if name != "TRAILER!!!" {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_batch_appends_only_its_own_part_to_the_cached_base_and_agent() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base-k-r.cpio");
+        let mut w = Cpio::new(Vec::new());
+        w.dir("nsmatrix", 0o755).unwrap();
+        w.file("etc/passwd", 0o644, b"root:x:0:0::/:/bin/sh\n")
+            .unwrap();
+        fs::write(&base, w.finish().unwrap()).unwrap();
+        let agent = d.path().join("agent");
+        fs::write(&agent, b"not an ELF file: strip leaves it as it is").unwrap();
+        let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scenarios/add_file");
+        let spec = BatchSpec {
+            version: crate::protocol::PROTOCOL_VERSION,
+            batch_id: "b".into(),
+            work_dir: "/w".into(),
+            uid: 1000,
+            gid: 1000,
+            restrictions: Default::default(),
+            sysctls: Default::default(),
+            agent_bin: agent.clone(),
+            cells: vec![crate::protocol::CellSpec {
+                id: "c".into(),
+                subject: crate::protocol::SubjectSpec::Bwrap {
+                    build: "system".into(),
+                    setuid: crate::protocol::SetuidMode::Never,
+                    argv: crate::protocol::ArgvProfile::Codex,
+                },
+                scenario_dir: scenario,
+                timeout_ms: 1000,
+                needs_sysctls: vec![],
+            }],
+        };
+        let dest = d.path().join("initrd");
+        let guest = write_batch_initrd(&base, &spec, &GuestDisks::default(), &dest).unwrap();
+        assert_eq!(guest.agent_bin, PathBuf::from(GUEST_AGENT));
+        let cached: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("+agent-"))
+            .collect();
+        assert_eq!(cached.len(), 1, "base and agent cached once: {cached:?}");
+        let cached = d.path().join(&cached[0]);
+        let built = fs::metadata(&cached).unwrap().modified().unwrap();
+
+        let all = names(&fs::read(&dest).unwrap());
+        let agent_name = GUEST_AGENT.trim_start_matches('/');
+        assert_eq!(
+            all.iter().filter(|n| *n == agent_name).count(),
+            1,
+            "{all:?}"
+        );
+        assert!(all.contains(&GUEST_BATCH.trim_start_matches('/').to_string()));
+        assert!(
+            all.iter().any(|n| n.ends_with("add_file/patch.txt")),
+            "{all:?}"
+        );
+        // The batch's part follows the cached archive byte for byte.
+        let cached_bytes = fs::read(&cached).unwrap();
+        assert!(fs::read(&dest).unwrap().starts_with(&cached_bytes));
+        let own = names(&fs::read(&dest).unwrap()[cached_bytes.len()..]);
+        assert!(!own.contains(&agent_name.to_string()), "{own:?}");
+        assert!(!own.contains(&"etc/passwd".to_string()));
+
+        // A second batch reuses the cached archive as it is.
+        write_batch_initrd(&base, &spec, &GuestDisks::default(), &d.path().join("initrd2")).unwrap();
+        assert_eq!(fs::metadata(&cached).unwrap().modified().unwrap(), built);
+    }
 
     #[test]
     fn cpio_entries_are_aligned_and_readable_by_cpio() {

@@ -76,7 +76,15 @@ impl Launch {
             "none",
             "-no-reboot",
         ]);
-        push(&["-machine", "pc", "-accel", self.accel.as_str(), "-smp", "1"]);
+        let smp = super::GUEST_VCPUS.to_string();
+        push(&[
+            "-machine",
+            "pc",
+            "-accel",
+            self.accel.as_str(),
+            "-smp",
+            &smp,
+        ]);
         push(&[
             "-cpu",
             if self.accel == Accel::Kvm {

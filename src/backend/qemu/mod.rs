@@ -20,8 +20,15 @@ pub(crate) use launcher::{Console, Ending, Launch, watch};
 use crate::artifacts::kernels::{self, Kernel};
 use futures_util::future::BoxFuture;
 
-use crate::backend::{Backend, BackendEvent, BatchCtx, BatchError, Stage, Unavailable};
+use crate::backend::{Backend, BackendEvent, BatchCtx, BatchError, Demand, Stage, Unavailable};
 use crate::matrix::model::{BackendKind, Environment};
+
+/// vCPUs of a batch guest (`-smp`).
+pub(crate) const GUEST_VCPUS: u32 = 1;
+
+/// QEMU's own resident memory beside a guest's RAM (TCG's translation buffer, devices). With
+/// the RAM it bounds what a batch guest was measured to use (see docs/architecture.md).
+pub(crate) const QEMU_OVERHEAD_MB: u64 = 128;
 
 /// Lines of console kept in an error message.
 const CONSOLE_TAIL_LINES: usize = 30;
@@ -87,14 +94,18 @@ impl QemuBackend {
         })
     }
 
-    /// Fetch/build the kernel and assemble the guest's base initramfs (blocking work).
-    pub(crate) async fn provision(&self, env: &Environment) -> anyhow::Result<(Kernel, PathBuf)> {
+    /// Fetch/build the kernel and assemble the guest's base initramfs (blocking work). Returns
+    /// the kernel, the base initramfs and the image QEMU boots ([`guest::boot_image`]).
+    pub(crate) async fn provision(
+        &self,
+        env: &Environment,
+    ) -> anyhow::Result<(Kernel, PathBuf, PathBuf)> {
         let q = env
             .qemu()
             .with_context(|| format!("environment {} is not a qemu environment", env.id))?;
         let kernel_name = q.kernel.clone();
         let image = q.image.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(Kernel, PathBuf)> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Kernel, PathBuf, PathBuf)> {
             let kernel = kernels::ensure(&kernel_name)?;
             let suite = match image {
                 Some(i) => i,
@@ -105,7 +116,8 @@ impl QemuBackend {
             };
             let rootfs = ensure_rootfs(&suite, false)?;
             let base = ensure_base(&kernel, &rootfs)?;
-            Ok((kernel, base))
+            let boot = guest::boot_image(&kernel);
+            Ok((kernel, base, boot))
         })
         .await
         .context("the provisioning task panicked")?
@@ -143,7 +155,7 @@ impl QemuBackend {
             )
         })?;
         let run_dir = RunDir::new(&ctx.run_id, &ctx.batch_id).map_err(err(Stage::Provision))?;
-        let (kernel, base) = self.provision(env).await.map_err(err(Stage::Provision))?;
+        let (kernel, base, boot) = self.provision(env).await.map_err(err(Stage::Provision))?;
         let initrd = run_dir.path.join("initrd.cpio");
         let (b, s, i, k) = (base.clone(), spec.clone(), initrd.clone(), kernel.clone());
         let disks = tokio::task::spawn_blocking(move || -> anyhow::Result<GuestDisks> {
@@ -163,7 +175,7 @@ impl QemuBackend {
         let launch = Launch {
             qemu: self.qemu.clone(),
             accel: self.accel,
-            kernel: kernel.vmlinuz(),
+            kernel: boot,
             initrd,
             memory_mb: self.memory_mb,
             console: Console::File(console_log.clone()),
@@ -248,18 +260,70 @@ impl QemuBackend {
         }
     }
 
+    /// The reference a batch's boot is measured against: the same kernel, base initramfs
+    /// (root file system and modules) and QEMU flags, with a two-line init in place of the
+    /// agent that ends the guest at once. Returns QEMU's start to its exit.
+    pub async fn bare_boot(&self, kernel_name: &str) -> anyhow::Result<Duration> {
+        let env = Environment {
+            id: format!("bare-{kernel_name}"),
+            name: "bare".into(),
+            axes: Default::default(),
+            uid: 0,
+            kind: crate::matrix::model::EnvKind::Qemu(crate::matrix::model::QemuEnv {
+                kernel: kernel_name.into(),
+                image: None,
+                sysctls: Default::default(),
+            }),
+        };
+        let (_, base, boot) = self.provision(&env).await?;
+        let run_dir = RunDir::new("bare", kernel_name)?;
+        let initrd = run_dir.path.join("initrd.cpio");
+        guest::write_bare_initrd(&base, &initrd)?;
+        let console = run_dir.path.join("console.log");
+        let launch = Launch {
+            qemu: self.qemu.clone(),
+            accel: self.accel,
+            kernel: boot,
+            initrd,
+            memory_mb: self.memory_mb,
+            console: Console::File(console.clone()),
+            results: None,
+            mode: "bare",
+            disks: Vec::new(),
+        };
+        let t = std::time::Instant::now();
+        let run = tokio::process::Command::new(&self.qemu)
+            .args(launch.argv())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status();
+        let status = tokio::time::timeout(self.boot_timeout, run)
+            .await
+            .map_err(|_| anyhow::anyhow!("the bare boot of {kernel_name} did not end"))?
+            .context("failed to start qemu")?;
+        let took = t.elapsed();
+        let log = std::fs::read_to_string(&console).unwrap_or_default();
+        anyhow::ensure!(
+            status.success() && log.contains(guest::BARE_MARK),
+            "the bare boot of {kernel_name} did not reach its init ({status}); console:\n{}",
+            crate::text::tail_of_file(&console, CONSOLE_TAIL_LINES)
+        );
+        Ok(took)
+    }
+
     /// Boot `env` with `spec`'s sysctls applied and give an interactive shell as `spec.uid` on
     /// this terminal (`nsmatrix shell CELL`). Returns when the guest powers off.
     pub(crate) async fn shell(&self, env: &Environment, spec: BatchSpec) -> anyhow::Result<()> {
         let run_dir = RunDir::new("shell", &spec.batch_id)?;
-        let (kernel, base) = self.provision(env).await?;
+        let (kernel, base, boot) = self.provision(env).await?;
         let initrd = run_dir.path.join("initrd.cpio");
         let disks = GuestDisks::for_batch(&kernel, &spec)?;
         write_batch_initrd(&base, &spec, &disks, &initrd)?;
         let launch = Launch {
             qemu: self.qemu.clone(),
             accel: self.accel,
-            kernel: kernel.vmlinuz(),
+            kernel: boot,
             initrd,
             memory_mb: self.memory_mb,
             console: Console::Stdio,
@@ -284,9 +348,14 @@ impl Backend for QemuBackend {
         BackendKind::Qemu
     }
 
-    /// A guest weighs more than a process or a container.
-    fn weight(&self, jobs: usize) -> u32 {
-        2.min(jobs) as u32
+    /// A guest holds one job slot per vCPU (under TCG a vCPU keeps one host core busy) and its
+    /// RAM plus QEMU's own resident memory.
+    fn demand(&self, _env: &Environment) -> Demand {
+        Demand {
+            cpus: GUEST_VCPUS,
+            memory_mb: u64::from(self.memory_mb) + QEMU_OVERHEAD_MB,
+            group: None,
+        }
     }
 
     /// Only a guest's agent writes sysctls (elsewhere they are the host's, checked, never set);
