@@ -472,7 +472,7 @@ fn subjects_found(run: &crate::report::model::RunResults, sides: &[Side]) -> Str
         let d = |subject: &str, key: &str| -> Option<&str> {
             cells
                 .iter()
-                .filter(|c| c.subject == subject)
+                .filter(|c| c.axes.get("subject").map(String::as_str) == Some(subject))
                 .find_map(|c| c.details.get(key).map(String::as_str))
         };
         let bwrap = match (d("bwrap", "bwrap.path"), d("bwrap", "bwrap.version")) {
@@ -487,7 +487,10 @@ fn subjects_found(run: &crate::report::model::RunResults, sides: &[Side]) -> Str
             ),
             (None, _) => cells
                 .iter()
-                .find(|c| c.subject == "bwrap" && c.observed == "bwrap-missing")
+                .find(|c| {
+                    c.axes.get("subject").map(String::as_str) == Some("bwrap")
+                        && c.observed == "bwrap-missing"
+                })
                 .map(|_| "**missing** (`bwrap-missing`)".to_string())
                 .unwrap_or_else(|| "not observed (no bwrap cell ran)".into()),
         };
@@ -498,7 +501,10 @@ fn subjects_found(run: &crate::report::model::RunResults, sides: &[Side]) -> Str
             (Some(p), v) => format!("`{p}` {}", v.unwrap_or("?")),
             (None, _) => cells
                 .iter()
-                .find(|c| c.subject == "image-codex" && c.observed == "codex-missing")
+                .find(|c| {
+                    c.axes.get("subject").map(String::as_str) == Some("image-codex")
+                        && c.observed == "codex-missing"
+                })
                 .map(|c| format!("**missing** (`codex-missing`: {})", c.message))
                 .unwrap_or_else(|| "not observed (no image-codex cell ran)".into()),
         };

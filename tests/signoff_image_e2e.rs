@@ -74,7 +74,7 @@ fn the_demo_pair_signs_off_with_the_images_own_codex_observed() {
     let of = |image: &str, subject: &str| -> Vec<&serde_json::Value> {
         cells
             .iter()
-            .filter(|c| c["axes"]["image"] == image && c["subject"] == subject)
+            .filter(|c| c["axes"]["image"] == image && c["axes"]["subject"] == subject)
             .collect()
     };
     // The image's own bwrap: Debian's 0.8.0, setuid only in the new image.
@@ -201,7 +201,7 @@ fn missing_subjects_are_reported_missing() {
     let observed = |subject: &str| -> Vec<String> {
         cells
             .iter()
-            .filter(|c| c["subject"] == subject)
+            .filter(|c| c["axes"]["subject"] == subject)
             .map(|c| c["observed"].as_str().unwrap().to_string())
             .collect()
     };
