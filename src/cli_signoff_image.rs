@@ -461,7 +461,7 @@ fn header(sides: &[Side]) -> String {
 /// bit) and its Codex (version, path, the bwrap it was seen using), or that it has none.
 fn subjects_found(run: &crate::report::model::RunResults, sides: &[Side]) -> String {
     let mut md = String::from(
-        "## Subjects found in the images\n\n| side | bwrap as installed | its own Codex | bwrap its Codex used (first cell that ran it) |\n|---|---|---|---|\n",
+        "## Subjects found in the images\n\n| side | bwrap as installed | its own Codex | bwrap its Codex used (a passing cell's, else the first seen) |\n|---|---|---|---|\n",
     );
     for (label, s) in ["old", "new"].iter().zip(sides) {
         let cells: Vec<&crate::report::model::CellResult> = run
@@ -508,7 +508,18 @@ fn subjects_found(run: &crate::report::model::RunResults, sides: &[Side]) -> Str
                 .map(|c| format!("**missing** (`codex-missing`: {})", c.message))
                 .unwrap_or_else(|| "not observed (no image-codex cell ran)".into()),
         };
-        let used = d("image-codex", "codex.bwrap").unwrap_or("—").to_string();
+        // Where the image's Codex passed, what it ran (else the first cell that saw anything).
+        let used = cells
+            .iter()
+            .filter(|c| c.axes.get("subject").map(String::as_str) == Some("image-codex"))
+            .filter(|c| c.observed == "pass")
+            .find_map(|c| {
+                c.details
+                    .get("codex.bwrap")
+                    .map(|u| format!("{u} (in `{}`)", c.environment))
+            })
+            .or_else(|| d("image-codex", "codex.bwrap").map(str::to_string))
+            .unwrap_or_else(|| "—".into());
         md.push_str(&format!(
             "| {label} (`{}`) | {bwrap} | {codex} | {} |\n",
             s.given,
