@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod backend;
 pub mod cli;
 pub mod cli_engine;
+pub mod cli_signoff_image;
 pub mod cli_vm;
 pub(crate) mod doctor;
 pub(crate) mod exit;

@@ -22,7 +22,7 @@ use nsmatrix::cli;
                   2 bad input, nothing run; 3 no unexpected failure but some cells ended in ERROR; \
                   4 no unexpected failure but coverage was lost (cells of a required backend \
                   SKIPped).",
-    after_help = "Examples:\n  nsmatrix doctor\n  nsmatrix list --filter backend=host\n  nsmatrix run\n  nsmatrix run --filter 'host-*/*/core/add_*' --jobs 2\n  nsmatrix diff reports/last-night reports/tonight\n  nsmatrix signoff --axis image --from bookworm --to bookworm-suid reports/tonight\n  nsmatrix merge reports/shard-* --out reports/tonight"
+    after_help = "Examples:\n  nsmatrix doctor\n  nsmatrix list --filter backend=host\n  nsmatrix run\n  nsmatrix run --filter 'host-*/*/core/add_*' --jobs 2\n  nsmatrix diff reports/last-night reports/tonight\n  nsmatrix signoff --axis image --from bookworm --to bookworm-suid reports/tonight\n  nsmatrix signoff-image vm-images/docker/agent-1.1.5.Dockerfile vm-images/docker/agent-1.1.6.Dockerfile\n  nsmatrix merge reports/shard-* --out reports/tonight"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +37,8 @@ enum Command {
     Images(cli::ImagesArgs),
     Diff(cli::DiffArgs),
     Signoff(cli::SignoffArgs),
+    #[command(name = "signoff-image")]
+    SignoffImage(nsmatrix::cli_signoff_image::SignoffImageArgs),
     Merge(cli::MergeArgs),
     Kernels(nsmatrix::cli_vm::KernelsArgs),
     Shell(nsmatrix::cli_vm::ShellArgs),
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Images(a) => cli::images(a),
         Command::Diff(a) => cli::diff(a),
         Command::Signoff(a) => cli::signoff(a),
+        Command::SignoffImage(a) => nsmatrix::cli_signoff_image::signoff_image(a),
         Command::Merge(a) => cli::merge(a),
         Command::Kernels(a) => nsmatrix::cli_vm::kernels(a),
         Command::Shell(a) => nsmatrix::cli_vm::shell(a),

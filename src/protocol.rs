@@ -83,6 +83,10 @@ pub enum SubjectSpec {
         /// The static codex binary as seen inside the environment.
         codex_bin: PathBuf,
     },
+    /// The Codex CLI the environment itself has installed (a container image's own: `codex`
+    /// on PATH or in npm's global location), run where it is, as the cell's uid. An
+    /// environment without one fails the cell `codex-missing`.
+    ImageCodex,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]

@@ -94,6 +94,21 @@ impl Copies {
         }
     }
 
+    /// A Codex the environment has installed itself (the image's own), used where it is: its
+    /// package stays as installed, so it finds its own bundled bwrap as it does for users.
+    fn in_place(&mut self, codex: &Path) -> (PathBuf, Entry) {
+        if let Some(p) = self.done.get(codex) {
+            return p.clone();
+        }
+        let help_home = self.dir.join(format!("help-home-{}", self.done.len()));
+        let _ = fs::create_dir_all(&help_home);
+        let entry = detect_entry(codex, &help_home);
+        let _ = fs::remove_dir_all(&help_home);
+        self.done
+            .insert(codex.to_path_buf(), (codex.to_path_buf(), entry.clone()));
+        (codex.to_path_buf(), entry)
+    }
+
     /// `<pkg>/bin/codex` as the batch's uid can run it: in place when that uid can reach it
     /// and its bundled fallback `<pkg>/codex-resources/bwrap`, else both copied to
     /// `<batch>/codex/N/` with the same layout. Returns the `bin/codex` to run.
@@ -262,16 +277,105 @@ fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
     }
 }
 
+/// Where npm puts a global `@openai/codex` (its launcher script), besides `codex` on PATH.
+const NPM_GLOBAL_CODEX: &[&str] = &[
+    "/usr/local/lib/node_modules/@openai/codex/bin/codex.js",
+    "/usr/lib/node_modules/@openai/codex/bin/codex.js",
+    "/opt/node/lib/node_modules/@openai/codex/bin/codex.js",
+];
+
+/// The environment's own Codex: `codex` on the agent's PATH (the image's) or on the standard
+/// one, else npm's usual global locations. `Err` says everywhere it looked.
+pub(super) fn find_image_codex() -> std::result::Result<PathBuf, String> {
+    let mut dirs: Vec<String> = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect();
+    for d in crate::agent::init::PATH.split(':') {
+        if !dirs.iter().any(|x| x == d) {
+            dirs.push(d.to_string());
+        }
+    }
+    let candidates: Vec<PathBuf> = dirs
+        .iter()
+        .map(|d| Path::new(d).join("codex"))
+        .chain(NPM_GLOBAL_CODEX.iter().map(PathBuf::from))
+        .collect();
+    for c in &candidates {
+        if let Ok(m) = fs::metadata(c)
+            && m.is_file()
+            && m.mode() & 0o111 != 0
+        {
+            return Ok(c.clone());
+        }
+    }
+    Err(format!(
+        "the image has no Codex CLI: no executable `codex` in {} nor npm's global {}",
+        dirs.join(":"),
+        NPM_GLOBAL_CODEX.join(", ")
+    ))
+}
+
+/// `codex --version` of an installed Codex (`codex-cli 0.171.0` → `0.171.0`).
+pub(super) fn installed_version(codex: &Path) -> String {
+    let out = std::process::Command::new(codex)
+        .arg("--version")
+        .env("PATH", image_path())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .last()
+            .unwrap_or("unknown")
+            .to_string(),
+        Ok(o) => format!(
+            "unknown (`codex --version` exited {}: {})",
+            o.status,
+            crate::text::tail(String::from_utf8_lossy(&o.stderr).trim())
+        ),
+        Err(e) => format!("unknown (`codex --version` did not run: {e})"),
+    }
+}
+
+/// The PATH an image's own Codex runs with: the image's (the agent's own environment in a
+/// container), then the standard one, so its launcher finds `node` where the image has it.
+fn image_path() -> String {
+    let own = std::env::var("PATH").unwrap_or_default();
+    if own.is_empty() {
+        crate::agent::init::PATH.to_string()
+    } else {
+        format!("{own}:{}", crate::agent::init::PATH)
+    }
+}
+
+/// Which Codex a cell runs: a package nsmatrix carried in (copied into the batch), or the
+/// environment's own, where it is installed.
+pub(super) enum Source<'a> {
+    Pinned(&'a Path),
+    Image(&'a Path),
+}
+
 pub(super) fn prepare_and_run_codex(
     ctx: &CellCtx,
     copies: &mut Copies,
     version: &str,
-    codex_bin: &Path,
+    source: Source<'_>,
 ) -> Result<CellRecord> {
     let cell = ctx.cell;
     let sc = scenario::load(&cell.scenario_dir)
         .with_context(|| format!("failed to load scenario {}", cell.scenario_dir.display()))?;
-    let (codex, entry) = match copies.get(codex_bin, ctx.spec.uid, ctx.spec.gid) {
+    let (in_image, codex_bin) = match source {
+        Source::Pinned(p) => (false, p),
+        Source::Image(p) => (true, p),
+    };
+    let got = if in_image {
+        Ok(copies.in_place(codex_bin))
+    } else {
+        copies.get(codex_bin, ctx.spec.uid, ctx.spec.gid)
+    };
+    let (codex, entry) = match got {
         Ok((_, Entry::None(why))) => {
             return Ok(record(
                 cell,
@@ -336,19 +440,26 @@ pub(super) fn prepare_and_run_codex(
             scan_bwrap(pid, &mut seen);
         })
     };
-    let run = run_program(
-        ctx,
-        &codex,
-        &args,
-        &layout.ws,
-        &[("CODEX_HOME", home.as_path()), ("HOME", home.as_path())],
-        Some(&mut observe),
-    )?;
+    let path = image_path();
+    let mut env: Vec<(&str, &Path)> =
+        vec![("CODEX_HOME", home.as_path()), ("HOME", home.as_path())];
+    if in_image {
+        env.push(("PATH", Path::new(&path)));
+    }
+    let run = run_program(ctx, &codex, &args, &layout.ws, &env, Some(&mut observe))?;
     let _ = fs::remove_dir_all(&home);
     let norm = |s: &str| scenario::normalise_output(s, &layout.ws);
     let mut details = BTreeMap::new();
     details.insert("codex.version".into(), version.to_string());
     details.insert("codex.path".into(), codex.display().to_string());
+    details.insert(
+        "codex.source".into(),
+        if in_image {
+            "the image's own installation, run where it is installed".into()
+        } else {
+            "nsmatrix's pinned npm package, carried into the environment".into()
+        },
+    );
     details.insert(
         "argv".into(),
         format!(
@@ -391,7 +502,9 @@ pub(super) fn prepare_and_run_codex(
             .iter()
             .map(|b| {
                 let path = b.exe.trim_end_matches(" (deleted)");
-                let kind = if Path::new(path).starts_with(&bundled_dir) {
+                let kind = if Path::new(path).starts_with(&bundled_dir)
+                    || (in_image && path.contains("/node_modules/@openai/codex"))
+                {
                     "bundled"
                 } else if Path::new(path) == codex {
                     "vendored in codex"

@@ -9,4 +9,7 @@ mod observe;
 mod run;
 pub mod witness;
 
+/// The Codex release nsmatrix pins as its reference (the scenarios' output was recorded from it).
+pub use codex::OUTPUT_RECORDED_FROM as PINNED_CODEX;
+
 pub(crate) use run::{environment_facts, run_batch};

@@ -221,11 +221,29 @@ fn run_cell(
             Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
         },
         SubjectSpec::Codex { version, codex_bin } => {
-            match super::codex::prepare_and_run_codex(ctx, codex_copies, &version, &codex_bin) {
+            let source = super::codex::Source::Pinned(&codex_bin);
+            match super::codex::prepare_and_run_codex(ctx, codex_copies, &version, source) {
                 Ok(r) => r,
                 Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
             }
         }
+        SubjectSpec::ImageCodex => match super::codex::find_image_codex() {
+            Err(why) => record(
+                ctx.cell,
+                Outcome::Failed {
+                    signature: "codex-missing".into(),
+                    message: why,
+                },
+            ),
+            Ok(codex) => {
+                let version = super::codex::installed_version(&codex);
+                let source = super::codex::Source::Image(&codex);
+                match super::codex::prepare_and_run_codex(ctx, codex_copies, &version, source) {
+                    Ok(r) => r,
+                    Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
+                }
+            }
+        },
     };
     rec.duration_ms = start.elapsed().as_millis() as u64;
     rec

@@ -116,9 +116,33 @@ fn marker_matches(text: &str, codex: &Path, bundled: &Path) -> Option<Option<Pat
     }
 }
 
+/// The npm tarballs of a Codex release as the registry serves them, integrity-verified and
+/// cached: the `@openai/codex` launcher package and its linux-x64 package (its optional
+/// dependency `@openai/codex-linux-x64`). Image builds that cannot reach the registry
+/// themselves install Codex from these (`signoff-image` puts them in the build context).
+pub fn codex_npm_tarballs(version: &str) -> Result<(PathBuf, PathBuf)> {
+    let platform = codex_package(version)?.tarball;
+    let registry = std::env::var("NSMATRIX_NPM_REGISTRY")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| DEFAULT_REGISTRY.to_string());
+    let launcher = cache_dir()
+        .join("npm")
+        .join(format!("openai-codex-{version}.tgz"));
+    let agent = http_agent()?;
+    let (url, integrity) = resolve_spec(&agent, registry.trim_end_matches('/'), version)?;
+    fetch_verified(&url, &launcher, &Checksum::Sri(integrity))?;
+    Ok((launcher, platform))
+}
+
 /// The tarball URL and `dist.integrity` of one version, from the registry's metadata.
 fn resolve(agent: &ureq::Agent, registry: &str, version: &str) -> Result<(String, String)> {
-    let url = format!("{registry}/@openai%2fcodex/{version}-linux-x64");
+    resolve_spec(agent, registry, &format!("{version}-linux-x64"))
+}
+
+/// The same for `@openai/codex@<spec>` (a version as the registry names it).
+fn resolve_spec(agent: &ureq::Agent, registry: &str, version: &str) -> Result<(String, String)> {
+    let url = format!("{registry}/@openai%2fcodex/{version}");
     let body = agent
         .get(&url)
         .call()

@@ -368,13 +368,14 @@ impl Validator<'_> {
         let allowed = match kind {
             "bwrap" => BWRAP_AXES,
             "codex" => CODEX_AXES,
+            "image-codex" => IMAGE_CODEX_AXES,
             other => {
                 self.err(
                     "bad-value",
                     span(&r.kind),
                     format!("unknown subject kind `{other}`"),
                 )
-                .help("use bwrap or codex");
+                .help("use bwrap, codex or image-codex");
                 return Vec::new();
             }
         };
@@ -461,6 +462,8 @@ impl Validator<'_> {
                         argv,
                     },
                 )
+            } else if kind == "image-codex" {
+                (name.clone(), SubjectSpec::ImageCodex)
             } else {
                 let version = val("version");
                 (

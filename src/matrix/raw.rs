@@ -157,6 +157,8 @@ pub(super) const GUEST_DOCKER_AXES: &[&str] =
     &["kernel", "sysctl", "image", "profile", "uid", "read-only"];
 pub(super) const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
 pub(super) const CODEX_AXES: &[&str] = &["version"];
+/// The image's own Codex has no axis: it is whatever the environment has installed.
+pub(super) const IMAGE_CODEX_AXES: &[&str] = &[];
 /// Axes every cell has besides its environment's and subject's.
 pub(super) const CELL_AXES: &[&str] = &[
     "id",

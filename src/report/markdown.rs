@@ -242,8 +242,14 @@ pub fn render_with(run: &RunResults, extras: &Extras) -> String {
                 .or_else(|| c.axes.get("version"))
                 .cloned()
                 .unwrap_or_else(|| c.subject.clone());
+            // The image's own Codex and nsmatrix's pinned one of the same release are apart.
+            let label = if c.axes.get("kind").map(String::as_str) == Some("image-codex") {
+                format!("{version} (the image's own)")
+            } else {
+                version.clone()
+            };
             groups
-                .entry((version_key(&version), version, c.environment.clone()))
+                .entry((version_key(&version), label, c.environment.clone()))
                 .or_default()
                 .push(c);
         }

@@ -72,6 +72,12 @@ static TABLE: &[Signature] = &[
         ],
     },
     Signature {
+        name: "codex-missing",
+        mechanism: "the environment has no Codex CLI of its own (no `codex` on PATH nor in npm's global node_modules)",
+        remedy: "install Codex in the image (npm install -g @openai/codex) if it should ship one; otherwise this subject is absent, not broken",
+        patterns: &[],
+    },
+    Signature {
         name: "setuid-refused",
         mechanism: "this bwrap build refuses to run setuid (upstream removed setuid mode in 0.11.2+)",
         remedy: "do not chmod u+s this bwrap; allow unprivileged user namespaces instead, or use a bwrap built with -Dsupport_setuid",

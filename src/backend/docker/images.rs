@@ -165,7 +165,7 @@ impl DockerBackend {
     }
 
     /// Import the root filesystem as `nsmatrix/rootfs-NAME:HASH12` unless it is there.
-    async fn ensure_base(
+    pub(crate) async fn ensure_base(
         &self,
         rootfs: &RootfsRecipe,
         force: bool,
@@ -246,7 +246,7 @@ impl DockerBackend {
         }
     }
 
-    async fn image_exists(&self, reference: &str) -> Result<bool> {
+    pub(crate) async fn image_exists(&self, reference: &str) -> Result<bool> {
         match self.docker.inspect_image(reference).await {
             Ok(_) => Ok(true),
             Err(bollard::errors::Error::DockerResponseServerError {

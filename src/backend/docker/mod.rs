@@ -9,6 +9,8 @@ mod images;
 mod place;
 mod profile;
 mod stream;
+mod user_image;
 
 pub(crate) use backend::host_sysctl_mismatch;
 pub use client::{AgentPlacement, DockerBackend, EngineInfo, connect, connect_to};
+pub use user_image::ImageUser;
