@@ -131,25 +131,44 @@ impl DockerBackend {
             ..Default::default()
         };
         let context = recipe.build_context()?;
-        let mut stream =
-            self.docker
-                .build_image(opts, None, Some(bollard::body_full(context.into())));
+        self.build(&self.docker, opts, context, &format!("image {tag}"), None)
+            .await
+    }
+
+    /// Run one image build (`opts` names the tag) on `docker` from a tar `context`, following
+    /// its output: `Step` lines go to `progress` when given; an error names `what` with the
+    /// build log's tail, and so does a build that ends without its image.
+    pub(crate) async fn build(
+        &self,
+        docker: &bollard::Docker,
+        opts: BuildImageOptions,
+        context: Vec<u8>,
+        what: &str,
+        mut progress: Option<Progress<'_>>,
+    ) -> Result<()> {
+        let tag = opts.t.clone().unwrap_or_default();
+        let mut stream = docker.build_image(opts, None, Some(bollard::body_full(context.into())));
         let mut log = String::new();
         while let Some(item) = stream.next().await {
             match item {
                 Ok(info) => {
                     if let Some(e) = info.error_detail.and_then(|d| d.message) {
                         bail!(
-                            "failed to build image {tag}: {e}\n{}",
+                            "failed to build {what}: {e}\n{}",
                             crate::text::tail_lines(&log, 15)
                         );
                     }
                     if let Some(s) = info.stream {
+                        if let Some(p) = progress.as_mut()
+                            && s.starts_with("Step ")
+                        {
+                            p(s.trim_end());
+                        }
                         log.push_str(&s);
                     }
                 }
                 Err(e) => bail!(
-                    "failed to build image {tag}: {}\n{}",
+                    "failed to build {what}: {}\n{}",
                     error_chain(&e),
                     crate::text::tail_lines(&log, 15)
                 ),
@@ -157,7 +176,7 @@ impl DockerBackend {
         }
         if !self.image_exists(&tag).await? {
             bail!(
-                "building image {tag} ended without an image:\n{}",
+                "building {what} ended without an image:\n{}",
                 crate::text::tail_lines(&log, 15)
             );
         }

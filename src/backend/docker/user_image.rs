@@ -117,40 +117,9 @@ impl DockerBackend {
             ..Default::default()
         };
         let docker = self.docker.clone().with_timeout(BUILD_TIMEOUT);
-        let mut stream = docker.build_image(opts, None, Some(bollard::body_full(context.into())));
-        let mut log = String::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(info) => {
-                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
-                        bail!(
-                            "failed to build {} ({tag}): {e}\n{}",
-                            dockerfile.display(),
-                            crate::text::tail_lines(&log, 15)
-                        );
-                    }
-                    if let Some(s) = info.stream {
-                        if s.starts_with("Step ") {
-                            progress(s.trim_end());
-                        }
-                        log.push_str(&s);
-                    }
-                }
-                Err(e) => bail!(
-                    "failed to build {} ({tag}): {}\n{}",
-                    dockerfile.display(),
-                    error_chain(&e),
-                    crate::text::tail_lines(&log, 15)
-                ),
-            }
-        }
-        if !self.image_exists(&tag).await? {
-            bail!(
-                "building {} ended without an image:\n{}",
-                dockerfile.display(),
-                crate::text::tail_lines(&log, 15)
-            );
-        }
+        let what = format!("{} ({tag})", dockerfile.display());
+        self.build(&docker, opts, context, &what, Some(progress))
+            .await?;
         Ok(tag)
     }
 

@@ -783,7 +783,13 @@ mod tests {
         assert!(!own.contains(&"etc/passwd".to_string()));
 
         // A second batch reuses the cached archive as it is.
-        write_batch_initrd(&base, &spec, &GuestDisks::default(), &d.path().join("initrd2")).unwrap();
+        write_batch_initrd(
+            &base,
+            &spec,
+            &GuestDisks::default(),
+            &d.path().join("initrd2"),
+        )
+        .unwrap();
         assert_eq!(fs::metadata(&cached).unwrap().modified().unwrap(), built);
     }
 
