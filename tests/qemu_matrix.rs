@@ -227,6 +227,20 @@ fn codex(version: &str) -> Option<SubjectSpec> {
     }
 }
 
+/// The cell's Codex `v` ran from its disk at /opt/codex/VERSION and started the guest's
+/// /usr/bin/bwrap.
+fn ran_from_disk_with_system_bwrap(c: &CellRecord, v: &str) {
+    assert_eq!(
+        c.details["codex.path"],
+        format!("/opt/codex/{v}/bin/codex"),
+        "{c:?}"
+    );
+    assert!(
+        c.details["codex.bwrap"].starts_with("/usr/bin/bwrap (system)"),
+        "{c:?}"
+    );
+}
+
 /// Codex in guests: every release of the batch comes on its own read-only disk, mounted by
 /// the agent at /opt/codex/VERSION (not in the initramfs), and runs there as uid 1000 with the
 /// bwrap it picks observed in /proc. One boot serves both releases.
@@ -246,15 +260,7 @@ async fn qemu_codex_cells() {
             c.details.get("codex.bwrap")
         );
         assert_eq!(verdict(c), "pass", "codex {v}: {c:?}");
-        assert_eq!(
-            c.details["codex.path"],
-            format!("/opt/codex/{v}/bin/codex"),
-            "{c:?}"
-        );
-        assert!(
-            c.details["codex.bwrap"].starts_with("/usr/bin/bwrap (system)"),
-            "{c:?}"
-        );
+        ran_from_disk_with_system_bwrap(c, v);
         let witness = &c.details["codex.sandbox-witness"];
         assert!(
             witness.contains("/usr/bin/bwrap") && witness.contains("user"),
@@ -275,15 +281,7 @@ async fn qemu_codex_cells() {
     // /usr/bin/bwrap, which gets EPERM; 0.171.0 does not fall back to its bundled bwrap then.
     for (c, v) in r.iter().zip(["0.171.0", "0.128.0"]) {
         assert_eq!(verdict(c), "userns-denied", "codex {v}: {c:?}");
-        assert_eq!(
-            c.details["codex.path"],
-            format!("/opt/codex/{v}/bin/codex"),
-            "{c:?}"
-        );
-        assert!(
-            c.details["codex.bwrap"].starts_with("/usr/bin/bwrap (system)"),
-            "{c:?}"
-        );
+        ran_from_disk_with_system_bwrap(c, v);
         assert_eq!(c.details["codex.bwrap-setuid-effective"], "false", "{c:?}");
     }
 }

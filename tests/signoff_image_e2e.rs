@@ -12,13 +12,7 @@ use common::*;
 #[test]
 fn the_demo_pair_signs_off_with_the_images_own_codex_observed() {
     if !require(is_root(), "root (setuid copies, containers)")
-        || !require(
-            std::process::Command::new("docker")
-                .arg("info")
-                .output()
-                .is_ok_and(|o| o.status.success()),
-            "a Docker engine",
-        )
+        || !require(docker_answers(), "a Docker engine")
         || !require(
             std::path::Path::new("/usr/bin/qemu-system-x86_64").exists(),
             "qemu-system-x86_64",
@@ -146,15 +140,7 @@ fn the_demo_pair_signs_off_with_the_images_own_codex_observed() {
 /// shell-less image needs nothing from the image.
 #[test]
 fn missing_subjects_are_reported_missing() {
-    if !require(is_root(), "root")
-        || !require(
-            std::process::Command::new("docker")
-                .arg("info")
-                .output()
-                .is_ok_and(|o| o.status.success()),
-            "a Docker engine",
-        )
-    {
+    if !require(is_root(), "root") || !require(docker_answers(), "a Docker engine") {
         return;
     }
     let t = tempfile::tempdir().unwrap();

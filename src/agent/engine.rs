@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use super::init::{find_port, mount};
+use super::init::{find_port, mount, switch_root};
 
 use crate::protocol::engine::{
     BARE_MARK, CONTAINERD_CONFIG, CONTAINERD_SOCKET, CONTROL_PORT, DOCKERD_SOCKET,
@@ -326,20 +326,6 @@ pub(super) fn wait_disk(serial: &str, wait: Duration) -> Result<String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Like switch_root: move the new root over `/` and chroot into it (runc's pivot_root then
-/// works, since the root is a real mount).
-fn switch_root(dir: &str) -> Result<()> {
-    std::env::set_current_dir(dir)?;
-    mount(Some("."), "/", None, libc::MS_MOVE, None)?;
-    let dot = CString::new(".").unwrap();
-    // SAFETY: chroot with a valid C string.
-    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
-        bail!("chroot: {}", std::io::Error::last_os_error());
-    }
-    std::env::set_current_dir("/")?;
-    Ok(())
 }
 
 /// QEMU's user-mode network: the guest is 10.0.2.15/24, the host's forwarded ports reach it.

@@ -122,6 +122,12 @@ fn pivotable_root() -> Result<()> {
     let dir = "/nsmatrix/root";
     fs::create_dir_all(dir)?;
     mount(Some("/"), dir, None, libc::MS_BIND | libc::MS_REC, None)?;
+    switch_root(dir)
+}
+
+/// Like switch_root: move the mount at `dir` over `/` and chroot into it (pivot_root then
+/// works, since the root is a real mount with a parent).
+pub(super) fn switch_root(dir: &str) -> Result<()> {
     std::env::set_current_dir(dir)?;
     mount(Some("."), "/", None, libc::MS_MOVE, None)?;
     let dot = CString::new(".").unwrap();

@@ -25,6 +25,14 @@ pub fn ci_value(v: Option<&str>) -> bool {
         .is_some_and(|v| !v.is_empty() && !v.eq_ignore_ascii_case("false") && v != "0")
 }
 
+/// Whether a Docker engine answers `docker info`.
+pub fn docker_answers() -> bool {
+    Command::new("docker")
+        .arg("info")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// `true` when the requirement holds; otherwise panics under CI and returns `false` (the test
 /// then returns early) elsewhere, saying so on stderr.
 pub fn require(ok: bool, what: &str) -> bool {
