@@ -70,6 +70,12 @@ pub struct EngineArgs {
     /// Security options of the container (`--run`), e.g. seccomp=unconfined.
     #[arg(long = "security-opt")]
     pub security_opt: Vec<String>,
+    /// Expose the kernel's AppArmor to the engine (securityfs and apparmor_parser from
+    /// bookworm's apparmor package), as a Debian or Ubuntu Docker host does: dockerd then
+    /// confines containers with its docker-default profile unless --security-opt
+    /// apparmor=unconfined.
+    #[arg(long)]
+    pub apparmor: bool,
     /// Mount the Codex disk into the container at /opt/codex (read-only; needs --codex).
     #[arg(long)]
     pub mount_codex: bool,
@@ -115,6 +121,7 @@ async fn engine(a: EngineArgs) -> Result<u8> {
     let mut opts = EngineOptions::new(&a.kernel);
     opts.sysctls = parse_sysctls(&a.sysctls)?;
     opts.codex = a.codex.clone();
+    opts.apparmor = a.apparmor;
     opts.memory_mb = a.memory_mb;
     if a.mount_codex && a.codex.is_none() {
         bail!("--mount-codex needs --codex VERSION");

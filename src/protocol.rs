@@ -361,6 +361,9 @@ pub mod engine {
 
     /// The engine spec in the per-boot part of the initramfs (the guest's view).
     pub const GUEST_ENGINE_SPEC: &str = "/nsmatrix/engine.json";
+    /// AppArmor's tools (`apparmor_parser`, `/etc/apparmor.d`) in the engine guest's initramfs,
+    /// a tree laid out as in the root file system.
+    pub const GUEST_APPARMOR_TOOLS: &str = "/nsmatrix/apparmor";
     /// The virtio-serial port the host writes `stop` to.
     pub const CONTROL_PORT: &str = "nsmatrix.control";
     /// Printed on the console when dockerd has been started.
@@ -406,6 +409,12 @@ pub mod engine {
         /// The init forwards TCP connections on this port to [`DOCKERD_SOCKET`].
         #[serde(default)]
         pub api_port: Option<u16>,
+        /// Expose the kernel's AppArmor to the engine, as a Debian or Ubuntu Docker host does:
+        /// the init copies AppArmor's tools from [`GUEST_APPARMOR_TOOLS`] into the root file
+        /// system and mounts securityfs, so dockerd confines containers with `docker-default`.
+        /// A kernel without AppArmor enabled fails the boot.
+        #[serde(default)]
+        pub apparmor: bool,
     }
 }
 

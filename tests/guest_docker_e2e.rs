@@ -322,3 +322,111 @@ fn a_killed_run_leaves_no_guest_and_its_overlays_go_with_the_next_run() {
     assert_eq!(leftovers_of(pid), Vec::<String>::new(), "{text}");
     assert_eq!(leftovers_of(pid2), Vec::<String>::new(), "{text}");
 }
+
+/// An engine guest of debian-6.1 with AppArmor exposed: dockerd confines the container with
+/// docker-default, under which an unprivileged bwrap without Docker's seccomp filter prints
+/// `Failed to make / slave: Permission denied` (openai/codex #15434); the same container with
+/// `apparmor = "unconfined"` gets past that mount. Both cells carry the label the agent read.
+#[test]
+fn docker_default_apparmor_in_a_guest_engine_denies_bwrap_its_mount() {
+    if !available() {
+        return;
+    }
+    let _one = ONE_RUN.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let scen = common::repo().join("scenarios");
+    let m = dir.path().join("m.toml");
+    std::fs::write(
+        &m,
+        format!(
+            r#"[settings]
+retries = 0
+
+[profile.seccomp-unconfined]
+seccomp = "unconfined"
+
+[profile."seccomp-unconfined+apparmor-unconfined"]
+seccomp = "unconfined"
+apparmor = "unconfined"
+
+[image.bookworm]
+recipe = "bookworm"
+
+[[environment]]
+name = "gda"
+backend = "guest-docker"
+kernel = "debian-6.1"
+apparmor = "on"
+image = "bookworm"
+profile = ["seccomp-unconfined", "seccomp-unconfined+apparmor-unconfined"]
+uid = 1000
+
+[[subject]]
+name = "bwrap"
+kind = "bwrap"
+build = "system"
+setuid = false
+argv = "codex"
+
+[[scenarios]]
+name = "smoke"
+dir = "{}"
+only = ["add_file"]
+
+[[expect]]
+when = {{ profile = "seccomp-unconfined" }}
+fail = "lsm-mount-denied"
+
+[[expect]]
+when = {{ profile = "seccomp-unconfined+apparmor-unconfined" }}
+fail = "proc-mount-denied"
+"#,
+            scen.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let (pid, code, text) = run(&m, &out, None);
+    assert_eq!(code, 0, "{text}");
+    let r = read_json(&out.join("results.json"));
+    let cells = r["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2, "{text}");
+    let confined = cells
+        .iter()
+        .find(|c| c["axes"]["profile"] == "seccomp-unconfined")
+        .unwrap();
+    assert_eq!(confined["status"], "XFAIL", "{confined:#}");
+    assert_eq!(confined["observed"], "lsm-mount-denied", "{confined:#}");
+    assert_eq!(
+        confined["stderr-tail"].as_str().unwrap().trim(),
+        "bwrap: Failed to make / slave: Permission denied",
+        "{confined:#}"
+    );
+    assert_eq!(
+        confined["details"]["apparmor"], "docker-default (enforce)",
+        "{confined:#}"
+    );
+    let unconfined = cells
+        .iter()
+        .find(|c| c["axes"]["profile"] == "seccomp-unconfined+apparmor-unconfined")
+        .unwrap();
+    assert_eq!(unconfined["status"], "XFAIL", "{unconfined:#}");
+    assert!(
+        unconfined["details"].get("apparmor").is_none(),
+        "an unconfined container records no AppArmor label: {unconfined:#}"
+    );
+    for b in r["batches"].as_array().unwrap() {
+        let label = b["facts"]["agent.apparmor"].as_str().unwrap_or_default();
+        let want = if b["environment"]
+            .as_str()
+            .unwrap()
+            .contains("apparmor-unconfined")
+        {
+            "unconfined"
+        } else {
+            "docker-default (enforce)"
+        };
+        assert_eq!(label, want, "{b:#}");
+    }
+    assert_eq!(leftovers_of(pid), Vec::<String>::new());
+}

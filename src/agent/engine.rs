@@ -17,8 +17,8 @@ use super::init::{find_port, mount, switch_root};
 
 use crate::protocol::engine::{
     BARE_MARK, CONTAINERD_CONFIG, CONTAINERD_SOCKET, CONTROL_PORT, DOCKERD_SOCKET,
-    ENGINE_READY_MARK, EngineSpec, GUEST_AGENT_COPY, GUEST_CODEX_DIR, GUEST_ENGINE_SPEC,
-    SERIAL_CODEX, SERIAL_DATA, SERIAL_ROOT,
+    ENGINE_READY_MARK, EngineSpec, GUEST_AGENT_COPY, GUEST_APPARMOR_TOOLS, GUEST_CODEX_DIR,
+    GUEST_ENGINE_SPEC, SERIAL_CODEX, SERIAL_DATA, SERIAL_ROOT,
 };
 
 /// Where the engine's root file system is mounted before the root switches to it.
@@ -61,6 +61,21 @@ pub fn run(t0: Instant) -> Result<()> {
         fs::create_dir_all(&at)?;
         mount(Some(&codex), &at, Some("ext4"), libc::MS_RDONLY, None)?;
     }
+    if spec.apparmor {
+        let enabled =
+            fs::read_to_string("/sys/module/apparmor/parameters/enabled").unwrap_or_default();
+        if !enabled.starts_with('Y') {
+            bail!(
+                "this kernel has no AppArmor enabled (/sys/module/apparmor/parameters/enabled: {:?}): use a kernel with AppArmor built in and enabled, or apparmor = \"off\"",
+                enabled.trim()
+            );
+        }
+        crate::backend::qemu::guest::copy_tree(
+            Path::new(GUEST_APPARMOR_TOOLS),
+            Path::new(NEW_ROOT),
+        )
+        .context("failed to install AppArmor's tools into the engine's root")?;
+    }
     // The kernel file systems come along (with /dev/pts and /dev/shm below /dev).
     for d in ["/proc", "/sys", "/dev"] {
         let to = format!("{NEW_ROOT}{d}");
@@ -83,6 +98,20 @@ pub fn run(t0: Instant) -> Result<()> {
         fs::create_dir_all(target)?;
         let data = (!data.is_empty()).then_some(data);
         mount(Some(src), target, Some(fstype), flags, data)?;
+    }
+    if spec.apparmor {
+        // What dockerd (and runc) look at to decide that AppArmor is there.
+        mount(
+            Some("securityfs"),
+            "/sys/kernel/security",
+            Some("securityfs"),
+            nosuid_nodev | libc::MS_NOEXEC,
+            None,
+        )?;
+        let profiles = fs::read_to_string("/sys/kernel/security/apparmor/profiles")
+            .map(|p| p.lines().count())
+            .unwrap_or(0);
+        eprintln!("nsmatrix-engine: AppArmor enabled, securityfs mounted, {profiles} profiles");
     }
     network()?;
     // This binary (the same build as the host's) for containers to bind-mount as their agent:

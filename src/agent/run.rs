@@ -202,7 +202,23 @@ pub(crate) fn environment_facts() -> BTreeMap<String, String> {
         }
     }
     f.insert("agent.euid".into(), unsafe { libc::geteuid() }.to_string());
+    if let Some(l) = apparmor_label() {
+        f.insert("agent.apparmor".into(), l);
+    }
     f
+}
+
+/// The AppArmor label the agent (and so every sandbox it starts) runs under, e.g.
+/// `docker-default (enforce)`; `None` where AppArmor is not the active security module.
+pub(crate) fn apparmor_label() -> Option<String> {
+    [
+        "/proc/self/attr/apparmor/current",
+        "/proc/self/attr/current",
+    ]
+    .iter()
+    .find_map(|p| fs::read_to_string(p).ok())
+    .map(|s| s.trim_end_matches(['\0', '\n']).to_string())
+    .filter(|s| !s.is_empty())
 }
 
 fn run_cell(
@@ -246,6 +262,10 @@ fn run_cell(
         },
     };
     rec.duration_ms = start.elapsed().as_millis() as u64;
+    // A confined agent confines its sandboxes: the profile is evidence for what they hit.
+    if let Some(l) = apparmor_label().filter(|l| l != "unconfined") {
+        rec.details.insert("apparmor".into(), l);
+    }
     rec
 }
 

@@ -48,13 +48,14 @@ impl Validator<'_> {
             BackendKind::Qemu => QEMU_AXES,
             BackendKind::GuestDocker => GUEST_DOCKER_AXES,
         };
-        let given: [(&'static str, &Option<SValue>); 6] = [
+        let given: [(&'static str, &Option<SValue>); 7] = [
             ("profile", &r.profile),
             ("uid", &r.uid),
             ("image", &r.image),
             ("read-only", &r.read_only),
             ("kernel", &r.kernel),
             ("sysctl", &r.sysctl),
+            ("apparmor", &r.apparmor),
         ];
         let what = format!("a {} environment", backend.as_str());
         let owner = format!("environment `{name}` ({})", backend.as_str());
@@ -63,6 +64,7 @@ impl Validator<'_> {
                 "uid" => Some("1000"),
                 "read-only" => Some("false"),
                 "sysctl" => Some("default"),
+                "apparmor" => Some("off"),
                 "profile" if is_container(backend) => Some("default"),
                 "profile" => Some("none"),
                 // A guest runs the root filesystem its kernel's catalog entry names.
@@ -87,6 +89,8 @@ impl Validator<'_> {
         }
         let varying = varying_axes(&combos);
         let mut out = Vec::new();
+        // Each bad value is reported once, not once per combination it is in.
+        let mut bad_apparmor = std::collections::BTreeSet::new();
         for c in combos {
             let val = |k: &str| c.get(k).map(|v| v.0.clone()).unwrap_or_default();
             let sp = |k: &str| c.get(k).and_then(|v| v.1.clone());
@@ -99,6 +103,20 @@ impl Validator<'_> {
                         format!("uid `{}` is not a number", val("uid")),
                     );
                     continue;
+                }
+            };
+            let apparmor = match val("apparmor").as_str() {
+                "on" => true,
+                "off" | "" => false,
+                other if !bad_apparmor.insert(other.to_string()) => false,
+                other => {
+                    self.err(
+                        "bad-axis-value",
+                        sp("apparmor"),
+                        format!("apparmor `{other}` is not on or off"),
+                    )
+                    .help("on: the guest exposes its kernel's AppArmor to the engine, which confines containers with docker-default; off: as a host without AppArmor");
+                    false
                 }
             };
             let read_only = match val("read-only").as_str() {
@@ -287,6 +305,7 @@ impl Validator<'_> {
                     Some(image) => EnvKind::GuestDocker(GuestDockerEnv {
                         kernel: kernel.unwrap_or_default(),
                         sysctls,
+                        apparmor,
                         container: DockerEnv {
                             image,
                             image_source,

@@ -318,7 +318,12 @@ impl Validator<'_> {
                 systempaths_unconfined: r.systempaths_unconfined,
                 bounding_set,
                 userns_limit: r.userns_limit,
-                security_opt: r.security_opt.clone(),
+                security_opt: r
+                    .security_opt
+                    .iter()
+                    .cloned()
+                    .chain(r.apparmor.iter().map(|a| format!("apparmor={a}")))
+                    .collect(),
                 description: r.description.clone(),
             };
             if let Some(sc) = &r.seccomp {
@@ -719,5 +724,71 @@ mod tests {
         assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_duration("soon"), None);
         assert_eq!(parse_duration("0s"), None);
+    }
+
+    const APPARMOR_MATRIX: &str = r#"
+[profile.unconfined-aa]
+seccomp = "unconfined"
+apparmor = "unconfined"
+
+[image.bookworm]
+recipe = "bookworm"
+
+[[environment]]
+name = "gd"
+backend = "guest-docker"
+kernel = "debian-6.1"
+apparmor = APPARMOR
+image = "bookworm"
+profile = ["default", "unconfined-aa"]
+
+[[subject]]
+name = "bwrap"
+kind = "bwrap"
+
+[[scenarios]]
+name = "core"
+dir = "scenarios"
+only = ["add_file"]
+"#;
+
+    #[test]
+    fn apparmor_on_gives_its_own_engine_guest_and_a_profile_names_the_container_s_profile() {
+        let text = APPARMOR_MATRIX.replace("APPARMOR", r#"["off", "on"]"#);
+        let m = load_str(Path::new("m.toml"), &text).expect("valid");
+        let gds: Vec<_> = m
+            .cells
+            .iter()
+            .filter_map(|c| c.env.guest_docker())
+            .collect();
+        assert_eq!(gds.len(), 4);
+        let on: Vec<_> = gds.iter().filter(|g| g.apparmor).collect();
+        assert_eq!(on.len(), 2);
+        assert_ne!(
+            on[0].guest_key(),
+            gds.iter().find(|g| !g.apparmor).unwrap().guest_key()
+        );
+        let p = m
+            .cells
+            .iter()
+            .filter_map(|c| c.env.guest_docker())
+            .find_map(|g| {
+                g.container
+                    .profile
+                    .clone()
+                    .filter(|p| p.name == "unconfined-aa")
+            })
+            .unwrap();
+        assert_eq!(p.security_opt, ["apparmor=unconfined"]);
+    }
+
+    #[test]
+    fn an_apparmor_value_that_is_not_on_or_off_names_its_line() {
+        let text = APPARMOR_MATRIX.replace("APPARMOR", r#""yes""#);
+        let err = load_str(Path::new("m.toml"), &text).expect_err("bad value");
+        let msg = err.to_string();
+        assert!(msg.contains("m.toml:13:12:"), "{msg}");
+        assert_eq!(msg.matches("is not on or off").count(), 1, "{msg}");
+        assert!(msg.contains("apparmor `yes` is not on or off"), "{msg}");
     }
 }

@@ -171,6 +171,10 @@ pub struct GuestDockerEnv {
     pub kernel: String,
     /// The sysctl values the guest writes before its engine starts.
     pub sysctls: BTreeMap<String, String>,
+    /// The guest exposes its kernel's AppArmor to the engine (securityfs, `apparmor_parser`),
+    /// so dockerd confines containers with `docker-default` as on a Debian or Ubuntu host.
+    #[serde(default)]
+    pub apparmor: bool,
     /// The container (its `sysctls` are empty: the guest's are above).
     pub container: DockerEnv,
 }
@@ -181,6 +185,9 @@ impl GuestDockerEnv {
         let mut k = self.kernel.clone();
         for (n, v) in &self.sysctls {
             k.push_str(&format!(" {n}={v}"));
+        }
+        if self.apparmor {
+            k.push_str(" apparmor");
         }
         k
     }

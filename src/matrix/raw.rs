@@ -65,6 +65,9 @@ pub struct RawProfile {
     pub userns_limit: Option<u64>,
     #[serde(default)]
     pub security_opt: Vec<String>,
+    /// Docker: the container's AppArmor profile (`unconfined` or a loaded profile's name);
+    /// the same as `security-opt = ["apparmor=NAME"]`.
+    pub apparmor: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +96,8 @@ pub struct RawEnvironment {
     pub read_only: Option<SValue>,
     pub kernel: Option<SValue>,
     pub sysctl: Option<SValue>,
+    /// guest-docker: `off` or `on` (the guest exposes its kernel's AppArmor to the engine).
+    pub apparmor: Option<SValue>,
     #[serde(default)]
     pub exclude: Vec<Spanned<Selector>>,
     #[serde(default)]
@@ -151,10 +156,17 @@ pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
 /// container): its cells run only where the host has them, else SKIP.
 pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
 pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
-/// A container in a guest's engine: the guest's kernel and sysctl set, the container's image,
-/// profile, uid and read-only root.
-pub(super) const GUEST_DOCKER_AXES: &[&str] =
-    &["kernel", "sysctl", "image", "profile", "uid", "read-only"];
+/// A container in a guest's engine: the guest's kernel, sysctl set and AppArmor, the
+/// container's image, profile, uid and read-only root.
+pub(super) const GUEST_DOCKER_AXES: &[&str] = &[
+    "kernel",
+    "sysctl",
+    "apparmor",
+    "image",
+    "profile",
+    "uid",
+    "read-only",
+];
 pub(super) const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
 pub(super) const CODEX_AXES: &[&str] = &["version"];
 /// The image's own Codex has no axis: it is whatever the environment has installed.

@@ -39,10 +39,11 @@ struct Inner {
     slots: Mutex<BTreeMap<String, Arc<Slot>>>,
 }
 
-/// One kernel × sysctl set: what its guest must hold and, once booted, the guest.
+/// One kernel × sysctl set × AppArmor: what its guest must hold and, once booted, the guest.
 struct Slot {
     kernel: String,
     sysctls: BTreeMap<String, String>,
+    apparmor: bool,
     want: Mutex<Want>,
     /// Held while the guest boots, so batches of the same slot wait for one boot.
     state: tokio::sync::Mutex<State>,
@@ -113,6 +114,7 @@ impl Inner {
                     Arc::new(Slot {
                         kernel: g.kernel.clone(),
                         sysctls: g.sysctls.clone(),
+                        apparmor: g.apparmor,
                         want: Mutex::default(),
                         state: tokio::sync::Mutex::default(),
                     })
@@ -162,6 +164,7 @@ impl Inner {
         }
         let mut opts = EngineOptions::new(&slot.kernel);
         opts.sysctls = slot.sysctls.clone();
+        opts.apparmor = slot.apparmor;
         opts.codex = codex.as_ref().map(|(v, _)| v.clone());
         let (engine, _disk) = guest_engine::data::start_with_images(opts, &refs)
             .await

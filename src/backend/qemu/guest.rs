@@ -173,7 +173,8 @@ fn merge_usr(from: &Path, root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+/// Copy a file, symlink or directory tree, keeping modes (used on the host and in guests).
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     let md = fs::symlink_metadata(from)?;
     if md.file_type().is_symlink() {
         let _ = fs::remove_file(to);

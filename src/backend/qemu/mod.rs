@@ -2,7 +2,7 @@
 //! root file system with bubblewrap, and nsmatrix itself as the guest's init.
 
 mod accel;
-mod guest;
+pub(crate) mod guest;
 mod launcher;
 
 use std::path::{Path, PathBuf};

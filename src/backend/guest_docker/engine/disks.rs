@@ -5,7 +5,8 @@
 //! - the modules a packaged kernel needs for disks, overlayfs and the network, kept next to the
 //!   kernel in the kernel cache;
 //! - the base initramfs: the stripped static nsmatrix binary (PID 1) and those modules;
-//! - the Codex package as a read-only ext4 image.
+//! - the Codex package as a read-only ext4 image;
+//! - AppArmor's tools from the engine suite's `apparmor` package, as an initramfs part.
 //!
 //! The engine data disk, which needs a boot to prepare, is in `super::data`.
 
@@ -22,6 +23,7 @@ use crate::artifacts::cache::cache_dir;
 use crate::artifacts::debian::{Mirror, extract_deb};
 use crate::artifacts::kernels::{self, Kernel};
 use crate::artifacts::rootfs::{RootfsRecipe, ensure_rootfs};
+use crate::protocol::engine::GUEST_APPARMOR_TOOLS;
 
 /// The root file system recipe of the engine (`vm-images/rootfs/bookworm-engine.toml`).
 pub const ENGINE_ROOTFS: &str = "bookworm-engine";
@@ -273,6 +275,72 @@ pub fn write_cpio(dir: &Path, out: &Path) -> Result<()> {
     }
     fs::rename(&partial, out)?;
     Ok(())
+}
+
+/// The engine's suite, whose `apparmor` package an AppArmor engine guest gets.
+const APPARMOR_SUITE: &str = "bookworm";
+/// What of the `apparmor` package an engine needs: the parser dockerd runs to load
+/// `docker-default`, and the configuration and includes (`tunables/global`,
+/// `abstractions/base`) its generated profile names when they exist, as on a Debian host.
+const APPARMOR_KEEP: &[&str] = &[
+    "sbin/apparmor_parser",
+    "etc/apparmor",
+    "etc/apparmor.d",
+    "usr/share/apparmor-features",
+];
+
+/// A `newc` cpio part holding AppArmor's tools under [`GUEST_APPARMOR_TOOLS`], laid out as in
+/// the root file system (the engine guest's init copies them in). Cached by the package's hash;
+/// the mirror is asked only when nothing is cached.
+pub fn apparmor_tools() -> Result<PathBuf> {
+    let prefix = "apparmor-tools-";
+    if let Ok(rd) = fs::read_dir(engine_dir()) {
+        let mut found: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let n = p.file_name().unwrap_or_default().to_string_lossy();
+                n.starts_with(prefix) && n.ends_with(".cpio")
+            })
+            .collect();
+        found.sort();
+        if let Some(p) = found.pop() {
+            return Ok(p);
+        }
+    }
+    let index = Mirror::from_env().index(APPARMOR_SUITE)?;
+    let pkg = index
+        .get("apparmor")
+        .ok_or_else(|| anyhow!("{APPARMOR_SUITE} has no apparmor package on the mirror"))?;
+    let mut h = Sha256::new();
+    h.update(RECIPE);
+    h.update(&pkg.sha256);
+    let key = &hex::encode(h.finalize())[..16];
+    fs::create_dir_all(engine_dir())?;
+    let out = engine_dir().join(format!("{prefix}{key}.cpio"));
+    let _l = lock(&out)?;
+    if out.exists() {
+        return Ok(out);
+    }
+    let deb = index.fetch(pkg)?;
+    let stage = out.with_extension(format!("stage{}", std::process::id()));
+    fs::remove_dir_all(&stage).ok();
+    let x = stage.join("x");
+    extract_deb(&deb, &x)?;
+    let tree = stage.join("tree");
+    let to = tree.join(GUEST_APPARMOR_TOOLS.trim_start_matches('/'));
+    for k in APPARMOR_KEEP {
+        let from = x.join(k);
+        if !from.exists() {
+            bail!("the {APPARMOR_SUITE} apparmor package has no {k}");
+        }
+        let dest = to.join(k);
+        fs::create_dir_all(dest.parent().unwrap())?;
+        crate::backend::qemu::guest::copy_tree(&from, &dest)?;
+    }
+    write_cpio(&tree, &out)?;
+    fs::remove_dir_all(&stage).ok();
+    Ok(out)
 }
 
 /// The Codex npm package as a read-only ext4 image (mounted at `/opt/codex` in the guest).

@@ -89,6 +89,9 @@ pub struct EngineOptions {
     pub data_disk_writable: bool,
     /// A Codex package version to attach read-only at [`GUEST_CODEX_DIR`].
     pub codex: Option<String>,
+    /// Expose the kernel's AppArmor to the engine (securityfs and `apparmor_parser`), so
+    /// dockerd confines containers with `docker-default` as on a Debian or Ubuntu host.
+    pub apparmor: bool,
     pub memory_mb: u32,
     pub ready_timeout: Duration,
 }
@@ -101,6 +104,7 @@ impl EngineOptions {
             data_disk: None,
             data_disk_writable: false,
             codex: None,
+            apparmor: false,
             memory_mb: 1536,
             ready_timeout: Duration::from_secs(180),
         }
@@ -322,7 +326,12 @@ fn qemu_argv(
 }
 
 /// The per-boot initramfs: the cached base with a small archive holding the spec appended.
-fn boot_initrd(base: &Path, spec: &EngineSpec, run_dir: &Path) -> Result<PathBuf> {
+fn boot_initrd(
+    base: &Path,
+    extra: Option<&Path>,
+    spec: &EngineSpec,
+    run_dir: &Path,
+) -> Result<PathBuf> {
     let stage = run_dir.join("initrd-stage");
     let spec_path = stage.join(GUEST_ENGINE_SPEC.trim_start_matches('/'));
     std::fs::create_dir_all(spec_path.parent().unwrap())?;
@@ -331,6 +340,9 @@ fn boot_initrd(base: &Path, spec: &EngineSpec, run_dir: &Path) -> Result<PathBuf
     disks::write_cpio(&stage, &part)?;
     let out = run_dir.join("initrd.cpio");
     let mut bytes = std::fs::read(base)?;
+    if let Some(extra) = extra {
+        bytes.extend(std::fs::read(extra)?);
+    }
     bytes.extend(std::fs::read(&part)?);
     std::fs::write(&out, bytes)?;
     std::fs::remove_dir_all(&stage).ok();
@@ -368,7 +380,7 @@ pub async fn bare_boot(kernel_name: &str) -> Result<Duration> {
         bare: true,
         ..EngineSpec::default()
     };
-    let initrd = boot_initrd(&base, &spec, &run_dir)?;
+    let initrd = boot_initrd(&base, None, &spec, &run_dir)?;
     let argv = qemu_argv(accel, &kernel, &initrd, &run_dir, 512, &[], None);
     let t0 = Instant::now();
     let mut child = spawn_qemu(&argv, &run_dir)?;
@@ -399,6 +411,11 @@ pub async fn start_guest_engine(opts: &EngineOptions) -> Result<GuestEngine> {
         Some(v) => Some(disks::codex_disk(v)?),
         None => None,
     };
+    let apparmor = if opts.apparmor {
+        Some(disks::apparmor_tools()?)
+    } else {
+        None
+    };
     let mut last_err = None;
     for _attempt in 0..3 {
         let run_dir = new_run_dir()?;
@@ -410,8 +427,9 @@ pub async fn start_guest_engine(opts: &EngineOptions) -> Result<GuestEngine> {
             codex_disk: codex.is_some(),
             containerd_config: Some(default_containerd_config()),
             api_port: Some(GUEST_ENGINE_PORT),
+            apparmor: opts.apparmor,
         };
-        let initrd = boot_initrd(&base, &spec, &run_dir)?;
+        let initrd = boot_initrd(&base, apparmor.as_deref(), &spec, &run_dir)?;
         let mut disks_list: Vec<(&Path, &str, bool)> = vec![(&root, SERIAL_ROOT, false)];
         if let Some(d) = &opts.data_disk {
             disks_list.push((d, SERIAL_DATA, opts.data_disk_writable));
