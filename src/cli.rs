@@ -381,8 +381,19 @@ pub fn doctor(_a: DoctorArgs) -> u8 {
     }
     exit::OK
 }
-/// `nsmatrix agent --batch FILE`: run one batch, JSON lines on stdout.
-pub fn agent(batch: &Path) -> u8 {
+/// `nsmatrix agent --batch FILE [--unpack-stdin DIR]`: run one batch, JSON lines on stdout.
+pub fn agent(batch: &Path, unpack_stdin: Option<&Path>) -> u8 {
+    if let Some(dir) = unpack_stdin {
+        let mut a = tar::Archive::new(std::io::stdin().lock());
+        a.set_preserve_permissions(true);
+        if let Err(e) = a.unpack(dir) {
+            eprintln!(
+                "nsmatrix agent: failed to unpack the batch's files from stdin into {}: {e}",
+                dir.display()
+            );
+            return crate::exit::ERRORS;
+        }
+    }
     let spec = match read_batch(batch) {
         Ok(s) => s,
         Err(e) => {

@@ -59,6 +59,10 @@ enum Command {
         /// The batch spec (JSON); `-` for stdin.
         #[arg(long)]
         batch: PathBuf,
+        /// First unpack a tar read from stdin into this directory (the batch's files, sent
+        /// down a container's attached stdin instead of through the engine's archive API).
+        #[arg(long, value_name = "DIR")]
+        unpack_stdin: Option<PathBuf>,
     },
 }
 
@@ -97,7 +101,10 @@ fn main() -> ExitCode {
         Command::Shell(a) => nsmatrix::cli_vm::shell(a),
         Command::Vm(a) => nsmatrix::cli_engine::vm(a),
         Command::ApplyPatch { args } => apply_patch_main(&args),
-        Command::Agent { batch } => cli::agent(&batch),
+        Command::Agent {
+            batch,
+            unpack_stdin,
+        } => cli::agent(&batch, unpack_stdin.as_deref()),
     };
     ExitCode::from(code)
 }

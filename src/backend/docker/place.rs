@@ -154,6 +154,25 @@ impl Placement {
         self
     }
 
+    /// The bytes of the files the tar would carry (what it reads on the host).
+    pub(crate) fn payload_bytes(&self) -> u64 {
+        fn size(p: &Path) -> u64 {
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(p)
+                    .map(|rd| rd.flatten().map(|e| size(&e.path())).sum())
+                    .unwrap_or(0),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        }
+        self.entries
+            .iter()
+            .map(|e| match e {
+                Entry::File { host, .. } | Entry::Dir { host, .. } => size(host),
+            })
+            .sum()
+    }
+
     /// Write the tar to upload at [`PLACE_DIR`]: every entry, then `batch.json`. Owners are
     /// root and times are zero, so the upload does not depend on who owns the host's files.
     pub(crate) fn write_tar(&self, w: impl Write) -> io::Result<()> {
