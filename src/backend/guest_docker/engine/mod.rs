@@ -264,9 +264,11 @@ fn qemu_argv(
     push(&["-machine", "pc", "-accel", accel.as_str(), "-smp", "1"]);
     push(&["-cpu", cpu_model(accel), "-m", &memory_mb.to_string()]);
     push(&["-pidfile", &run_dir.join("qemu.pid").to_string_lossy()]);
+    // The same kernel binary as the bzImage, booted through its PVH entry where it has one
+    // (no emulated decompressor), as plain guests are.
     push(&[
         "-kernel",
-        &kernel.vmlinuz().to_string_lossy(),
+        &crate::backend::qemu::guest::boot_image(kernel).to_string_lossy(),
         "-initrd",
         &initrd.to_string_lossy(),
     ]);
