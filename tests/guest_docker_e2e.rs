@@ -430,3 +430,85 @@ fail = "proc-mount-denied"
     }
     assert_eq!(leftovers_of(pid), Vec::<String>::new());
 }
+
+/// A data disk for images the cache has never seen is prepared by this machine's dockerd when
+/// it is the guest engine's own build (a private dockerd, `docker load` natively, then
+/// `mkfs.ext4 -d`), and the guest's engine runs a container from it. Every run imports a
+/// fresh image (a new id, so a new disk), which is removed afterwards with its disk.
+#[test]
+fn a_new_data_disk_is_prepared_natively_and_the_guest_engine_runs_from_it() {
+    if !available() {
+        return;
+    }
+    let _one = ONE_RUN.lock().unwrap_or_else(|e| e.into_inner());
+    let tag = "nsmatrix-test/prep-busybox:latest";
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    let tar = dir.path().join("rootfs.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = Command::new("docker")
+        .args(["import"])
+        .arg(&tar)
+        .arg(tag)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "docker import");
+    let o = Command::new(bin())
+        .args([
+            "vm",
+            "engine",
+            "--kernel",
+            "debian-6.1",
+            "--image",
+            tag,
+            "--run",
+            tag,
+        ])
+        .args(["--", "/bin/busybox", "echo", "hello-from-the-prepared-disk"])
+        .current_dir(common::repo())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Remove the image and its disk before asserting anything.
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", tag])
+        .stdout(Stdio::null())
+        .status();
+    let engine_dir = nsmatrix::artifacts::cache::cache_dir().join("engine");
+    for e in std::fs::read_dir(&engine_dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "json")
+            && std::fs::read_to_string(&p).is_ok_and(|t| t.contains("nsmatrix-test/prep-busybox"))
+        {
+            for ext in ["ext4", "json", "lock"] {
+                let _ = std::fs::remove_file(p.with_extension(ext));
+            }
+        }
+    }
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("hello-from-the-prepared-disk"), "{text}");
+    // Natively, unless this machine's dockerd is another build than the guest's (then the
+    // message says which two); root with a dockerd on PATH is what `available()` checked.
+    if text.contains("in a guest of debian-6.1") {
+        assert!(text.contains("this machine's dockerd is "), "{text}");
+        eprintln!("this machine's dockerd is not the guest engine's build: prepared in a guest");
+    } else {
+        assert!(text.contains("with this machine's dockerd "), "{text}");
+        assert!(text.contains("boot 0.0 s"), "{text}");
+    }
+}

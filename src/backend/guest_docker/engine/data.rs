@@ -1,10 +1,14 @@
 //! The engine data disk: an ext4 image holding a guest engine's `/var/lib/docker` with a set of
-//! images already loaded, prepared once per image set by a preparation boot (`docker save` on
-//! the host streamed into `docker load` in the guest, both through bollard) and then used
-//! copy-on-write (`snapshot=on`) by every boot. Nothing is ever pulled: the guest's network is
+//! images already loaded, prepared once per image set and then used copy-on-write
+//! (`snapshot=on`) by every boot. Where this machine's dockerd is the guest engine's own build,
+//! a private dockerd of this machine loads the images (`docker save` on the host's engine
+//! streamed into `docker load`, both through bollard) into a directory that `mkfs.ext4 -d`
+//! makes the disk: seconds, where a preparation boot under TCG takes minutes per GB. Else a
+//! preparation boot of the guest does the same `docker load` in the guest. Nothing is ever pulled: the guest's network is
 //! restricted to the forwarded API port.
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -87,9 +91,28 @@ pub async fn ensure_data_disk(
         }
     }
     let partial = out.with_extension(format!("partial{}", std::process::id()));
-    disks::mkfs_empty(&partial, DATA_DISK_BYTES, "nsm-engine-data")?;
     let t0 = Instant::now();
-    let result = prepare(host, kernel, &partial, &resolved).await;
+    // Natively where this machine's dockerd is the guest engine's own build (the same store
+    // format); else in a guest under TCG, which takes minutes per GB.
+    let result = match same_engine_on_host(&rootfs) {
+        Ok(version) => {
+            eprintln!(
+                "nsmatrix: preparing the engine data disk for {} image(s) with this machine's dockerd {version} (the guest engine's own version)",
+                resolved.len()
+            );
+            prepare_on_host(host, &partial, &resolved).await
+        }
+        Err(why) => {
+            eprintln!(
+                "nsmatrix: preparing the engine data disk for {} image(s) in a guest of {kernel} (under TCG this takes minutes per GB): {why}",
+                resolved.len()
+            );
+            match disks::mkfs_empty(&partial, DATA_DISK_BYTES, "nsm-engine-data") {
+                Ok(()) => prepare(host, kernel, &partial, &resolved).await,
+                Err(e) => Err(e),
+            }
+        }
+    };
     let (boot_s, load_s) = match result {
         Ok(t) => t,
         Err(e) => {
@@ -100,7 +123,11 @@ pub async fn ensure_data_disk(
     let info = DataDiskInfo {
         images: resolved,
         engine_rootfs: rootfs_name,
-        prepared_on_kernel: kernel.to_string(),
+        prepared_on_kernel: if boot_s == 0.0 {
+            "this machine's dockerd".to_string()
+        } else {
+            kernel.to_string()
+        },
         boot_s,
         load_s,
         total_s: t0.elapsed().as_secs_f64(),
@@ -117,6 +144,171 @@ fn read_info(out: &Path, info: &Path) -> Option<DataDiskInfo> {
     serde_json::from_slice(&std::fs::read(info).ok()?).ok()
 }
 
+/// This machine's dockerd version when it is the build the guest engine runs (same Debian
+/// package version, so the same image store), and we may start one (root); else why not.
+fn same_engine_on_host(rootfs: &Path) -> Result<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("not root, so no dockerd of our own");
+    }
+    let o = Command::new("dockerd")
+        .arg("--version")
+        .output()
+        .context("no dockerd on this machine")?;
+    // `Docker version 20.10.24+dfsg1, build 5d6db84`
+    let host = String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .nth(2)
+        .map(|v| v.trim_end_matches(',').to_string())
+        .ok_or_else(|| anyhow!("dockerd --version said nothing"))?;
+    let status = Command::new("debugfs")
+        .args(["-R", "cat /var/lib/dpkg/status"])
+        .arg(rootfs)
+        .stderr(Stdio::null())
+        .output()
+        .context("failed to run debugfs (e2fsprogs)")?;
+    let guest = guest_package_version(&String::from_utf8_lossy(&status.stdout), "docker.io")
+        .ok_or_else(|| anyhow!("the engine's root file system has no docker.io package"))?;
+    // The Debian revision (`-1+deb12u1`) is packaging; the upstream version is the engine.
+    let upstream = guest.rsplit_once('-').map_or(guest.as_str(), |(u, _)| u);
+    if upstream != host {
+        bail!("this machine's dockerd is {host}, the guest's {upstream}");
+    }
+    Ok(host)
+}
+
+/// `Version:` of `package` in a dpkg status file.
+fn guest_package_version(status: &str, package: &str) -> Option<String> {
+    status
+        .split("\n\n")
+        .find(|p| p.lines().any(|l| l == format!("Package: {package}")))?
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .map(str::to_string)
+}
+
+/// A dockerd of this machine's, private to the preparation (its own data root, exec root,
+/// socket, containerd namespace and an empty configuration), loads the images into a
+/// directory that `mkfs.ext4 -d` then makes the disk: the layers the guest's engine would
+/// have unpacked, at native speed. Returns (0, load seconds).
+async fn prepare_on_host(
+    host: &Docker,
+    disk: &Path,
+    images: &[(String, String)],
+) -> Result<(f64, f64)> {
+    let dir = disk.with_extension(format!("prep{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root)?;
+    std::fs::create_dir_all(dir.join("exec"))?;
+    let config = dir.join("daemon.json");
+    std::fs::write(&config, "{}")?;
+    let sock = dir.join("docker.sock");
+    let log = std::fs::File::create(dir.join("dockerd.log"))?;
+    let t = Instant::now();
+    let mut dockerd = tokio::process::Command::new("dockerd")
+        .arg("--config-file")
+        .arg(&config)
+        .arg("--data-root")
+        .arg(&root)
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("--pidfile")
+        .arg(dir.join("dockerd.pid"))
+        .arg("-H")
+        .arg(format!("unix://{}", sock.display()))
+        .args([
+            "--bridge=none",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--storage-driver=overlay2",
+            "--containerd-namespace=nsmatrix-prep",
+            "--containerd-plugins-namespace=nsmatrix-prep-plugins",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("failed to start dockerd")?;
+    let result = async {
+        let engine = loop {
+            if let Some(st) = dockerd.try_wait()? {
+                bail!("dockerd exited ({st}) before it answered");
+            }
+            if sock.exists()
+                && let Ok(d) = Docker::connect_with_unix(
+                    &sock.to_string_lossy(),
+                    3600,
+                    bollard::API_DEFAULT_VERSION,
+                )
+                && d.ping().await.is_ok()
+            {
+                break d;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("dockerd did not answer within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        load_images(host, &engine, images).await
+    }
+    .await;
+    if let Some(pid) = dockerd.id() {
+        // SAFETY: kill(2) of the child we started.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    let stopped = tokio::time::timeout(Duration::from_secs(60), dockerd.wait()).await;
+    if stopped.is_err() {
+        let _ = dockerd.kill().await;
+    }
+    let load_s = t.elapsed().as_secs_f64();
+    let result = result.and_then(|()| {
+        // The engine's state directories, which a booted engine makes on its own.
+        for d in ["containers", "tmp", "runtimes", "network", "buildkit"] {
+            let _ = std::fs::remove_dir_all(root.join(d));
+        }
+        disks::mkfs_from_dir(&root, disk, DATA_DISK_BYTES, "nsm-engine-data")
+    });
+    let log_tail = std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default();
+    std::fs::remove_dir_all(&dir).ok();
+    result.with_context(|| {
+        let tail: Vec<&str> = log_tail.lines().rev().take(10).collect();
+        format!(
+            "preparing the data disk with this machine's dockerd failed; its log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    })?;
+    Ok((0.0, load_s))
+}
+
+/// `docker save` on `from` streamed into `docker load` on `into`; every image must be there.
+async fn load_images(from: &Docker, into: &Docker, images: &[(String, String)]) -> Result<()> {
+    let refs: Vec<&str> = images.iter().map(|(r, _)| r.as_str()).collect();
+    let saved = from.export_images(&refs);
+    // `docker load` under TCG takes minutes (bollard's per-request timeout covers the whole
+    // streamed request).
+    let loader = into.clone().with_timeout(Duration::from_secs(3600));
+    let mut load = loader.import_image_stream(
+        bollard::query_parameters::ImportImageOptionsBuilder::default()
+            .quiet(true)
+            .build(),
+        saved,
+        None,
+    );
+    while let Some(item) = load.next().await {
+        if let Err(e) = item {
+            bail!("docker load failed: {e}");
+        }
+    }
+    for r in &refs {
+        if let Err(e) = into.inspect_image(r).await {
+            bail!("{r} is missing after loading: {e}");
+        }
+    }
+    Ok(())
+}
+
 /// Boot with the empty disk writable, stream the images in, stop dockerd cleanly.
 async fn prepare(
     host: &Docker,
@@ -130,38 +322,11 @@ async fn prepare(
     let engine = start_guest_engine(&opts).await?;
     let boot_s = engine.timings.ready.as_secs_f64();
     let t = Instant::now();
-    let refs: Vec<&str> = images.iter().map(|(r, _)| r.as_str()).collect();
-    let saved = host.export_images(&refs);
-    // `docker load` under TCG takes minutes (bollard's per-request timeout covers the whole
-    // streamed request).
-    let loader = engine
-        .docker
-        .clone()
-        .with_timeout(Duration::from_secs(3600));
-    let mut load = loader.import_image_stream(
-        bollard::query_parameters::ImportImageOptionsBuilder::default()
-            .quiet(true)
-            .build(),
-        saved,
-        None,
-    );
-    let mut err = None;
-    while let Some(item) = load.next().await {
-        if let Err(e) = item {
-            err = Some(anyhow!("docker load in the guest failed: {e}"));
-            break;
-        }
-    }
-    if err.is_none() {
-        for r in &refs {
-            if let Err(e) = engine.docker.inspect_image(r).await {
-                err = Some(anyhow!("{r} is missing in the guest after loading: {e}"));
-                break;
-            }
-        }
-    }
+    let loaded = load_images(host, &engine.docker, images)
+        .await
+        .context("in the guest");
     let load_s = t.elapsed().as_secs_f64();
-    if let Some(e) = err {
+    if let Err(e) = loaded {
         let _ = engine.shutdown().await;
         return Err(e);
     }
@@ -182,4 +347,19 @@ pub async fn start_with_images(
     opts.data_disk = Some(disk);
     opts.data_disk_writable = false;
     Ok((start_guest_engine(&opts).await?, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guest_package_version;
+
+    #[test]
+    fn the_engine_version_is_read_from_the_package_s_own_stanza() {
+        let status = "Package: containerd\nStatus: install ok installed\nVersion: 1.6.20~ds1-1+deb12u3\n\nPackage: docker.io\nStatus: install ok installed\nVersion: 20.10.24+dfsg1-1+deb12u1+b6\nDepends: adduser\n\nPackage: docker.io-doc\nVersion: 9\n";
+        assert_eq!(
+            guest_package_version(status, "docker.io").as_deref(),
+            Some("20.10.24+dfsg1-1+deb12u1+b6")
+        );
+        assert_eq!(guest_package_version(status, "runc"), None);
+    }
 }
