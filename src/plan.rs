@@ -23,7 +23,12 @@ pub(crate) struct Group {
 impl Group {
     /// Estimated cost of running this group as one batch, for `--shard`.
     pub(crate) fn cost_ms(&self) -> u64 {
-        crate::backend::estimated_cost_ms(self.env.backend(), self.cells.len())
+        let codex = self
+            .cells
+            .iter()
+            .filter(|c| !matches!(c.subject.spec, SubjectSpec::Bwrap { .. }))
+            .count();
+        crate::backend::estimated_cost_ms(self.env.backend(), self.cells.len() - codex, codex)
     }
 }
 

@@ -85,20 +85,22 @@ impl Demand {
     };
 }
 
-/// Estimated cost of a batch in milliseconds: starting its environment plus its cells, for
-/// `--shard` (it must not depend on what this machine offers, so every shard agrees).
-/// Measured on this project's machines: a host batch starts in ~0.1 s and runs a cell in
-/// ~10 ms; a container starts in ~1.5 s and execs a cell in ~50 ms; a QEMU guest boots in
-/// ~15 s; a container in an engine guest (TCG) starts in 4.5-7 s and runs a cell in ~0.3 s,
-/// its guest's boot (8-28 s to a ready engine) shared by every container of its kernel.
-pub(crate) fn estimated_cost_ms(kind: BackendKind, cells: usize) -> u64 {
-    let (start, per_cell) = match kind {
-        BackendKind::Host => (100, 10),
-        BackendKind::Docker => (1_500, 50),
-        BackendKind::Qemu => (15_000, 50),
-        BackendKind::GuestDocker => (8_000, 300),
+/// Estimated cost of a batch in milliseconds: starting its environment plus its bwrap cells
+/// and its Codex cells, for `--shard` (it must not depend on what this machine offers, so
+/// every shard agrees). Measured on this project's machines (2026-11-30): a host batch starts
+/// in ~0.1 s and runs a bwrap cell in ~10 ms; a container starts in ~1.5 s and execs a cell in
+/// ~50 ms; a QEMU guest boots in 4-7 s (TCG, PVH); a container in an engine guest starts in
+/// 4.5-7 s and runs a bwrap cell in 0.05-0.6 s, its guest's boot (10-14 s to a ready engine)
+/// shared by every container of its kernel. A Codex cell (two or three starts of a 300 MB
+/// binary, its bwrap probes) takes ~0.1 s natively and 1-4 s under TCG.
+pub(crate) fn estimated_cost_ms(kind: BackendKind, bwrap_cells: usize, codex_cells: usize) -> u64 {
+    let (start, per_cell, per_codex_cell) = match kind {
+        BackendKind::Host => (100, 10, 100),
+        BackendKind::Docker => (1_500, 50, 180),
+        BackendKind::Qemu => (6_000, 50, 2_500),
+        BackendKind::GuestDocker => (6_000, 300, 2_500),
     };
-    start + per_cell * cells as u64
+    start + per_cell * bwrap_cells as u64 + per_codex_cell * codex_cells as u64
 }
 
 /// Every kind, in `doctor`'s order.
@@ -167,10 +169,17 @@ mod tests {
     #[test]
     fn cost_orders_backends() {
         assert!(
-            estimated_cost_ms(BackendKind::Qemu, 3) > estimated_cost_ms(BackendKind::Docker, 3)
+            estimated_cost_ms(BackendKind::Qemu, 3, 0)
+                > estimated_cost_ms(BackendKind::Docker, 3, 0)
         );
         assert!(
-            estimated_cost_ms(BackendKind::Docker, 3) > estimated_cost_ms(BackendKind::Host, 3)
+            estimated_cost_ms(BackendKind::Docker, 3, 0)
+                > estimated_cost_ms(BackendKind::Host, 3, 0)
+        );
+        // Under TCG a Codex cell costs seconds, not a bwrap cell's tens of milliseconds.
+        assert!(
+            estimated_cost_ms(BackendKind::Qemu, 0, 3)
+                > estimated_cost_ms(BackendKind::Qemu, 30, 0)
         );
     }
 }
