@@ -418,16 +418,24 @@ pub fn probe_nesting(spec: &BatchSpec) -> Nesting {
     found
 }
 
-/// [`probe_nesting`] once per batch, and only for a batch that nests (an outer sandbox or a
-/// user-namespace depth); `None` otherwise.
+/// [`probe_nesting`] once per uid and restrictions (a batch's are fixed), and only for a
+/// batch that nests (an outer sandbox or a user-namespace depth); `None` otherwise.
 pub fn probe_nesting_cached(spec: &BatchSpec) -> Option<Nesting> {
-    use std::sync::OnceLock;
-    static CACHE: OnceLock<Nesting> = OnceLock::new();
+    use std::sync::Mutex;
+    static CACHE: Mutex<BTreeMap<String, Nesting>> = Mutex::new(BTreeMap::new());
     let r = &spec.restrictions;
     if !r.outer_bwrap && r.userns_depth.is_none() {
         return None;
     }
-    Some(CACHE.get_or_init(|| probe_nesting(spec)).clone())
+    let key = format!("{}:{r:?}", spec.uid);
+    if let Some(n) = CACHE.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Some(n);
+    }
+    let n = probe_nesting(spec);
+    if let Ok(mut c) = CACHE.lock() {
+        c.insert(key, n.clone());
+    }
+    Some(n)
 }
 
 /// [`probe_setuid`] once per bwrap file per batch (the batch's uid and restrictions are

@@ -605,6 +605,34 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn the_outer_sandbox_wraps_the_program_and_is_marked() {
+        let args = [std::ffi::OsString::from("--version")];
+        let prog = std::path::Path::new("/usr/bin/x");
+        let (p, a) = wrap_outer(&Restrictions::default(), prog, &args).unwrap();
+        assert_eq!((p.as_path(), a.as_slice()), (prog, &args[..]));
+        let Some(bwrap) = system_bwrap() else {
+            eprintln!("SKIP the_outer_sandbox_wraps_the_program_and_is_marked: no bwrap on PATH");
+            return;
+        };
+        for disable in [false, true] {
+            let r = Restrictions {
+                outer_bwrap: true,
+                outer_disable_userns: disable,
+                ..Default::default()
+            };
+            let (p, a) = wrap_outer(&r, prog, &args).unwrap();
+            assert_eq!(p, bwrap);
+            let a: Vec<String> = a.iter().map(|x| x.to_string_lossy().into_owned()).collect();
+            let sep = a.iter().position(|x| x == "--").unwrap();
+            assert_eq!(a[sep + 1..], ["/usr/bin/x", "--version"]);
+            let outer = &a[..sep];
+            assert!(outer.iter().any(|x| x == OUTER_MARKER));
+            assert!(outer.iter().any(|x| x == "--unshare-user"));
+            assert_eq!(outer.iter().any(|x| x == "--disable-userns"), disable);
+        }
+    }
+
     /// systemd's ProcSubset=pid and ProtectKernelTunables= and the user-namespace depth,
     /// applied for real in a child: what bwrap then meets.
     #[test]
