@@ -411,6 +411,30 @@ impl Validator<'_> {
                 .help("give the nesting one way per profile");
             }
         }
+        // The agent builds the nesting itself: a filter or limit that denies it user
+        // namespaces would fail the construction, not the cell's sandbox.
+        // (userns-depth with userns-limit is refused above.)
+        let deny_filter = r
+            .seccomp
+            .as_ref()
+            .is_some_and(|s| s.get_ref() == "deny-userns");
+        if (deny_filter && (r.outer_sandbox.is_some() || r.userns_depth.is_some()))
+            || (r.userns_limit.is_some() && r.outer_sandbox.is_some())
+        {
+            let at = r
+                .outer_sandbox
+                .as_ref()
+                .map(span)
+                .or_else(|| r.userns_depth.as_ref().map(span));
+            self.err(
+                "bad-value",
+                at.flatten(),
+                format!(
+                    "profile `{name}`: outer-sandbox and userns-depth cannot combine with seccomp deny-userns or userns-limit"
+                ),
+            )
+            .help("the nesting needs user namespaces of its own; give the denial its own profile");
+        }
         if let Some(p) = &r.protect_proc
             && !matches!(
                 p.get_ref().as_str(),
@@ -831,6 +855,10 @@ protect-proc = "hidden"
 [profile.f]
 proc-subset = "sys"
 
+[profile.g]
+seccomp = "deny-userns"
+outer-sandbox = "bwrap"
+
 [profile.good]
 outer-sandbox = "bwrap"
 outer-disable-userns = true
@@ -870,7 +898,11 @@ only = ["add_file"]
             (12, "userns-depth cannot combine with userns-limit"),
             (16, "protect-proc `hidden` is not invisible"),
             (19, "proc-subset `sys` is not pid or all"),
-            (37, "profile `good` uses settings only the host backend has"),
+            (
+                23,
+                "outer-sandbox and userns-depth cannot combine with seccomp deny-userns",
+            ),
+            (41, "profile `good` uses settings only the host backend has"),
         ] {
             let at = format!("m.toml:{line}:");
             assert!(
@@ -878,7 +910,7 @@ only = ["add_file"]
                 "expected `{what}` at line {line} in:\n{err}"
             );
         }
-        assert_eq!(err.matches("error[").count(), 7, "{err}");
+        assert_eq!(err.matches("error[").count(), 8, "{err}");
     }
 
     #[test]
