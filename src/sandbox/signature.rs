@@ -217,7 +217,7 @@ static MEMBERS: &[Signature] = &[
     },
     Signature {
         name: "userns-nesting-limit",
-        mechanism: "the sandbox starts 32 or more user namespaces deep (observed in /proc), where the kernel's nesting limit leaves no room for the one or two user namespaces bwrap creates (beyond depth 33 clone(CLONE_NEWUSER) gives ENOSPC, root included)",
+        mechanism: "the sandbox starts 32 or more user namespaces deep (observed in /proc), where the kernel's nesting limit leaves no room for the one or two user namespaces bwrap creates (beyond depth 33 clone(CLONE_NEWUSER) gives ENOSPC)",
         remedy: "nest fewer sandboxes: let the outer layers share a user namespace instead of one each, or run the tool without its own sandbox where an outer one already confines it (Codex: --sandbox danger-full-access inside the external sandbox)",
         patterns: &[],
     },
