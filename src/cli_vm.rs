@@ -205,8 +205,18 @@ fn host_shell(cell: &crate::matrix::model::Cell) -> u8 {
         cell.env.uid,
         profile.map(|p| p.name.as_str()).unwrap_or("none")
     );
-    let mut cmd = std::process::Command::new("/bin/sh");
-    cmd.env("PS1", format!("[nsmatrix {}] $ ", cell.env.id));
+    // Inside the profile's outer sandbox too, as a cell's program starts.
+    let (program, args) =
+        match crate::sandbox::restrict::wrap_outer(&r, std::path::Path::new("/bin/sh"), &[]) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("nsmatrix shell: {e}");
+                return exit::BAD_INPUT;
+            }
+        };
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .env("PS1", format!("[nsmatrix {}] $ ", cell.env.id));
     prepared.apply_to(&mut cmd);
     match cmd.status() {
         Ok(s) => u8::try_from(s.code().unwrap_or(1)).unwrap_or(1),

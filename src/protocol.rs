@@ -53,6 +53,29 @@ pub struct Restrictions {
     /// Run the sandbox inside a fresh user namespace whose `user.max_user_namespaces` is this.
     #[serde(default)]
     pub userns_limit: Option<u64>,
+    /// Run the cell's program inside an outer sandbox: the system's bwrap with a user
+    /// namespace of its own (`--unshare-user --unshare-pid`), as when a tool runs inside
+    /// another sandbox.
+    #[serde(default)]
+    pub outer_bwrap: bool,
+    /// The outer bwrap also passes `--disable-userns` (bubblewrap 0.8+).
+    #[serde(default)]
+    pub outer_disable_userns: bool,
+    /// Start the cell's program this many user namespaces deep (nested unshares as the cell's
+    /// uid, each mapping only that uid), counted from the agent's own user namespace.
+    #[serde(default)]
+    pub userns_depth: Option<u32>,
+    /// systemd's ProtectKernelTunables=: /proc/sys, /proc/sysrq-trigger and /sys bind-mounted
+    /// read-only in a private mount namespace.
+    #[serde(default)]
+    pub protect_kernel_tunables: bool,
+    /// systemd's ProtectProc=: a fresh procfs on /proc with `hidepid=` this value
+    /// (`invisible`, `noaccess`, `ptraceable`), in a private mount namespace.
+    #[serde(default)]
+    pub protect_proc: Option<String>,
+    /// systemd's ProcSubset=pid: a fresh procfs on /proc with `subset=pid`.
+    #[serde(default)]
+    pub proc_subset: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

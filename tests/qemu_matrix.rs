@@ -58,6 +58,7 @@ async fn run_cells(
             kernel: kernel.into(),
             image: image.map(String::from),
             sysctls: sysctls.clone(),
+            profile: None,
         }),
     };
     let batch = format!("matrix-{kernel}-{set}-{}", subjects.len());

@@ -184,8 +184,9 @@ pub(super) fn run_program(
     let prepared = restrict::Prepared::new(&ctx.spec.restrictions, ctx.spec.uid, ctx.spec.gid)?;
     let out_path = ctx.dir.join("stdout");
     let err_path = ctx.dir.join("stderr");
-    let mut cmd = Command::new(program);
-    cmd.args(args)
+    let (program, args) = restrict::wrap_outer(&ctx.spec.restrictions, program, args)?;
+    let mut cmd = Command::new(&program);
+    cmd.args(&args)
         .current_dir(ws)
         .env_clear()
         .env(

@@ -222,6 +222,10 @@ struct SeenBwrap {
 fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
     let mut bwraps: Vec<(u32, String)> = Vec::new();
     for (pid, _) in super::witness::descendants(root) {
+        // The outer sandbox the agent put around Codex is not a bwrap Codex started.
+        if super::observe::is_outer_sandbox(pid) {
+            continue;
+        }
         if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
             let exe = exe.to_string_lossy().into_owned();
             let named_bwrap = |p: &str| {
@@ -450,6 +454,10 @@ pub(super) fn prepare_and_run_codex(
     let _ = fs::remove_dir_all(&home);
     let norm = |s: &str| scenario::normalise_output(s, &layout.ws);
     let mut details = BTreeMap::new();
+    let nesting = super::observe::probe_nesting_cached(ctx.spec);
+    if let Some(n) = &nesting {
+        details.insert("nesting.observed".into(), n.describe());
+    }
     details.insert("codex.version".into(), version.to_string());
     details.insert("codex.path".into(), codex.display().to_string());
     details.insert(
@@ -621,6 +629,9 @@ pub(super) fn prepare_and_run_codex(
             let mut ev = super::observe::Evidence::default();
             super::judge::passed_evidence(&sc, &mut ev);
             ev.set("sandbox", w.describe());
+            if let Some(n) = &nesting {
+                ev.set("nesting", n.describe());
+            }
             ev.set(
                 "setuid",
                 match details.get("codex.bwrap-setuid-effective").map(String::as_str) {

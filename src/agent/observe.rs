@@ -69,8 +69,15 @@ pub fn probe_setuid(spec: &BatchSpec, bwrap: &Path) -> SetuidSeen {
         return SetuidSeen::Unknown(format!("pipe: {}", std::io::Error::last_os_error()));
     }
     let (rd, wr) = (fds[0], fds[1]);
-    let mut cmd = Command::new(bwrap);
-    cmd.args([OsString::from("--args"), OsString::from("3")])
+    // Inside the batch's outer sandbox, if it has one: the bwrap the probe reads is then the
+    // one below it, not the outer one.
+    let args = [OsString::from("--args"), OsString::from("3")];
+    let (program, args) = match restrict::wrap_outer(&spec.restrictions, bwrap, &args) {
+        Ok(w) => w,
+        Err(e) => return SetuidSeen::Unknown(format!("restrictions: {e}")),
+    };
+    let mut cmd = Command::new(&program);
+    cmd.args(&args)
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(Stdio::null())
@@ -107,7 +114,19 @@ pub fn probe_setuid(spec: &BatchSpec, bwrap: &Path) -> SetuidSeen {
             }
             break SetuidSeen::Exited(err.lines().next().unwrap_or("").trim().to_string());
         }
-        if let Some(ids) = blocked_in_read(pid, bwrap) {
+        let candidates: Vec<u32> = if spec.restrictions.outer_bwrap {
+            super::witness::descendants(pid)
+                .into_iter()
+                .map(|(p, _)| p)
+                .filter(|p| !is_outer_sandbox(*p))
+                .collect()
+        } else {
+            vec![pid]
+        };
+        if let Some(ids) = candidates
+            .into_iter()
+            .find_map(|p| blocked_in_read(p, bwrap))
+        {
             break ids;
         }
         if Instant::now() >= deadline {
@@ -230,12 +249,193 @@ pub fn deny_facts(spec: &BatchSpec, privileged_setuid: bool) -> signature::Facts
             .is_none_or(|keep| keep.iter().any(|c| restrict::cap_number(c) == Some(n)));
         set.map(|bits| kept && bits & (1u64 << n) != 0)
     };
+    let nesting = probe_nesting_cached(spec);
     signature::Facts {
         seccomp_filter,
         unprivileged_userns_clone,
         sys_admin: has("sys_admin"),
         net_admin: has("net_admin"),
+        userns_depth: nesting.as_ref().and_then(|n| n.depth),
+        outer_disable_userns: nesting.as_ref().and_then(|n| n.outer_disable_userns),
     }
+}
+
+/// Whether `pid` is the outer sandbox the agent put around a cell (its command line carries
+/// the marker), not a bwrap the cell runs.
+pub fn is_outer_sandbox(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|b| {
+        b.split(|&c| c == 0)
+            .any(|a| a == restrict::OUTER_MARKER.as_bytes())
+    })
+}
+
+/// `ioctl(NS_GET_PARENT)` (linux/nsfs.h).
+const NS_GET_PARENT: libc::c_ulong = 0xb702;
+
+/// How many user namespaces `pid`'s lies below the agent's: its /proc/PID/ns/user walked up
+/// with NS_GET_PARENT until the kernel refuses (at the initial namespace, or at the agent's
+/// own: a parent outside the caller's namespace is not given out).
+pub fn userns_depth(pid: u32) -> Option<u32> {
+    use std::os::fd::IntoRawFd;
+    let mut fd = fs::File::open(format!("/proc/{pid}/ns/user"))
+        .ok()?
+        .into_raw_fd();
+    let mut depth = 0;
+    loop {
+        let parent = unsafe { libc::ioctl(fd, NS_GET_PARENT as _) };
+        unsafe { libc::close(fd) };
+        if parent < 0 || depth > 64 {
+            break;
+        }
+        depth += 1;
+        fd = parent;
+    }
+    Some(depth)
+}
+
+/// What the nesting probe saw: the process a cell's program runs as, started exactly as a
+/// cell's (the batch's uid, restrictions and outer sandbox), read in /proc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nesting {
+    /// User namespaces between the agent's and the program's.
+    pub depth: Option<u32>,
+    /// Its ancestors up to the process the agent started: `comm(pid)`, the outer sandbox's
+    /// with the flags that matter.
+    pub chain: Vec<String>,
+    /// An outer bwrap with `--disable-userns` was seen above it (`None`: no outer sandbox).
+    pub outer_disable_userns: Option<bool>,
+    pub error: Option<String>,
+}
+
+impl Nesting {
+    pub fn describe(&self) -> String {
+        if let Some(e) = &self.error {
+            return format!("not observed: {e}");
+        }
+        format!(
+            "observed: the cell's program starts {} user namespace(s) below the agent's (NS_GET_PARENT from /proc/PID/ns/user){}",
+            self.depth
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "?".into()),
+            if self.chain.is_empty() {
+                String::new()
+            } else {
+                format!(", under {}", self.chain.join(" < "))
+            }
+        )
+    }
+}
+
+/// Start `sleep` as a cell's program would be started (uid, restrictions, outer sandbox) and
+/// read where it runs: its user-namespace depth and the processes above it.
+pub fn probe_nesting(spec: &BatchSpec) -> Nesting {
+    let fail = |e: String| Nesting {
+        depth: None,
+        chain: Vec::new(),
+        outer_disable_userns: None,
+        error: Some(e),
+    };
+    let prepared = match restrict::Prepared::new(&spec.restrictions, spec.uid, spec.gid) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("restrictions: {e}")),
+    };
+    let args = [OsString::from("30")];
+    let (program, args) = match restrict::wrap_outer(&spec.restrictions, Path::new("sleep"), &args)
+    {
+        Ok(w) => w,
+        Err(e) => return fail(format!("restrictions: {e}")),
+    };
+    let mut cmd = Command::new(&program);
+    cmd.args(&args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    prepared.apply_to(&mut cmd);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("failed to start sleep: {e}")),
+    };
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let found = loop {
+        let tree = super::witness::descendants(pid);
+        let sleeper = std::iter::once(pid)
+            .chain(tree.iter().map(|(c, _)| *c))
+            .find(|p| {
+                fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+            });
+        if let Some(sp) = sleeper {
+            let parent: BTreeMap<u32, u32> = tree.iter().copied().collect();
+            let mut chain = Vec::new();
+            let mut disable = spec.restrictions.outer_bwrap.then_some(false);
+            let mut p = (sp != pid).then(|| parent.get(&sp).copied()).flatten();
+            while let Some(a) = p {
+                let comm = fs::read_to_string(format!("/proc/{a}/comm")).unwrap_or_default();
+                let argv = fs::read(format!("/proc/{a}/cmdline")).unwrap_or_default();
+                let has = |flag: &str| argv.split(|&c| c == 0).any(|x| x == flag.as_bytes());
+                let mut label = format!("{}(pid {a}", comm.trim());
+                if is_outer_sandbox(a) {
+                    label.push_str(", the outer sandbox");
+                    if has("--disable-userns") {
+                        label.push_str(", --disable-userns");
+                        disable = Some(true);
+                    }
+                }
+                label.push(')');
+                chain.push(label);
+                if a == pid {
+                    break;
+                }
+                p = parent.get(&a).copied();
+            }
+            break Nesting {
+                depth: userns_depth(sp),
+                chain,
+                outer_disable_userns: disable,
+                error: None,
+            };
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            break fail(format!(
+                "the probe exited ({st}) before it could be read: {}",
+                err.lines().next().unwrap_or("").trim()
+            ));
+        }
+        if Instant::now() >= deadline {
+            break fail("the probe's sleep did not appear within 5 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+    let _ = child.wait();
+    found
+}
+
+/// [`probe_nesting`] once per uid and restrictions (a batch's are fixed), and only for a
+/// batch that nests (an outer sandbox or a user-namespace depth); `None` otherwise.
+pub fn probe_nesting_cached(spec: &BatchSpec) -> Option<Nesting> {
+    use std::sync::Mutex;
+    static CACHE: Mutex<BTreeMap<String, Nesting>> = Mutex::new(BTreeMap::new());
+    let r = &spec.restrictions;
+    if !r.outer_bwrap && r.userns_depth.is_none() {
+        return None;
+    }
+    let key = format!("{}:{r:?}", spec.uid);
+    if let Some(n) = CACHE.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Some(n);
+    }
+    let n = probe_nesting(spec);
+    if let Ok(mut c) = CACHE.lock() {
+        c.insert(key, n.clone());
+    }
+    Some(n)
 }
 
 /// [`probe_setuid`] once per bwrap file per batch (the batch's uid and restrictions are

@@ -325,6 +325,10 @@ fn prepare_and_run_bwrap(
     );
     details.insert("bwrap.setuid-observed".into(), setuid_evidence.clone());
     details.insert("no-new-privileges".into(), nnp.to_string());
+    let nesting = super::observe::probe_nesting_cached(ctx.spec);
+    if let Some(n) = &nesting {
+        details.insert("nesting.observed".into(), n.describe());
+    }
     details.insert(
         "argv".into(),
         shell_words(&bw.path, &args[..args.len() - 1]) + " PATCH",
@@ -361,6 +365,9 @@ fn prepare_and_run_bwrap(
         let mut ev = super::observe::Evidence::default();
         super::judge::passed_evidence(&sc, &mut ev);
         ev.set("setuid", setuid_evidence);
+        if let Some(n) = &nesting {
+            ev.set("nesting", n.describe());
+        }
         ev.set(
             "sandbox",
             format!(

@@ -122,8 +122,15 @@ pub fn find_waiting(root: u32, agent_bin: &Path) -> Option<Seen> {
     })?;
     let mut ancestors = Vec::new();
     let mut p = parent.get(&pid).copied();
+    // Namespaces are compared with the agent's, or with the outer sandbox's when the agent put
+    // one around the cell: a namespace of the outer sandbox is not the cell's own.
+    let mut reference = "self".to_string();
     while let Some(a) = p {
         if a == root {
+            break;
+        }
+        if super::observe::is_outer_sandbox(a) {
+            reference = a.to_string();
             break;
         }
         let exe = fs::read_link(format!("/proc/{a}/exe"))
@@ -135,7 +142,7 @@ pub fn find_waiting(root: u32, agent_bin: &Path) -> Option<Seen> {
     let own_namespaces = ["mnt", "user", "pid", "net"]
         .into_iter()
         .filter(|ns| {
-            let a = fs::read_link(format!("/proc/self/ns/{ns}")).ok();
+            let a = fs::read_link(format!("/proc/{reference}/ns/{ns}")).ok();
             let b = fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok();
             a.is_some() && b.is_some() && a != b
         })

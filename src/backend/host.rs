@@ -50,6 +50,12 @@ impl HostBackend {
             no_new_privileges: p.no_new_privileges,
             bounding_set: p.bounding_set.clone(),
             userns_limit: p.userns_limit,
+            outer_bwrap: p.outer_sandbox.as_deref() == Some("bwrap"),
+            outer_disable_userns: p.outer_disable_userns,
+            userns_depth: p.userns_depth,
+            protect_kernel_tunables: p.protect_kernel_tunables,
+            protect_proc: p.protect_proc.clone(),
+            proc_subset: p.proc_subset.clone().filter(|s| s != "all"),
         }
     }
 

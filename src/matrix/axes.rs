@@ -138,10 +138,14 @@ impl Validator<'_> {
                         self.check_profile_for(backend, p, sp("profile"));
                         Some(p.clone())
                     }
-                    None if pname == "none" && backend == BackendKind::Host => Some(Profile {
-                        name: "none".into(),
-                        ..Default::default()
-                    }),
+                    None if pname == "none"
+                        && matches!(backend, BackendKind::Host | BackendKind::Qemu) =>
+                    {
+                        Some(Profile {
+                            name: "none".into(),
+                            ..Default::default()
+                        })
+                    }
                     None if pname == "default" && is_container(backend) => Some(Profile {
                         name: "default".into(),
                         ..Default::default()
@@ -300,6 +304,7 @@ impl Validator<'_> {
                     kernel: kernel.unwrap_or_default(),
                     image,
                     sysctls,
+                    profile,
                 }),
                 BackendKind::GuestDocker => match image {
                     Some(image) => EnvKind::GuestDocker(GuestDockerEnv {
@@ -354,7 +359,7 @@ impl Validator<'_> {
                         .is_some_and(|s| s != "none" && s != "deny-userns");
                 if docker_only {
                     self.err("profile-backend", sp.clone(), format!("profile `{}` uses settings only a docker environment has", p.name))
-                        .help("a host profile may set seccomp = \"deny-userns\", no-new-privileges, bounding-set, userns-limit");
+                        .help("a host profile may set seccomp = \"deny-userns\", no-new-privileges, bounding-set, userns-limit, outer-sandbox, outer-disable-userns, userns-depth, protect-kernel-tunables, protect-proc, proc-subset");
                 }
                 if p.seccomp.as_deref() == Some("deny-userns") && p.userns_limit.is_some() {
                     self.err(
@@ -371,12 +376,28 @@ impl Validator<'_> {
                 if p.bounding_set.is_some()
                     || p.userns_limit.is_some()
                     || p.seccomp.as_deref() == Some("deny-userns")
+                    || p.has_nesting_or_hardening()
                 {
                     self.err("profile-backend", sp, format!("profile `{}` uses settings only the host backend has", p.name))
                         .help("a docker profile uses seccomp (default/unconfined/file.json), cap-add, cap-drop, no-new-privileges, privileged, systempaths-unconfined, security-opt");
                 }
             }
-            BackendKind::Qemu => {}
+            BackendKind::Qemu => {
+                // A guest's agent applies the process-level restrictions a host profile has;
+                // container settings have no meaning there.
+                let container_only = !p.cap_add.is_empty()
+                    || !p.cap_drop.is_empty()
+                    || p.privileged
+                    || p.systempaths_unconfined
+                    || !p.security_opt.is_empty()
+                    || p.seccomp
+                        .as_deref()
+                        .is_some_and(|s| s != "none" && s != "deny-userns");
+                if container_only {
+                    self.err("profile-backend", sp, format!("profile `{}` uses settings only a docker environment has", p.name))
+                        .help("a qemu profile may set the host's process-level settings: seccomp = \"deny-userns\", no-new-privileges, bounding-set, userns-limit, outer-sandbox, userns-depth, protect-kernel-tunables, protect-proc, proc-subset");
+                }
+            }
         }
     }
 

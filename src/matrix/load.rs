@@ -318,6 +318,18 @@ impl Validator<'_> {
                 systempaths_unconfined: r.systempaths_unconfined,
                 bounding_set,
                 userns_limit: r.userns_limit,
+                outer_sandbox: r.outer_sandbox.as_ref().map(|s| s.get_ref().clone()),
+                outer_disable_userns: r
+                    .outer_disable_userns
+                    .as_ref()
+                    .is_some_and(|b| *b.get_ref()),
+                userns_depth: r
+                    .userns_depth
+                    .as_ref()
+                    .and_then(|d| u32::try_from(*d.get_ref()).ok()),
+                protect_kernel_tunables: r.protect_kernel_tunables,
+                protect_proc: r.protect_proc.as_ref().map(|s| s.get_ref().clone()),
+                proc_subset: r.proc_subset.as_ref().map(|s| s.get_ref().clone()),
                 security_opt: r
                     .security_opt
                     .iter()
@@ -326,6 +338,7 @@ impl Validator<'_> {
                     .collect(),
                 description: r.description.clone(),
             };
+            self.check_nesting_and_hardening(name, r);
             if let Some(sc) = &r.seccomp {
                 let v = sc.get_ref();
                 let ok = matches!(
@@ -348,6 +361,114 @@ impl Validator<'_> {
             out.insert(name.clone(), (p, rp.span()));
         }
         out
+    }
+
+    /// The nesting and systemd-hardening keys of a profile: known values, consistent
+    /// combinations (see docs/matrix.md).
+    fn check_nesting_and_hardening(&mut self, name: &str, r: &RawProfile) {
+        if let Some(o) = &r.outer_sandbox
+            && o.get_ref() != "bwrap"
+        {
+            self.err(
+                "bad-value",
+                span(o),
+                format!(
+                    "profile `{name}`: outer-sandbox `{}` is not \"bwrap\"",
+                    o.get_ref()
+                ),
+            )
+            .help("outer-sandbox = \"bwrap\" runs the cell inside the system's bwrap");
+        }
+        if let Some(d) = &r.outer_disable_userns
+            && *d.get_ref()
+            && r.outer_sandbox.is_none()
+        {
+            self.err(
+                "bad-value",
+                span(d),
+                format!("profile `{name}`: outer-disable-userns needs an outer sandbox"),
+            )
+            .help("add outer-sandbox = \"bwrap\" to the profile");
+        }
+        if let Some(d) = &r.userns_depth {
+            let v = *d.get_ref();
+            if !(1..=restrict::MAX_USERNS_DEPTH as i64).contains(&v) {
+                self.err(
+                    "bad-value",
+                    span(d),
+                    format!(
+                        "profile `{name}`: userns-depth {v} is not between 1 and {}",
+                        restrict::MAX_USERNS_DEPTH
+                    ),
+                )
+                .help(format!(
+                    "the kernel refuses a user namespace deeper than {}: a cell cannot start deeper",
+                    restrict::MAX_USERNS_DEPTH
+                ));
+            } else if r.userns_limit.is_some() || r.outer_sandbox.is_some() {
+                self.err(
+                    "bad-value",
+                    span(d),
+                    format!(
+                        "profile `{name}`: userns-depth cannot combine with userns-limit or outer-sandbox"
+                    ),
+                )
+                .help("give the nesting one way per profile");
+            }
+        }
+        // The agent builds the nesting itself: a filter or limit that denies it user
+        // namespaces would fail the construction, not the cell's sandbox.
+        // (userns-depth with userns-limit is refused above.)
+        let deny_filter = r
+            .seccomp
+            .as_ref()
+            .is_some_and(|s| s.get_ref() == "deny-userns");
+        if (deny_filter && (r.outer_sandbox.is_some() || r.userns_depth.is_some()))
+            || (r.userns_limit.is_some() && r.outer_sandbox.is_some())
+        {
+            let at = r
+                .outer_sandbox
+                .as_ref()
+                .map(span)
+                .or_else(|| r.userns_depth.as_ref().map(span));
+            self.err(
+                "bad-value",
+                at.flatten(),
+                format!(
+                    "profile `{name}`: outer-sandbox and userns-depth cannot combine with seccomp deny-userns or userns-limit"
+                ),
+            )
+            .help("the nesting needs user namespaces of its own; give the denial its own profile");
+        }
+        if let Some(p) = &r.protect_proc
+            && !matches!(
+                p.get_ref().as_str(),
+                "invisible" | "noaccess" | "ptraceable"
+            )
+        {
+            self.err(
+                "bad-value",
+                span(p),
+                format!(
+                    "profile `{name}`: protect-proc `{}` is not invisible, noaccess or ptraceable",
+                    p.get_ref()
+                ),
+            )
+            .help("these are systemd's ProtectProc= values that mount /proc with hidepid=");
+        }
+        if let Some(p) = &r.proc_subset
+            && !matches!(p.get_ref().as_str(), "pid" | "all")
+        {
+            self.err(
+                "bad-value",
+                span(p),
+                format!(
+                    "profile `{name}`: proc-subset `{}` is not pid or all",
+                    p.get_ref()
+                ),
+            )
+            .help("systemd's ProcSubset= takes pid (procfs subset=pid) or all");
+        }
     }
 
     fn sysctl_sets(&mut self) -> BTreeMap<String, BTreeMap<String, String>> {
@@ -714,6 +835,88 @@ pub(super) fn sanitize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The nesting and systemd-hardening keys: bad values and combinations are errors at
+    /// their own line, and a docker or qemu environment gets what its backend allows.
+    #[test]
+    fn nesting_and_hardening_keys_are_checked_where_written() {
+        let text = r#"
+[profile.a]
+outer-sandbox = "firejail"
+
+[profile.b]
+outer-disable-userns = true
+
+[profile.c]
+userns-depth = 34
+
+[profile.d]
+userns-depth = 3
+userns-limit = 5
+
+[profile.e]
+protect-proc = "hidden"
+
+[profile.f]
+proc-subset = "sys"
+
+[profile.g]
+seccomp = "deny-userns"
+outer-sandbox = "bwrap"
+
+[profile.good]
+outer-sandbox = "bwrap"
+outer-disable-userns = true
+protect-kernel-tunables = true
+protect-proc = "invisible"
+proc-subset = "pid"
+
+[[environment]]
+name = "host"
+backend = "host"
+profile = ["good"]
+
+[[environment]]
+name = "c"
+backend = "docker"
+image = "busybox"
+profile = "good"
+
+[image.busybox]
+reference = "busybox:latest"
+
+[[subject]]
+name = "bwrap"
+kind = "bwrap"
+
+[[scenarios]]
+name = "core"
+dir = "scenarios"
+only = ["add_file"]
+"#;
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("m.toml");
+        let err = load_str(&base, text).expect_err("bad input").to_string();
+        for (line, what) in [
+            (3, "outer-sandbox `firejail` is not \"bwrap\""),
+            (6, "outer-disable-userns needs an outer sandbox"),
+            (9, "userns-depth 34 is not between 1 and 33"),
+            (12, "userns-depth cannot combine with userns-limit"),
+            (16, "protect-proc `hidden` is not invisible"),
+            (19, "proc-subset `sys` is not pid or all"),
+            (
+                23,
+                "outer-sandbox and userns-depth cannot combine with seccomp deny-userns",
+            ),
+            (41, "profile `good` uses settings only the host backend has"),
+        ] {
+            let at = format!("m.toml:{line}:");
+            assert!(
+                err.lines().any(|l| l.contains(&at) && l.contains(what)),
+                "expected `{what}` at line {line} in:\n{err}"
+            );
+        }
+        assert_eq!(err.matches("error[").count(), 8, "{err}");
+    }
 
     #[test]
     fn durations() {

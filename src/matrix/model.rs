@@ -49,9 +49,33 @@ pub struct Profile {
     pub bounding_set: Option<Vec<String>>,
     /// Host: run inside a user namespace whose max_user_namespaces is this.
     pub userns_limit: Option<u64>,
+    /// Host and qemu: run the cell inside an outer sandbox (`"bwrap"`: the system's bwrap).
+    pub outer_sandbox: Option<String>,
+    /// Host and qemu: the outer bwrap passes `--disable-userns`.
+    pub outer_disable_userns: bool,
+    /// Host and qemu: start the cell this many user namespaces deep.
+    pub userns_depth: Option<u32>,
+    /// Host and qemu: systemd's ProtectKernelTunables= (read-only /proc/sys, /sys).
+    pub protect_kernel_tunables: bool,
+    /// Host and qemu: systemd's ProtectProc= (`invisible`, `noaccess`, `ptraceable`).
+    pub protect_proc: Option<String>,
+    /// Host and qemu: systemd's ProcSubset= (`pid`, or `all` for none).
+    pub proc_subset: Option<String>,
     /// Docker: any further `--security-opt` strings (apparmor=..., label=...).
     pub security_opt: Vec<String>,
     pub description: String,
+}
+
+impl Profile {
+    /// Whether it sets a nesting or systemd-hardening key (host and qemu only).
+    pub fn has_nesting_or_hardening(&self) -> bool {
+        self.outer_sandbox.is_some()
+            || self.outer_disable_userns
+            || self.userns_depth.is_some()
+            || self.protect_kernel_tunables
+            || self.protect_proc.is_some()
+            || self.proc_subset.is_some()
+    }
 }
 
 /// Where cells run. One `Environment` = one batch = one process/container/guest.
@@ -159,6 +183,10 @@ pub struct QemuEnv {
     pub image: Option<String>,
     /// The sysctl values the guest's agent writes before its cells run.
     pub sysctls: BTreeMap<String, String>,
+    /// A profile of process-level restrictions the guest's agent applies to each cell, as the
+    /// host backend's agent does (`none` by default).
+    #[serde(default)]
+    pub profile: Option<Profile>,
 }
 
 /// A container of the Docker engine inside a QEMU guest: the qemu layer's kernel and sysctls

@@ -68,6 +68,13 @@ pub struct RawProfile {
     /// Docker: the container's AppArmor profile (`unconfined` or a loaded profile's name);
     /// the same as `security-opt = ["apparmor=NAME"]`.
     pub apparmor: Option<String>,
+    pub outer_sandbox: Option<Spanned<String>>,
+    pub outer_disable_userns: Option<Spanned<bool>>,
+    pub userns_depth: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub protect_kernel_tunables: bool,
+    pub protect_proc: Option<Spanned<String>>,
+    pub proc_subset: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,7 +162,7 @@ pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
 /// A docker environment's `sysctl` names host values it needs (Docker cannot set `user.*` per
 /// container): its cells run only where the host has them, else SKIP.
 pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
-pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
+pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid", "profile"];
 /// A container in a guest's engine: the guest's kernel, sysctl set and AppArmor, the
 /// container's image, profile, uid and read-only root.
 pub(super) const GUEST_DOCKER_AXES: &[&str] = &[

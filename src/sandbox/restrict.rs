@@ -82,12 +82,25 @@ pub fn cap_number(name: &str) -> Option<u32> {
     CAP_NAMES.iter().position(|c| *c == n).map(|i| i as u32)
 }
 
+/// The deepest user namespace a process can be in, counted from the initial one: the kernel
+/// refuses a new user namespace to a process whose own is already deeper than 32 (measured:
+/// 33 nested unshares succeed, the 34th gets ENOSPC).
+pub const MAX_USERNS_DEPTH: u32 = 33;
+
+/// A marker in the outer bwrap's environment and command line, so the agent's observers can
+/// tell the outer sandbox from the bwrap a cell runs.
+pub const OUTER_MARKER: &str = "NSMATRIX_OUTER_SANDBOX";
+
 #[derive(Debug, thiserror::Error)]
 pub enum RestrictError {
     #[error("unknown capability {0:?}")]
     UnknownCap(String),
     #[error("seccomp-deny-userns and userns-limit cannot be combined on one process tree")]
     Conflict,
+    #[error("userns-depth needs a cell uid other than 0 (each level maps only the cell's own uid)")]
+    DepthAsRoot,
+    #[error("outer-sandbox = \"bwrap\" needs a bwrap on PATH in the environment")]
+    NoOuterBwrap,
     #[error(
         "userns-limit maps root into its user namespace, which needs CAP_SETUID and CAP_SETFCAP (Linux 5.12+) in the agent's effective set; run nsmatrix as root with them"
     )]
@@ -108,6 +121,12 @@ pub struct Prepared {
     /// runs with euid 0 (an unprivileged agent can map only its own uid).
     map_root: bool,
     nnp: bool,
+    /// Levels of user namespaces to nest before exec.
+    userns_depth: u32,
+    /// A private mount namespace with a fresh procfs (these mount options) and/or read-only
+    /// binds (systemd's ProtectProc=/ProcSubset=/ProtectKernelTunables=).
+    proc_options: Option<CString>,
+    read_only: Vec<CString>,
 }
 
 impl Prepared {
@@ -141,6 +160,25 @@ impl Prepared {
                 format!("0 0 1\n{id} {id} 1")
             }
         };
+        if r.userns_depth.is_some() && uid == 0 {
+            return Err(RestrictError::DepthAsRoot);
+        }
+        let mut opts = Vec::new();
+        if let Some(h) = &r.protect_proc {
+            opts.push(format!("hidepid={h}"));
+        }
+        if let Some(sub) = r.proc_subset.as_ref().filter(|s| *s != "all") {
+            opts.push(format!("subset={sub}"));
+        }
+        let proc_options = (!opts.is_empty()).then(|| cstr(opts.join(",")));
+        let read_only = if r.protect_kernel_tunables {
+            PROTECT_KERNEL_TUNABLES
+                .iter()
+                .map(|p| cstr(p.to_string()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Prepared {
             drop_caps,
             seccomp: r.seccomp_deny_userns.then(deny_userns_filter),
@@ -151,6 +189,9 @@ impl Prepared {
             gid_map: cstr(map(gid)),
             map_root,
             nnp: r.no_new_privileges,
+            userns_depth: r.userns_depth.unwrap_or(0),
+            proc_options,
+            read_only,
         })
     }
 
@@ -184,6 +225,9 @@ impl Prepared {
                 )
             })?;
         }
+        if self.proc_options.is_some() || !self.read_only.is_empty() {
+            self.private_proc()?;
+        }
         if let (Some(limit), true) = (&self.userns_limit, self.map_root) {
             self.enter_userns_mapping_root()?;
             // Still root (of the new namespace, with all its capabilities): set its limit
@@ -206,8 +250,76 @@ impl Prepared {
             write_file(c"/proc/self/gid_map", &self.gid_map)?;
             write_file(c"/proc/sys/user/max_user_namespaces", limit)?;
         }
+        if self.userns_depth > 0 {
+            // As for userns-limit: the drop to the cell's uid made us non-dumpable.
+            check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) })?;
+            for _ in 0..self.userns_depth {
+                check(unsafe { libc::unshare(libc::CLONE_NEWUSER) })?;
+                write_file(c"/proc/self/setgroups", c"deny")?;
+                write_file(c"/proc/self/uid_map", &self.uid_map)?;
+                write_file(c"/proc/self/gid_map", &self.gid_map)?;
+            }
+        }
         if self.nnp {
             check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+        }
+        Ok(())
+    }
+
+    /// What systemd does for ProtectProc=/ProcSubset=/ProtectKernelTunables= in a service's
+    /// mount namespace, done as root before the drop to the cell's uid: a private mount
+    /// namespace (slave to the parent), a fresh procfs on /proc with the options, then the
+    /// kernel-tunable paths bind-mounted read-only where they exist.
+    fn private_proc(&self) -> io::Result<()> {
+        check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+        check(unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            )
+        })?;
+        let hardened = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        if let Some(opts) = &self.proc_options {
+            check(unsafe {
+                libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    hardened,
+                    opts.as_ptr().cast(),
+                )
+            })?;
+        }
+        for path in &self.read_only {
+            let rc = unsafe {
+                libc::mount(
+                    path.as_ptr(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                )
+            };
+            if rc < 0 {
+                // A path this procfs does not show (subset=pid hides /proc/sys): nothing to
+                // protect, as systemd skips it.
+                if io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+                    continue;
+                }
+                return Err(io::Error::last_os_error());
+            }
+            check(unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | hardened,
+                    std::ptr::null(),
+                )
+            })?;
         }
         Ok(())
     }
@@ -268,6 +380,62 @@ impl Prepared {
             _ => Err(io::Error::from_raw_os_error(libc::EPROTO)),
         }
     }
+}
+
+/// The paths systemd's ProtectKernelTunables= makes read-only that bwrap can meet (systemd's
+/// list also has /proc/acpi, /proc/fs, /proc/irq ... and hides /proc/kallsyms, /proc/kcore).
+const PROTECT_KERNEL_TUNABLES: &[&str] = &["/proc/sys", "/proc/sysrq-trigger", "/sys"];
+
+/// The system's bwrap, for an outer sandbox: the first `bwrap` on the standard PATH.
+pub fn system_bwrap() -> Option<std::path::PathBuf> {
+    [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ]
+    .iter()
+    .map(|d| std::path::Path::new(d).join("bwrap"))
+    .find(|p| p.is_file())
+}
+
+/// The program and arguments to start for `program args` under `r`: with an outer sandbox,
+/// the system's bwrap with a user and pid namespace of its own (and `--disable-userns` when
+/// asked) around them, the whole file system bound as it is; otherwise unchanged.
+pub fn wrap_outer(
+    r: &Restrictions,
+    program: &std::path::Path,
+    args: &[std::ffi::OsString],
+) -> Result<(std::path::PathBuf, Vec<std::ffi::OsString>), RestrictError> {
+    if !r.outer_bwrap {
+        return Ok((program.to_path_buf(), args.to_vec()));
+    }
+    let bwrap = system_bwrap().ok_or(RestrictError::NoOuterBwrap)?;
+    let mut out: Vec<std::ffi::OsString> = [
+        "--dev-bind",
+        "/",
+        "/",
+        "--unshare-user",
+        "--unshare-pid",
+        "--proc",
+        "/proc",
+        "--die-with-parent",
+        "--setenv",
+        OUTER_MARKER,
+        "1",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    if r.outer_disable_userns {
+        out.push("--disable-userns".into());
+    }
+    out.push("--".into());
+    out.push(program.as_os_str().to_os_string());
+    out.extend(args.iter().cloned());
+    Ok((bwrap, out))
 }
 
 /// Write `data` to `name` under the directory `dir` (an fd of /proc/<pid>).
@@ -434,6 +602,95 @@ mod tests {
         assert!(matches!(
             Prepared::new(&r, 1000, 1000),
             Err(RestrictError::UnknownCap(_))
+        ));
+    }
+
+    #[test]
+    fn the_outer_sandbox_wraps_the_program_and_is_marked() {
+        let args = [std::ffi::OsString::from("--version")];
+        let prog = std::path::Path::new("/usr/bin/x");
+        let (p, a) = wrap_outer(&Restrictions::default(), prog, &args).unwrap();
+        assert_eq!((p.as_path(), a.as_slice()), (prog, &args[..]));
+        let Some(bwrap) = system_bwrap() else {
+            eprintln!("SKIP the_outer_sandbox_wraps_the_program_and_is_marked: no bwrap on PATH");
+            return;
+        };
+        for disable in [false, true] {
+            let r = Restrictions {
+                outer_bwrap: true,
+                outer_disable_userns: disable,
+                ..Default::default()
+            };
+            let (p, a) = wrap_outer(&r, prog, &args).unwrap();
+            assert_eq!(p, bwrap);
+            let a: Vec<String> = a.iter().map(|x| x.to_string_lossy().into_owned()).collect();
+            let sep = a.iter().position(|x| x == "--").unwrap();
+            assert_eq!(a[sep + 1..], ["/usr/bin/x", "--version"]);
+            let outer = &a[..sep];
+            assert!(outer.iter().any(|x| x == OUTER_MARKER));
+            assert!(outer.iter().any(|x| x == "--unshare-user"));
+            assert_eq!(outer.iter().any(|x| x == "--disable-userns"), disable);
+        }
+    }
+
+    /// systemd's ProcSubset=pid and ProtectKernelTunables= and the user-namespace depth,
+    /// applied for real in a child: what bwrap then meets.
+    #[test]
+    fn hardening_and_depth_for_real() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP hardening_and_depth_for_real: needs root (mounts, setresuid)");
+            return;
+        }
+        let run = |r: &Restrictions, uid: u32, script: &str| {
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", script]);
+            Prepared::new(r, uid, uid).unwrap().apply_to(&mut cmd);
+            let out = cmd.output().expect("sh runs");
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let subset = Restrictions {
+            proc_subset: Some("pid".into()),
+            ..Default::default()
+        };
+        let (ok, err) = run(&subset, 1000, "cat /proc/sys/kernel/overflowuid");
+        assert!(!ok && err.contains("No such file or directory"), "{err}");
+        let (ok, _) = run(&subset, 1000, "test -r /proc/self/status");
+        assert!(ok, "subset=pid keeps the process directories");
+        // Read-only even for root; the value written is the one already there.
+        let value = std::fs::read_to_string("/proc/sys/kernel/overflowuid").unwrap();
+        let tunables = Restrictions {
+            protect_kernel_tunables: true,
+            ..Default::default()
+        };
+        let (ok, err) = run(
+            &tunables,
+            0,
+            &format!("echo {} > /proc/sys/kernel/overflowuid", value.trim()),
+        );
+        assert!(!ok && err.contains("Read-only file system"), "{err}");
+        let (ok, _) = run(&tunables, 1000, "cat /proc/sys/kernel/overflowuid");
+        assert!(ok, "ProtectKernelTunables= leaves /proc/sys readable");
+        let invisible = Restrictions {
+            protect_proc: Some("invisible".into()),
+            ..Default::default()
+        };
+        let (ok, _) = run(&invisible, 1000, "test -e /proc/1");
+        assert!(!ok, "hidepid=invisible hides other users' processes");
+        // The deepest level still lets unshare(1) create nothing more; one above it does.
+        let depth = |d| Restrictions {
+            userns_depth: Some(d),
+            ..Default::default()
+        };
+        let (ok, err) = run(&depth(MAX_USERNS_DEPTH), 1000, "unshare -U true");
+        assert!(!ok && err.contains("No space left on device"), "{err}");
+        let (ok, err) = run(&depth(MAX_USERNS_DEPTH - 1), 1000, "unshare -U true");
+        assert!(ok, "{err}");
+        assert!(matches!(
+            Prepared::new(&depth(2), 0, 0),
+            Err(RestrictError::DepthAsRoot)
         ));
     }
 

@@ -36,12 +36,14 @@ pub struct Signature {
 
 use Pattern::{Both, Contains};
 
+use crate::sandbox::restrict::MAX_USERNS_DEPTH;
+
 /// Ordered: the first row whose pattern matches wins, so more specific rows come first.
 static TABLE: &[Signature] = &[
     Signature {
         name: "proc-sys-unreadable",
-        mechanism: "bwrap cannot read /proc/sys/kernel/overflowuid: /proc/sys is hidden or unreadable (ProtectKernelTunables= or ProcSubset=pid in a hardened systemd unit, a masked /proc)",
-        remedy: "let the unit read /proc/sys (drop ProtectKernelTunables=/ProcSubset=pid for this service) or run the tool outside the hardened unit",
+        mechanism: "bwrap cannot read /proc/sys/kernel/overflowuid, which it reads first: /proc is a procfs mounted with subset=pid, which has no /proc/sys (systemd's ProcSubset=pid; measured: ProtectKernelTunables= and ProtectProc=invisible do not cause it)",
+        remedy: "drop ProcSubset=pid from the service's unit (ProcSubset=all), or run the tool outside that unit",
         patterns: &[Contains("Can't read /proc/sys/kernel/overflow")],
     },
     Signature {
@@ -95,13 +97,14 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "userns-limit",
-        mechanism: "clone(CLONE_NEWUSER) gives ENOSPC: user.max_user_namespaces is 0 (or nesting is deeper than 32)",
+        mechanism: "clone/unshare(CLONE_NEWUSER) gives ENOSPC and the observed facts do not say why: user.max_user_namespaces is 0 (or exhausted), the nesting limit, or an outer --disable-userns (the family of userns-nesting-limit and userns-disabled-outer)",
         remedy: "raise user.max_user_namespaces on the kernel that runs the sandbox (a setuid bwrap does not help)",
         patterns: &[
             Contains("max_*_namespaces exceeded"),
             Contains("max_user_namespaces"),
             Both("Creating new namespace failed", "No space left on device"),
             Both("namespace", "No space left on device"),
+            Both("unshare user ns", "No space left on device"),
         ],
     },
     Signature {
@@ -126,8 +129,8 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "proc-mount-denied",
-        mechanism: "mounting a new /proc is refused: the container masks /proc paths (or has no CAP_SYS_ADMIN over the pid namespace)",
-        remedy: "run with systempaths=unconfined (or privileged), or drop --proc from the argv (Codex retries with --no-proc)",
+        mechanism: "mounting a new /proc is refused: the /proc it would reveal has paths mounted over it (a container's masked /proc paths; systemd's ProtectKernelTunables=, which binds /proc/sys read-only), or there is no CAP_SYS_ADMIN over the pid namespace",
+        remedy: "run the container with systempaths=unconfined (or privileged) or the service without ProtectKernelTunables=, or drop --proc from the argv (Codex retries with --no-proc)",
         patterns: &[Contains("Can't mount proc")],
     },
     Signature {
@@ -213,6 +216,18 @@ static MEMBERS: &[Signature] = &[
         patterns: &[],
     },
     Signature {
+        name: "userns-nesting-limit",
+        mechanism: "the sandbox starts 32 or more user namespaces deep (observed in /proc), where the kernel's nesting limit leaves no room for the one or two user namespaces bwrap creates (beyond depth 33 clone(CLONE_NEWUSER) gives ENOSPC)",
+        remedy: "nest fewer sandboxes: let the outer layers share a user namespace instead of one each, or run the tool without its own sandbox where an outer one already confines it (Codex: --sandbox danger-full-access inside the external sandbox)",
+        patterns: &[],
+    },
+    Signature {
+        name: "userns-disabled-outer",
+        mechanism: "the sandbox runs inside an outer bwrap started with --disable-userns (observed in /proc): bwrap 0.8+ puts it in a user namespace whose parent allows no further one, so creating a user namespace gives ENOSPC",
+        remedy: "start the outer sandbox without --disable-userns, or run the tool without its own sandbox inside it (Codex: --sandbox danger-full-access), the outer one confining it instead",
+        patterns: &[],
+    },
+    Signature {
         name: "loopback-preconfigured",
         mechanism: "RTM_NEWADDR gives EEXIST: the runtime's network stack creates network namespaces with loopback already configured (gVisor), which bwrap then fails to add again",
         remedy: "use a runtime whose new network namespaces start with lo down and unaddressed (a gVisor with that fix), or run without --unshare-net",
@@ -228,6 +243,8 @@ const FAMILIES: &[(&str, &str)] = &[
     ("net-admin-missing", "net-setup-denied"),
     ("loopback-preconfigured", "net-setup-denied"),
     ("mkdir-parents-denied", "mount-denied"),
+    ("userns-nesting-limit", "userns-limit"),
+    ("userns-disabled-outer", "userns-limit"),
 ];
 
 /// The family a signature belongs to, if it is a member of one.
@@ -254,6 +271,11 @@ pub struct Facts {
     pub sys_admin: Option<bool>,
     /// CAP_NET_ADMIN in the effective set a privileged bwrap runs with.
     pub net_admin: Option<bool>,
+    /// How many user namespaces below the agent's the sandbox's program starts (observed in
+    /// /proc; only for a batch that nests).
+    pub userns_depth: Option<u32>,
+    /// An outer bwrap with `--disable-userns` observed above the sandbox's program.
+    pub outer_disable_userns: Option<bool>,
 }
 
 impl Facts {
@@ -264,13 +286,23 @@ impl Facts {
             Some(false) => "no",
             None => "not observed",
         };
-        format!(
+        let mut s = format!(
             "seccomp filter: {}; kernel.unprivileged_userns_clone=1: {}; CAP_SYS_ADMIN: {}; CAP_NET_ADMIN: {}",
             f(self.seccomp_filter),
             f(self.unprivileged_userns_clone),
             f(self.sys_admin),
             f(self.net_admin)
-        )
+        );
+        if let Some(d) = self.userns_depth {
+            s.push_str(&format!("; user-namespace depth: {d}"));
+        }
+        if self.outer_disable_userns.is_some() {
+            s.push_str(&format!(
+                "; outer bwrap --disable-userns: {}",
+                f(self.outer_disable_userns)
+            ));
+        }
+        s
     }
 }
 
@@ -296,6 +328,21 @@ pub fn refine(sig: &'static Signature, message: &str, facts: &Facts) -> &'static
                 && facts.sys_admin == Some(false)
             {
                 member("userns-denied-caps")
+            } else {
+                sig
+            }
+        }
+        // ENOSPC: the nesting limit when the sandbox starts so deep that bwrap's one or two
+        // user namespaces do not fit below the deepest level; an observed outer
+        // --disable-userns otherwise.
+        "userns-limit" => {
+            if facts
+                .userns_depth
+                .is_some_and(|d| d + 1 >= MAX_USERNS_DEPTH)
+            {
+                member("userns-nesting-limit")
+            } else if facts.outer_disable_userns == Some(true) {
+                member("userns-disabled-outer")
             } else {
                 sig
             }
@@ -532,6 +579,12 @@ mod tests {
                 "bwrap: Creating new namespace failed: No space left on device",
                 "userns-limit",
             ),
+            // bwrap 0.8.0 with --unshare-user, 32 user namespaces deep: its clone() gets the
+            // 33rd, its second unshare the refused 34th (measured).
+            (
+                "bwrap: unshare user ns: No space left on device",
+                "userns-limit",
+            ),
             (
                 "bwrap: capset failed: Operation not permitted",
                 "capset-denied",
@@ -648,6 +701,7 @@ mod tests {
             unprivileged_userns_clone: clone,
             sys_admin,
             net_admin,
+            ..Default::default()
         };
         let cases = [
             // Docker's default profile, uid 1000 / root: the filter denies it.
@@ -725,6 +779,42 @@ mod tests {
             assert!(satisfies(got, got));
             assert!(!remedy(got).is_empty());
         }
+        // ENOSPC, each message as measured: 32 and 33 user namespaces deep (the nesting
+        // limit), inside an outer bwrap with --disable-userns, and with neither observed.
+        const ENOSPC: &str = "bwrap: Creating new namespace failed: nesting depth or /proc/sys/user/max_*_namespaces exceeded (ENOSPC)";
+        const UNSHARE: &str = "bwrap: unshare user ns: No space left on device";
+        let nest = |depth, disable| Facts {
+            seccomp_filter: Some(false),
+            userns_depth: depth,
+            outer_disable_userns: disable,
+            ..Default::default()
+        };
+        for (text, f, want) in [
+            (UNSHARE, nest(Some(32), None), "userns-nesting-limit"),
+            (ENOSPC, nest(Some(33), None), "userns-nesting-limit"),
+            (ENOSPC, nest(Some(2), Some(true)), "userns-disabled-outer"),
+            (ENOSPC, nest(Some(1), Some(false)), "userns-limit"),
+            (ENOSPC, nest(None, None), "userns-limit"),
+            // max_user_namespaces=0 (userns-limit-0, a guest's max-userns-0): no nesting seen.
+            (ENOSPC, Facts::default(), "userns-limit"),
+        ] {
+            let sig = classify(text).expect(text);
+            assert_eq!(sig.name, "userns-limit", "{text}");
+            let got = refine(sig, text, &f).name;
+            assert_eq!(got, want, "{text} with {f:?}");
+            assert!(satisfies("userns-limit", got));
+            assert!(!remedy(got).is_empty());
+        }
+        assert!(!satisfies("userns-nesting-limit", "userns-disabled-outer"));
+        // ProcSubset=pid and ProtectKernelTunables= as bwrap 0.8.0 reports them (measured).
+        assert_eq!(
+            name("bwrap: Can't read /proc/sys/kernel/overflowuid: No such file or directory"),
+            Some("proc-sys-unreadable")
+        );
+        assert_eq!(
+            name("bwrap: Can't mount proc on /newroot/proc: Operation not permitted"),
+            Some("proc-mount-denied")
+        );
         // Rows outside a family are never refined.
         let cap = classify("bwrap: capset failed: Operation not permitted").unwrap();
         assert_eq!(

@@ -69,6 +69,11 @@ pub(crate) fn security_settings(
     if p.userns_limit.is_some() {
         return Err(host_only("userns-limit"));
     }
+    if p.has_nesting_or_hardening() {
+        return Err(host_only(
+            "outer-sandbox/userns-depth/protect-kernel-tunables/protect-proc/proc-subset",
+        ));
+    }
     s.privileged = p.privileged;
     s.no_new_privileges = p.no_new_privileges;
     s.unmask_system_paths = p.systempaths_unconfined;
@@ -154,6 +159,15 @@ mod tests {
                 SecuritySettings {
                     seccomp: Seccomp::Unconfined,
                     cap_add: s(&["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN"]),
+                    ..base.clone()
+                },
+            ),
+            (
+                "holyclaude+apparmor-unconfined",
+                SecuritySettings {
+                    seccomp: Seccomp::Unconfined,
+                    cap_add: s(&["SYS_ADMIN", "SYS_PTRACE"]),
+                    security_opt: s(&["apparmor=unconfined"]),
                     ..base.clone()
                 },
             ),

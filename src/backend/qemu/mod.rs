@@ -273,6 +273,7 @@ impl QemuBackend {
                 kernel: kernel_name.into(),
                 image: None,
                 sysctls: Default::default(),
+                profile: None,
             }),
         };
         let (_, base, boot) = self.provision(&env).await?;
@@ -366,6 +367,11 @@ impl Backend for QemuBackend {
             c.needs_sysctls = sysctls.keys().cloned().collect();
         }
         spec.sysctls = sysctls;
+        // The profile's process-level restrictions, applied by the guest's agent (root at
+        // init) exactly as the host backend's agent applies them.
+        spec.restrictions = crate::backend::host::HostBackend::restrictions(
+            env.qemu().and_then(|q| q.profile.as_ref()),
+        );
         spec
     }
 
