@@ -143,6 +143,7 @@ fn spec(agent: &Path, sc: &Path, n: usize) -> BatchSpec {
         restrictions: Default::default(),
         sysctls: BTreeMap::new(),
         agent_bin: agent.to_path_buf(),
+        kernel_log: None,
         cells: (0..n)
             .map(|i| CellSpec {
                 id: format!("c{i}"),

@@ -24,6 +24,7 @@ fn spec(cells: usize) -> BatchSpec {
         restrictions: Default::default(),
         sysctls: BTreeMap::new(),
         agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_nsmatrix")),
+        kernel_log: None,
         cells: (0..cells)
             .map(|i| CellSpec {
                 id: i.to_string(),

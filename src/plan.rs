@@ -185,6 +185,7 @@ pub(crate) fn base_spec(
         restrictions: Default::default(),
         sysctls: Default::default(),
         agent_bin: agent_bin.to_path_buf(),
+        kernel_log: None,
         cells: cells
             .iter()
             .map(|c| CellSpec {
@@ -279,6 +280,7 @@ mod tests {
             restrictions: Default::default(),
             sysctls: Default::default(),
             agent_bin: "/a".into(),
+            kernel_log: None,
             cells: ["a", "b"]
                 .iter()
                 .map(|id| CellSpec {

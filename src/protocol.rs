@@ -32,6 +32,11 @@ pub struct BatchSpec {
     pub sysctls: BTreeMap<String, String>,
     /// The nsmatrix binary as seen inside the environment; `apply_patch` is a symlink to it.
     pub agent_bin: PathBuf,
+    /// A text file the kernel's log is appended to as it is written (an engine guest's relay,
+    /// bind-mounted into the container): the agent attributes the lines that appear during a
+    /// cell to that cell, as it does with /dev/kmsg when it is a guest's init.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_log: Option<PathBuf>,
     pub cells: Vec<CellSpec>,
 }
 
@@ -396,6 +401,10 @@ pub mod engine {
     /// The guest's copy of its nsmatrix binary (the host's build), which containers bind-mount as
     /// their agent.
     pub const GUEST_AGENT_COPY: &str = "/run/nsmatrix-agent";
+    /// The guest kernel's log as text lines, appended by the guest's init as the kernel writes
+    /// it, for containers to bind-mount read-only: a container cannot read /dev/kmsg, and its
+    /// agent attributes the lines that appear during a cell to that cell.
+    pub const GUEST_KERNEL_LOG: &str = "/run/nsmatrix-kernel.log";
     /// dockerd's API socket in the guest; the guest's init forwards the TCP port QEMU forwards
     /// to it (dockerd listening on TCP without TLS sleeps a deliberate second at start).
     pub const DOCKERD_SOCKET: &str = "/run/docker.sock";
@@ -488,6 +497,7 @@ mod tests {
             restrictions: Default::default(),
             sysctls: Default::default(),
             agent_bin: "/host/nsmatrix".into(),
+            kernel_log: None,
             cells: vec![CellSpec {
                 id: "1".into(),
                 subject: SubjectSpec::Codex {
@@ -557,6 +567,7 @@ mod tests {
             restrictions: Default::default(),
             sysctls: Default::default(),
             agent_bin: "/host/nsmatrix".into(),
+            kernel_log: None,
             cells: vec![
                 cell("1", "/s/a", bwrap.clone()),
                 cell("2", "/s/b c", codex.clone()),

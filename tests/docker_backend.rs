@@ -97,6 +97,7 @@ fn spec(agent: &Path, uid: u32, cells: Vec<CellSpec>) -> BatchSpec {
         restrictions: Default::default(),
         sysctls: BTreeMap::new(),
         agent_bin: agent.to_path_buf(),
+        kernel_log: None,
         cells,
     }
 }

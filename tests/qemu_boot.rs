@@ -46,6 +46,7 @@ fn spec(batch: &str, cells: &[(SetuidMode, ArgvProfile)], needs: &[&str]) -> Bat
         restrictions: Default::default(),
         sysctls: BTreeMap::new(),
         agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_nsmatrix")),
+        kernel_log: None,
         cells: cells
             .iter()
             .enumerate()

@@ -71,6 +71,7 @@ async fn run_cells(
         restrictions: Default::default(),
         sysctls: sysctls.clone(),
         agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_nsmatrix")),
+        kernel_log: None,
         cells: subjects
             .iter()
             .enumerate()

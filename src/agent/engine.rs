@@ -18,7 +18,7 @@ use super::init::{find_port, mount, switch_root};
 use crate::protocol::engine::{
     BARE_MARK, CONTAINERD_CONFIG, CONTAINERD_SOCKET, CONTROL_PORT, DOCKERD_SOCKET,
     ENGINE_READY_MARK, EngineSpec, GUEST_AGENT_COPY, GUEST_APPARMOR_TOOLS, GUEST_CODEX_DIR,
-    GUEST_ENGINE_SPEC, SERIAL_CODEX, SERIAL_DATA, SERIAL_ROOT,
+    GUEST_ENGINE_SPEC, GUEST_KERNEL_LOG, SERIAL_CODEX, SERIAL_DATA, SERIAL_ROOT,
 };
 
 /// Where the engine's root file system is mounted before the root switches to it.
@@ -111,8 +111,17 @@ pub fn run(t0: Instant) -> Result<()> {
         let profiles = fs::read_to_string("/sys/kernel/security/apparmor/profiles")
             .map(|p| p.lines().count())
             .unwrap_or(0);
-        eprintln!("nsmatrix-engine: AppArmor enabled, securityfs mounted, {profiles} profiles");
+        // Enforcement is unchanged; denials by `deny` rules (docker-default denies mounts with
+        // one), which AppArmor keeps quiet by default, are logged too: evidence for the cells.
+        let audit = match fs::write("/sys/module/apparmor/parameters/audit", "noquiet") {
+            Ok(()) => "audit mode noquiet".to_string(),
+            Err(e) => format!("audit mode unchanged ({e})"),
+        };
+        eprintln!(
+            "nsmatrix-engine: AppArmor enabled, securityfs mounted, {profiles} profiles, {audit}"
+        );
     }
+    relay_kernel_log();
     network()?;
     // This binary (the same build as the host's) for containers to bind-mount as their agent:
     // no upload of tens of MB per container through the forwarded port.
@@ -174,6 +183,44 @@ pub fn run(t0: Instant) -> Result<()> {
         bail!("dockerd exited with wait status {status}");
     }
     Ok(())
+}
+
+/// Append every record of the kernel's log from now on to [`GUEST_KERNEL_LOG`] as a text line,
+/// for containers to read (printk's rate limit lifted, so a burst of audit lines is kept).
+fn relay_kernel_log() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let _ = fs::write("/proc/sys/kernel/printk_ratelimit", "0");
+    let (Ok(mut kmsg), Ok(mut out)) = (
+        fs::File::open("/dev/kmsg"),
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(GUEST_KERNEL_LOG),
+    ) else {
+        eprintln!("nsmatrix-engine: the kernel's log cannot be relayed to containers");
+        return;
+    };
+    // SAFETY: lseek on a valid fd; SEEK_END on /dev/kmsg skips the records already there.
+    unsafe { libc::lseek(kmsg.as_raw_fd(), 0, libc::SEEK_END) };
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            match kmsg.read(&mut buf) {
+                Ok(0) => std::thread::sleep(Duration::from_millis(50)),
+                Ok(n) => {
+                    // `PRI,SEQ,USEC,FLAGS;text\n KEY=value...`: the text.
+                    let rec = String::from_utf8_lossy(&buf[..n]);
+                    let first = rec.lines().next().unwrap_or_default();
+                    let text = first.split_once(';').map_or(first, |(_, t)| t);
+                    let _ = writeln!(out, "{}", text.trim_end());
+                }
+                // Records overwritten before they were read: go on with the oldest left.
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+                Err(_) => return,
+            }
+        }
+    });
 }
 
 /// A kernel without an RTC driver (tinyconfig) starts in 1970: take the host's time from the

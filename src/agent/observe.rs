@@ -468,6 +468,7 @@ mod tests {
             restrictions,
             sysctls: Default::default(),
             agent_bin: "/nonexistent".into(),
+            kernel_log: None,
             cells: Vec::new(),
         }
     }

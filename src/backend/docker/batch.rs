@@ -119,7 +119,12 @@ impl DockerBackend {
             } else {
                 Vec::new()
             };
-            Placement::plan(&spec).with_mounted_codex(&spec, &mounts)
+            let (mut p, mut binds) = Placement::plan(&spec).with_mounted_codex(&spec, &mounts);
+            if let Some(log) = &self.kernel_log_in_engine {
+                p.spec.kernel_log = Some(format!("{PLACE_DIR}/kernel.log").into());
+                binds.push((log.display().to_string(), format!("{PLACE_DIR}/kernel.log")));
+            }
+            (p, binds)
         };
         let mut mount_agent = self.mount_agent();
         let (mut placement, mut codex_binds) = plan(mount_agent && self.agent_in_engine.is_none());

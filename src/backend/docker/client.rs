@@ -44,6 +44,8 @@ pub struct DockerBackend {
     pub(super) codex_mounts: Vec<(std::path::PathBuf, String)>,
     /// The agent binary (this build) in the engine's own file system, to bind-mount.
     pub(super) agent_in_engine: Option<std::path::PathBuf>,
+    /// A text copy of the engine kernel's log in the engine's own file system, to bind-mount.
+    pub(super) kernel_log_in_engine: Option<std::path::PathBuf>,
 }
 
 /// How the agent binary gets into a batch's container.
@@ -127,6 +129,7 @@ pub async fn connect_to(host: Option<String>) -> Result<DockerBackend, Unavailab
         agent_placement: AgentPlacement::Auto,
         codex_mounts: Vec::new(),
         agent_in_engine: None,
+        kernel_log_in_engine: None,
     })
 }
 
@@ -160,6 +163,14 @@ impl DockerBackend {
     /// copy of its init): containers bind-mount it read-only instead of an upload.
     pub fn with_agent_in_engine(mut self, path: std::path::PathBuf) -> Self {
         self.agent_in_engine = Some(path);
+        self
+    }
+
+    /// The engine's kernel writes its log to the text file `path` in the engine's own file
+    /// system (an engine guest's relay): containers bind-mount it read-only, and their agent
+    /// attaches the lines of each cell's time to the cell.
+    pub fn with_kernel_log(mut self, path: std::path::PathBuf) -> Self {
+        self.kernel_log_in_engine = Some(path);
         self
     }
 

@@ -270,6 +270,7 @@ mod tests {
             restrictions: Default::default(),
             sysctls: Default::default(),
             agent_bin: agent.to_path_buf(),
+            kernel_log: None,
             cells,
         }
     }

@@ -177,7 +177,8 @@ impl Inner {
         let mut docker = match docker::connect_to(Some(engine.endpoint.clone())).await {
             Ok(d) => d
                 .with_agent_placement(AgentPlacement::Upload)
-                .with_agent_in_engine(PathBuf::from(guest_engine::GUEST_AGENT_COPY)),
+                .with_agent_in_engine(PathBuf::from(guest_engine::GUEST_AGENT_COPY))
+                .with_kernel_log(PathBuf::from(guest_engine::GUEST_KERNEL_LOG)),
             Err(u) => {
                 let tail = engine.shutdown().await.unwrap_or_default();
                 return Err(format!(

@@ -739,6 +739,7 @@ mod tests {
             restrictions: Default::default(),
             sysctls: Default::default(),
             agent_bin: agent.clone(),
+            kernel_log: None,
             cells: vec![crate::protocol::CellSpec {
                 id: "c".into(),
                 subject: crate::protocol::SubjectSpec::Bwrap {

@@ -30,7 +30,8 @@ use crate::artifacts::kernels::{self, Kernel, KernelFacts};
 use crate::backend::qemu::Accel;
 pub use crate::protocol::engine::{
     BARE_MARK, CONTAINERD_SOCKET, CONTROL_PORT, DOCKERD_SOCKET, ENGINE_READY_MARK, EngineSpec,
-    GUEST_AGENT_COPY, GUEST_CODEX_DIR, GUEST_ENGINE_SPEC, SERIAL_CODEX, SERIAL_DATA, SERIAL_ROOT,
+    GUEST_AGENT_COPY, GUEST_CODEX_DIR, GUEST_ENGINE_SPEC, GUEST_KERNEL_LOG, SERIAL_CODEX,
+    SERIAL_DATA, SERIAL_ROOT,
 };
 use crate::text::tail_of_file as tail_of;
 
