@@ -50,6 +50,7 @@ async fn once(b: &QemuBackend, kernel: &str, cells: usize) -> GuestTimings {
             kernel: kernel.into(),
             image: None,
             sysctls: BTreeMap::new(),
+            apparmor: "none".into(),
         }),
     };
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

@@ -27,6 +27,7 @@ fn env(kernel: &str, set: &str, sysctls: &[(&str, &str)]) -> Environment {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            apparmor: "none".into(),
         }),
     }
 }

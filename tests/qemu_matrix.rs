@@ -58,6 +58,7 @@ async fn run_cells(
             kernel: kernel.into(),
             image: image.map(String::from),
             sysctls: sysctls.clone(),
+            apparmor: "none".into(),
         }),
     };
     let batch = format!("matrix-{kernel}-{set}-{}", subjects.len());
@@ -219,6 +220,7 @@ fn codex(version: &str) -> Option<SubjectSpec> {
         Ok(p) => Some(SubjectSpec::Codex {
             version: version.into(),
             codex_bin: p.codex,
+            hide_system_bwrap: false,
         }),
         Err(e) => {
             common::require(false, &format!("Codex CLI {version} from npm: {e:#}"));

@@ -235,6 +235,8 @@ pub fn deny_facts(spec: &BatchSpec, privileged_setuid: bool) -> signature::Facts
         unprivileged_userns_clone,
         sys_admin: has("sys_admin"),
         net_admin: has("net_admin"),
+        apparmor_denied: super::kmsg::cell_lines()
+            .map(|lines| lines.iter().any(|l| l.contains("apparmor=\"DENIED\""))),
     }
 }
 

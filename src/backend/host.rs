@@ -50,6 +50,7 @@ impl HostBackend {
             no_new_privileges: p.no_new_privileges,
             bounding_set: p.bounding_set.clone(),
             userns_limit: p.userns_limit,
+            apparmor: None,
         }
     }
 

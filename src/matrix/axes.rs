@@ -48,13 +48,14 @@ impl Validator<'_> {
             BackendKind::Qemu => QEMU_AXES,
             BackendKind::GuestDocker => GUEST_DOCKER_AXES,
         };
-        let given: [(&'static str, &Option<SValue>); 6] = [
+        let given: [(&'static str, &Option<SValue>); 7] = [
             ("profile", &r.profile),
             ("uid", &r.uid),
             ("image", &r.image),
             ("read-only", &r.read_only),
             ("kernel", &r.kernel),
             ("sysctl", &r.sysctl),
+            ("apparmor", &r.apparmor),
         ];
         let what = format!("a {} environment", backend.as_str());
         let owner = format!("environment `{name}` ({})", backend.as_str());
@@ -63,6 +64,7 @@ impl Validator<'_> {
                 "uid" => Some("1000"),
                 "read-only" => Some("false"),
                 "sysctl" => Some("default"),
+                "apparmor" => Some(crate::artifacts::apparmor::NONE),
                 "profile" if is_container(backend) => Some("default"),
                 "profile" => Some("none"),
                 // A guest runs the root filesystem its kernel's catalog entry names.
@@ -247,6 +249,23 @@ impl Validator<'_> {
             } else {
                 BTreeMap::new()
             };
+            let apparmor = if allowed.contains(&"apparmor") {
+                let a = val("apparmor");
+                if let Err(bad) = crate::artifacts::apparmor::parse(&a) {
+                    self.err(
+                        "bad-axis-value",
+                        sp("apparmor"),
+                        format!("no AppArmor policy set named `{bad}`"),
+                    )
+                    .help(format!(
+                        "use one of: {} (vm-images/apparmor/), or several joined by `+`",
+                        crate::artifacts::apparmor::names().join(", ")
+                    ));
+                }
+                a
+            } else {
+                crate::artifacts::apparmor::NONE.to_string()
+            };
             let mut id = name.clone();
             for k in allowed {
                 if varying.contains(*k) {
@@ -282,6 +301,7 @@ impl Validator<'_> {
                     kernel: kernel.unwrap_or_default(),
                     image,
                     sysctls,
+                    apparmor,
                 }),
                 BackendKind::GuestDocker => match image {
                     Some(image) => EnvKind::GuestDocker(GuestDockerEnv {
@@ -379,11 +399,12 @@ impl Validator<'_> {
                 return Vec::new();
             }
         };
-        let given: [(&'static str, &Option<SValue>); 4] = [
+        let given: [(&'static str, &Option<SValue>); 5] = [
             ("build", &r.build),
             ("setuid", &r.setuid),
             ("argv", &r.argv),
             ("version", &r.version),
+            ("system-bwrap", &r.system_bwrap),
         ];
         let what = format!("a {kind} subject");
         let owner = format!("subject `{name}` ({kind})");
@@ -392,6 +413,7 @@ impl Validator<'_> {
                 "build" => Some("system"),
                 "setuid" => Some("as-is"),
                 "argv" => Some("codex"),
+                "system-bwrap" => Some("visible"),
                 _ => None,
             })
         else {
@@ -466,11 +488,28 @@ impl Validator<'_> {
                 (name.clone(), SubjectSpec::ImageCodex)
             } else {
                 let version = val("version");
+                let hide_system_bwrap = match val("system-bwrap").as_str() {
+                    "visible" => false,
+                    "hidden" => true,
+                    other => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("system-bwrap"),
+                            format!("system-bwrap `{other}` is not \"visible\" or \"hidden\""),
+                        );
+                        false
+                    }
+                };
                 (
-                    format!("{name}-{version}"),
+                    if hide_system_bwrap {
+                        format!("{name}-{version}+no-system-bwrap")
+                    } else {
+                        format!("{name}-{version}")
+                    },
                     SubjectSpec::Codex {
                         version,
                         codex_bin: PathBuf::new(),
+                        hide_system_bwrap,
                     },
                 )
             };

@@ -159,6 +159,14 @@ pub struct QemuEnv {
     pub image: Option<String>,
     /// The sysctl values the guest's agent writes before its cells run.
     pub sysctls: BTreeMap<String, String>,
+    /// The AppArmor policy sets the guest's agent loads before its cells run (`none`, a set
+    /// of `vm-images/apparmor/`, or several joined by `+`; checked at load).
+    #[serde(default = "apparmor_none")]
+    pub apparmor: String,
+}
+
+fn apparmor_none() -> String {
+    crate::artifacts::apparmor::NONE.to_string()
 }
 
 /// A container of the Docker engine inside a QEMU guest: the qemu layer's kernel and sysctls

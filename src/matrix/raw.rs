@@ -93,6 +93,7 @@ pub struct RawEnvironment {
     pub read_only: Option<SValue>,
     pub kernel: Option<SValue>,
     pub sysctl: Option<SValue>,
+    pub apparmor: Option<SValue>,
     #[serde(default)]
     pub exclude: Vec<Spanned<Selector>>,
     #[serde(default)]
@@ -111,6 +112,7 @@ pub struct RawSubject {
     pub setuid: Option<SValue>,
     pub argv: Option<SValue>,
     pub version: Option<SValue>,
+    pub system_bwrap: Option<SValue>,
     #[serde(default)]
     pub exclude: Vec<Spanned<Selector>>,
     #[serde(default)]
@@ -150,13 +152,15 @@ pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
 /// A docker environment's `sysctl` names host values it needs (Docker cannot set `user.*` per
 /// container): its cells run only where the host has them, else SKIP.
 pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
-pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid"];
+pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid", "apparmor"];
 /// A container in a guest's engine: the guest's kernel and sysctl set, the container's image,
 /// profile, uid and read-only root.
 pub(super) const GUEST_DOCKER_AXES: &[&str] =
     &["kernel", "sysctl", "image", "profile", "uid", "read-only"];
 pub(super) const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
-pub(super) const CODEX_AXES: &[&str] = &["version"];
+/// `system-bwrap = "hidden"` hides `/usr/bin/bwrap` from the cell (QEMU guests), so Codex
+/// runs its bundled bwrap.
+pub(super) const CODEX_AXES: &[&str] = &["version", "system-bwrap"];
 /// The image's own Codex has no axis: it is whatever the environment has installed.
 pub(super) const IMAGE_CODEX_AXES: &[&str] = &[];
 /// Axes every cell has besides its environment's and subject's.

@@ -58,8 +58,8 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "userns-lsm-denied",
-        mechanism: "clone(CLONE_NEWUSER) gives EACCES: a security module denies the user namespace (AppArmor's unprivileged-userns restriction, an SELinux policy)",
-        remedy: "allow the program in the security module (an AppArmor profile with `userns,` for bwrap) or set kernel.apparmor_restrict_unprivileged_userns=0",
+        mechanism: "clone(CLONE_NEWUSER) gives EACCES: a security module denies the user namespace (an AppArmor profile confining bwrap without a `userns,` rule, an SELinux policy); the cell's kernel log shows AppArmor's `apparmor=\"DENIED\" operation=\"userns_create\"`",
+        remedy: "give the bwrap that runs a profile with `userns,` (Ubuntu's bwrap-userns-restrict covers /usr/bin/bwrap only, not a copy or Codex's bundled bwrap), set kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu), or run the container with apparmor=unconfined",
         patterns: &[Both("Creating new namespace failed", "Permission denied")],
     },
     Signature {
@@ -132,7 +132,7 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "uid-map-denied",
-        mechanism: "the user namespace was created but writing its uid map or configuring it was denied (AppArmor's unprivileged userns restriction)",
+        mechanism: "the user namespace was created but writing its uid map was denied, and the cell's kernel log does not say by what (the family of uid-map-denied-apparmor)",
         remedy: "allow the program in AppArmor (an unconfined profile for bwrap) or set kernel.apparmor_restrict_unprivileged_userns=0",
         patterns: &[
             Contains("setting up uid map"),
@@ -151,8 +151,8 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "lsm-mount-denied",
-        mechanism: "a mount inside the sandbox gives EACCES: a security module (AppArmor or SELinux) denies it, not file permissions",
-        remedy: "allow mounts for bwrap in the security module (AppArmor: an unconfined or `mount,` profile for bwrap; SELinux: the container's label), or run where none applies",
+        mechanism: "a mount inside the sandbox gives EACCES: a security module (AppArmor, e.g. Docker's docker-default profile with seccomp unconfined; SELinux) denies it, not file permissions",
+        remedy: "run the container with apparmor=unconfined (or a profile with `mount,` for bwrap), load bwrap-userns-restrict for /usr/bin/bwrap (not a bundled bwrap), or set kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu)",
         patterns: &[
             Both("Failed to make / slave", "Permission denied"),
             Both("Failed to mount tmpfs", "Permission denied"),
@@ -207,9 +207,27 @@ static MEMBERS: &[Signature] = &[
         patterns: &[],
     },
     Signature {
+        name: "userns-denied-apparmor",
+        mechanism: "the user namespace is created but creating the other namespaces in it gives EPERM: AppArmor denied CAP_SYS_ADMIN there (a profile that lets bwrap create user namespaces but holds no capability, as Ubuntu's `unprivileged_userns` does); the cell's kernel log has the `apparmor=\"DENIED\" operation=\"capable\"` line",
+        remedy: "load Ubuntu's bwrap-userns-restrict (it covers /usr/bin/bwrap only: Codex's bundled bwrap stays restricted), set kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu), or run the container with apparmor=unconfined",
+        patterns: &[],
+    },
+    Signature {
         name: "net-admin-missing",
         mechanism: "bwrap could not configure loopback in its new network namespace: EPERM (no CAP_NET_ADMIN there, or an AppArmor userns restriction), or any errno while the sandbox observably lacks CAP_NET_ADMIN (root in a container without NET_ADMIN gives ECHILD)",
         remedy: "add NET_ADMIN to the container (cap_add), or let bwrap run unprivileged with a user namespace of its own",
+        patterns: &[],
+    },
+    Signature {
+        name: "uid-map-denied-apparmor",
+        mechanism: "the user namespace was created but its uid map could not be written: AppArmor denied the capability there (Ubuntu's kernel.apparmor_restrict_unprivileged_userns=1 moves the bwrap into `unprivileged_userns`, or a profile denies bwrap capabilities); the cell's kernel log has the `apparmor=\"DENIED\"` line",
+        remedy: "load Ubuntu's bwrap-userns-restrict (it covers /usr/bin/bwrap only: Codex's bundled bwrap stays restricted), set kernel.apparmor_restrict_unprivileged_userns=0, or run the container with apparmor=unconfined",
+        patterns: &[],
+    },
+    Signature {
+        name: "loopback-denied-apparmor",
+        mechanism: "bwrap could not bring up loopback in its new network namespace (--unshare-net): AppArmor denied CAP_NET_ADMIN there (Ubuntu's kernel.apparmor_restrict_unprivileged_userns=1, or a profile denying bwrap capabilities); the cell's kernel log has the `apparmor=\"DENIED\"` line",
+        remedy: "load Ubuntu's bwrap-userns-restrict (it covers /usr/bin/bwrap only: Codex's bundled bwrap stays restricted), set kernel.apparmor_restrict_unprivileged_userns=0, or run the container with apparmor=unconfined",
         patterns: &[],
     },
     Signature {
@@ -225,9 +243,12 @@ const FAMILIES: &[(&str, &str)] = &[
     ("userns-denied-seccomp", "userns-denied"),
     ("userns-denied-sysctl", "userns-denied"),
     ("userns-denied-caps", "userns-denied"),
+    ("userns-denied-apparmor", "userns-denied"),
     ("net-admin-missing", "net-setup-denied"),
     ("loopback-preconfigured", "net-setup-denied"),
     ("mkdir-parents-denied", "mount-denied"),
+    ("uid-map-denied-apparmor", "uid-map-denied"),
+    ("loopback-denied-apparmor", "net-setup-denied"),
 ];
 
 /// The family a signature belongs to, if it is a member of one.
@@ -254,6 +275,9 @@ pub struct Facts {
     pub sys_admin: Option<bool>,
     /// CAP_NET_ADMIN in the effective set a privileged bwrap runs with.
     pub net_admin: Option<bool>,
+    /// The cell's kernel log has an `apparmor="DENIED"` line (a QEMU guest follows its log;
+    /// elsewhere not observed).
+    pub apparmor_denied: Option<bool>,
 }
 
 impl Facts {
@@ -264,13 +288,20 @@ impl Facts {
             Some(false) => "no",
             None => "not observed",
         };
-        format!(
+        let mut s = format!(
             "seccomp filter: {}; kernel.unprivileged_userns_clone=1: {}; CAP_SYS_ADMIN: {}; CAP_NET_ADMIN: {}",
             f(self.seccomp_filter),
             f(self.unprivileged_userns_clone),
             f(self.sys_admin),
             f(self.net_admin)
-        )
+        );
+        if self.apparmor_denied.is_some() {
+            s.push_str(&format!(
+                "; AppArmor denial in the kernel log: {}",
+                f(self.apparmor_denied)
+            ));
+        }
+        s
     }
 }
 
@@ -284,7 +315,9 @@ pub fn refine(sig: &'static Signature, message: &str, facts: &Facts) -> &'static
             // for clone(CLONE_NEWUSER) as a plain uid); privileged it says "Creating new
             // namespace failed: Operation not permitted".
             let unprivileged = message.contains("No permissions to creat");
-            if facts.seccomp_filter == Some(true) {
+            if facts.apparmor_denied == Some(true) {
+                member("userns-denied-apparmor")
+            } else if facts.seccomp_filter == Some(true) {
                 member("userns-denied-seccomp")
             } else if facts.seccomp_filter == Some(false)
                 && unprivileged
@@ -299,6 +332,12 @@ pub fn refine(sig: &'static Signature, message: &str, facts: &Facts) -> &'static
             } else {
                 sig
             }
+        }
+        "uid-map-denied" if facts.apparmor_denied == Some(true) => {
+            member("uid-map-denied-apparmor")
+        }
+        "net-setup-denied" if facts.apparmor_denied == Some(true) => {
+            member("loopback-denied-apparmor")
         }
         "net-setup-denied" => match errno_of(message) {
             Some("EEXIST") => member("loopback-preconfigured"),
@@ -648,6 +687,7 @@ mod tests {
             unprivileged_userns_clone: clone,
             sys_admin,
             net_admin,
+            apparmor_denied: None,
         };
         let cases = [
             // Docker's default profile, uid 1000 / root: the filter denies it.

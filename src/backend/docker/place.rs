@@ -268,6 +268,7 @@ mod tests {
                     SubjectSpec::Codex {
                         version: "1".into(),
                         codex_bin: "/h/pkg/bin/codex".into(),
+                        hide_system_bwrap: false,
                     },
                 ),
             ],
@@ -302,6 +303,7 @@ mod tests {
         let codex = |bin: &str| SubjectSpec::Codex {
             version: "1".into(),
             codex_bin: bin.into(),
+            hide_system_bwrap: false,
         };
         let s = spec(
             Path::new("/h/nsmatrix"),
@@ -350,6 +352,7 @@ mod tests {
         let codex = |bin: &str| SubjectSpec::Codex {
             version: "1".into(),
             codex_bin: bin.into(),
+            hide_system_bwrap: false,
         };
         let s = spec(
             Path::new("/h/nsmatrix"),
