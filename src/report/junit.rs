@@ -182,6 +182,13 @@ fn failure_text(c: &CellResult) -> String {
         s.push_str("stderr (tail):\n");
         s.push_str(&c.stderr_tail);
     }
+    if let Some(k) = c.details.get("kernel.log") {
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        s.push_str("kernel log:\n");
+        s.push_str(k);
+    }
     s
 }
 

@@ -773,6 +773,72 @@ mod tests {
         );
     }
 
+    /// AppArmor is named only when the cell's kernel log showed its denial; the lines are the
+    /// ones bwrap printed in guests under the policy sets (vm-images/apparmor/) and on Ubuntu.
+    #[test]
+    fn apparmor_members_need_the_audit_line() {
+        let with = |denied| Facts {
+            seccomp_filter: Some(false),
+            unprivileged_userns_clone: Some(true),
+            sys_admin: None,
+            net_admin: None,
+            apparmor_denied: denied,
+        };
+        // Measured: trixie's bwrap 0.12.0 under the ubuntu-like set (CAP_SYS_ADMIN denied in
+        // the new user namespace: the clone's other namespaces get EPERM).
+        const UNPRIV: &str = "bwrap: No permissions to create a new namespace, likely because the kernel does not allow non-privileged user namespaces. See <https://deb.li/bubblewrap> or <file:///usr/share/doc/bubblewrap/README.Debian.gz>.";
+        const UID_MAP: &str = "bwrap: setting up uid map: Permission denied";
+        const LOOPBACK: &str = "bwrap: loopback: Failed RTM_NEWADDR: Operation not permitted";
+        let cases = [
+            (UNPRIV, Some(true), "userns-denied-apparmor"),
+            (UNPRIV, Some(false), "userns-denied"),
+            (UNPRIV, None, "userns-denied"),
+            (UID_MAP, Some(true), "uid-map-denied-apparmor"),
+            (UID_MAP, Some(false), "uid-map-denied"),
+            (UID_MAP, None, "uid-map-denied"),
+            (LOOPBACK, Some(true), "loopback-denied-apparmor"),
+            (LOOPBACK, Some(false), "net-admin-missing"),
+            (LOOPBACK, None, "net-admin-missing"),
+        ];
+        for (text, denied, want) in cases {
+            let sig = classify(text).expect(text);
+            let got = refine(sig, text, &with(denied)).name;
+            assert_eq!(got, want, "{text} with an AppArmor denial {denied:?}");
+            assert!(satisfies(sig.name, got));
+        }
+        // EACCES at clone and at the first mount are AppArmor's rows from the text alone.
+        for (text, want) in [
+            (
+                "bwrap: Creating new namespace failed: Permission denied",
+                "userns-lsm-denied",
+            ),
+            (
+                "bwrap: Failed to make / slave: Permission denied",
+                "lsm-mount-denied",
+            ),
+        ] {
+            let sig = classify(text).expect(text);
+            assert_eq!(refine(sig, text, &with(Some(true))).name, want);
+            assert_eq!(refine(sig, text, &with(None)).name, want);
+        }
+        for n in [
+            "userns-denied-apparmor",
+            "uid-map-denied-apparmor",
+            "loopback-denied-apparmor",
+            "userns-lsm-denied",
+            "lsm-mount-denied",
+        ] {
+            let r = remedy(n);
+            assert!(r.contains("bwrap-userns-restrict"), "{n}: {r}");
+            assert!(r.contains("apparmor=unconfined"), "{n}: {r}");
+        }
+        assert!(
+            with(Some(true))
+                .describe()
+                .contains("AppArmor denial in the kernel log: yes")
+        );
+    }
+
     #[test]
     fn a_family_is_met_by_its_members_only() {
         assert!(satisfies("userns-denied", "userns-denied-seccomp"));
