@@ -11,16 +11,25 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// The guest's /dev/kmsg (None elsewhere: on a host or in a container the kernel's log is
-/// not the cell's alone) and the current cell's lines.
-static LOG: Mutex<Option<(fs::File, Vec<String>)>> = Mutex::new(None);
+/// not the cell's alone), the current cell's lines, and whether they have settled.
+static LOG: Mutex<Option<Followed>> = Mutex::new(None);
+
+struct Followed {
+    file: fs::File,
+    lines: Vec<String>,
+    settled: bool,
+    settle: Duration,
+}
 
 /// How long the audit thread gets to print a cell's last lines (kauditd writes them after the
-/// syscall that caused them has returned).
-const SETTLE: Duration = Duration::from_millis(100);
+/// syscall that caused them has returned), once per cell: longer where a security module's
+/// policy is loaded, whose lines are the evidence of the cell's signature.
+const SETTLE_POLICY: Duration = Duration::from_millis(100);
+const SETTLE_PLAIN: Duration = Duration::from_millis(20);
 
 /// Start following the kernel's log (from its end). Also lifts the printk rate limit, which
 /// would otherwise drop audit lines after ten in five seconds.
-pub(super) fn open() -> std::io::Result<()> {
+pub(super) fn open(policy_loaded: bool) -> std::io::Result<()> {
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -28,27 +37,44 @@ pub(super) fn open() -> std::io::Result<()> {
     // SAFETY: lseek on a valid fd; SEEK_END on /dev/kmsg skips the records already there.
     unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
     let _ = fs::write("/proc/sys/kernel/printk_ratelimit", "0");
-    *LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some((f, Vec::new()));
+    *LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(Followed {
+        file: f,
+        lines: Vec::new(),
+        settled: false,
+        settle: if policy_loaded {
+            SETTLE_POLICY
+        } else {
+            SETTLE_PLAIN
+        },
+    });
     Ok(())
 }
 
 /// A new cell starts: what the log said before it is not its own.
 pub(super) fn begin_cell() {
     let mut g = LOG.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((f, lines)) = g.as_mut() {
-        drain(f);
-        lines.clear();
+    if let Some(l) = g.as_mut() {
+        drain(&mut l.file);
+        l.lines.clear();
+        l.settled = false;
     }
 }
 
-/// The current cell's matching lines so far (after a short settle). `None` when the log is
-/// not followed.
+/// The current cell's matching lines so far (the first call of a cell waits [`Followed`]'s
+/// settle time). `None` when the log is not followed.
 pub(super) fn cell_lines() -> Option<Vec<String>> {
     let mut g = LOG.lock().unwrap_or_else(|e| e.into_inner());
-    let (f, lines) = g.as_mut()?;
-    std::thread::sleep(SETTLE);
-    lines.extend(drain(f).into_iter().filter(|l| relevant(l)));
-    Some(lines.clone())
+    let l = g.as_mut()?;
+    if !l.settled {
+        std::thread::sleep(l.settle);
+        l.settled = true;
+    }
+    let new: Vec<String> = drain(&mut l.file)
+        .into_iter()
+        .filter(|x| relevant(x))
+        .collect();
+    l.lines.extend(new);
+    Some(l.lines.clone())
 }
 
 /// Every record readable now, as its message text.

@@ -60,18 +60,18 @@ pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
         );
     }
     let missing_sysctls = sysctls?;
+    let apparmor = match &spec.restrictions.apparmor {
+        None => Ok(None),
+        Some(p) => super::lsm::load(p).map(|loaded| Some((p.sets.clone(), loaded))),
+    };
     // In a guest the kernel's log is the cells' own: follow it for their evidence.
     if super::init::is_guest_init()
-        && let Err(e) = super::kmsg::open()
+        && let Err(e) = super::kmsg::open(matches!(apparmor, Ok(Some(_))))
     {
         emit(AgentEvent::Log {
             message: format!("the kernel's log (/dev/kmsg) cannot be followed: {e}"),
         })?;
     }
-    let apparmor = match &spec.restrictions.apparmor {
-        None => Ok(None),
-        Some(p) => super::lsm::load(p).map(|loaded| Some((p.sets.clone(), loaded))),
-    };
     emit(AgentEvent::Log {
         message: match &apparmor {
             Ok(None) => "apparmor: no policy to load".into(),

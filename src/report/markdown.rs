@@ -554,3 +554,84 @@ fn last_lines(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::model::{sample_cell, sample_run};
+
+    fn codex(
+        set: &str,
+        hidden: bool,
+        status: Status,
+        observed: &str,
+        log: Option<&str>,
+    ) -> CellResult {
+        let subject = if hidden { "codex-bundled" } else { "codex" };
+        let mut c = sample_cell(
+            &format!("q-aa-{set}/{subject}/smoke/add_file"),
+            status,
+            observed,
+        );
+        c.axes.insert("apparmor".into(), set.into());
+        c.axes.insert("kind".into(), "codex".into());
+        c.axes.insert(
+            "system-bwrap".into(),
+            if hidden { "hidden" } else { "visible" }.into(),
+        );
+        if let Some(l) = log {
+            c.details.insert("kernel.log".into(), l.into());
+        }
+        c
+    }
+
+    const LINE: &str = "audit: type=1400 audit(1.2:3): apparmor=\"DENIED\" operation=\"capable\" class=\"cap\" profile=\"nsmatrix-unprivileged-userns\" comm=\"3\" capability=21  capname=\"sys_admin\"";
+
+    #[test]
+    fn the_kernel_log_and_the_remedy_against_the_bundled_bwrap_are_reported() {
+        let set = "ubuntu-like+bwrap-userns-restrict";
+        let run = sample_run(vec![
+            codex(set, false, Status::Pass, "pass", None),
+            codex(
+                set,
+                true,
+                Status::Xfail,
+                "userns-denied-apparmor",
+                Some(LINE),
+            ),
+            codex("none", false, Status::Pass, "pass", None),
+            codex("none", true, Status::Pass, "pass", None),
+        ]);
+        let md = render_with(&run, &Default::default());
+        assert!(
+            md.contains("## What the guests' kernels logged (1)"),
+            "{md}"
+        );
+        assert!(md.contains("capname=\"sys_admin\""), "{md}");
+        assert!(
+            md.contains("## AppArmor policy sets and the bwrap Codex runs"),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "Under `{set}` the remedy profile fixes Codex running /usr/bin/bwrap but not Codex running its bundled bwrap."
+            )),
+            "{md}"
+        );
+
+        // What the measurement says, whatever it is.
+        let run = sample_run(vec![
+            codex(set, false, Status::Pass, "pass", None),
+            codex(set, true, Status::Pass, "pass", None),
+        ]);
+        let md = render_with(&run, &Default::default());
+        assert!(md.contains("Codex passes with either bwrap"), "{md}");
+
+        // No AppArmor axis: neither section.
+        let md = render_with(
+            &sample_run(vec![sample_cell("h/codex/smoke/a", Status::Pass, "pass")]),
+            &Default::default(),
+        );
+        assert!(!md.contains("kernels logged") && !md.contains("AppArmor policy sets"));
+    }
+}
