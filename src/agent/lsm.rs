@@ -88,6 +88,15 @@ fn listing(dir: &Path) -> String {
     }
 }
 
+/// The ABI a profile names (`abi <abi/4.0>,` → `abi/4.0`).
+fn abi_of(text: &str) -> Option<&str> {
+    text.lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("abi <"))
+        .and_then(|r| r.split_once('>'))
+        .map(|(abi, _)| abi)
+}
+
 /// Load `policy`; returns the profiles the kernel then has (`name (mode)` lines).
 pub(super) fn load(policy: &AppArmorPolicy) -> Result<String, Refused> {
     let enabled = fs::read_to_string(ENABLED).map(|s| s.trim().to_string());
@@ -140,6 +149,20 @@ pub(super) fn load(policy: &AppArmorPolicy) -> Result<String, Refused> {
             )));
         }
     }
+    // A profile written for a newer AppArmor ABI than the guest suite's parser ships (4.0,
+    // with `userns`, came with apparmor 4; bookworm has 3.0) cannot be compiled here.
+    for p in &policy.profiles {
+        if let Some(abi) = abi_of(&p.text)
+            && !Path::new("/etc/apparmor.d").join(abi).exists()
+        {
+            return Err(Refused::Skip(format!(
+                "the guest suite's apparmor_parser has no {abi} (its ABIs: {}), which {} is written for: this suite's AppArmor tools are too old for the policy set {}",
+                listing(Path::new("/etc/apparmor.d/abi")),
+                p.name,
+                policy.sets
+            )));
+        }
+    }
     fs::create_dir_all(POLICY_DIR)
         .map_err(|e| Refused::Error(format!("failed to create {POLICY_DIR}: {e}")))?;
     let reset = crate::protocol::PolicyFile {
@@ -167,4 +190,16 @@ pub(super) fn load(policy: &AppArmorPolicy) -> Result<String, Refused> {
     let loaded = fs::read_to_string(Path::new(APPARMOR_FS).join("profiles"))
         .map_err(|e| Refused::Error(format!("failed to read the loaded profiles: {e}")))?;
     Ok(loaded.lines().collect::<Vec<_>>().join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_abi_a_profile_names() {
+        assert_eq!(
+            super::abi_of("# c\nabi <abi/4.0>,\nprofile x {}\n"),
+            Some("abi/4.0")
+        );
+        assert_eq!(super::abi_of("profile x {}\n"), None);
+    }
 }

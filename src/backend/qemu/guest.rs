@@ -521,6 +521,9 @@ pub(crate) fn write_batch_initrd(
         w.file("usr/sbin/apparmor_parser", 0o755, &data)?;
         w.dir("etc/apparmor.d", 0o755)?;
         w.tree(&tools.join("etc/apparmor.d/abi"), "etc/apparmor.d/abi")?;
+        // Not the package's parser.conf: trixie's pins the compiled policy to a feature set
+        // under /usr/share/apparmor-features; without it the parser compiles for the features
+        // the guest's kernel has (the parser warns that the file is missing).
     }
     if !disks.disks.is_empty() {
         let mut list = String::new();
