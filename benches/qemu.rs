@@ -52,6 +52,7 @@ async fn once(b: &QemuBackend, kernel: &str, cells: usize) -> GuestTimings {
             image: None,
             sysctls: BTreeMap::new(),
             profile: None,
+            apparmor: "none".into(),
         }),
     };
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

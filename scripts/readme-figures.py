@@ -5,7 +5,7 @@ Usage: scripts/readme-figures.py RUN_DIR_OR_RESULTS_JSON [BENCH_OUTPUT]
 
 From the run's results.json: cells per backend and status, the run's duration, the host
 table (profile x subject: what was observed, most common first) and the Docker table
-(profile x image, uid 1000, bwrap subjects). From a bench's output (`cargo bench` text), the
+(profile x image, uid 1000, bwrap subjects), and the AppArmor table (policy set x subject). From a bench's output (`cargo bench` text), the
 lines that report medians, as printed. Paste what changed into README.md;
 tests/readme_figures.rs fails when the README's cell counts and `nsmatrix list` disagree.
 """
@@ -78,6 +78,23 @@ def main():
     ]
     images = sorted({c["axes"].get("image") for c in docker})
     table(docker, "profile", lambda c: c["axes"].get("image"), images, "Docker, uid 1000:")
+
+    def apparmor_col(c):
+        a = c["axes"]
+        if a.get("kind") == "codex":
+            return "Codex, bundled bwrap" if a.get("system-bwrap") == "hidden" else "Codex, `/usr/bin/bwrap`"
+        return "setuid bwrap copy" if a.get("setuid") == "true" else "plain bwrap copy"
+
+    # Guests whose environment varies the policy set (their ids carry `-aa-<set>`).
+    apparmor = [c for c in cells if c["backend"] == "qemu" and "-aa-" in c["environment"]]
+    if apparmor:
+        table(
+            apparmor,
+            "apparmor",
+            apparmor_col,
+            ["plain bwrap copy", "setuid bwrap copy", "Codex, `/usr/bin/bwrap`", "Codex, bundled bwrap"],
+            "AppArmor in guests (policy set x subject):",
+        )
     if len(sys.argv) > 2:
         print("\nBench medians (%s):\n" % sys.argv[2])
         with open(sys.argv[2]) as f:

@@ -158,8 +158,9 @@ pub fn shell(a: ShellArgs) -> u8 {
                 let mut spec = crate::backend::Backend::prepare(&q, "shell", &cell.env, base);
                 // A Codex cell's package comes along (mounted at /opt/codex/VERSION).
                 for c in &mut spec.cells {
-                    if let crate::protocol::SubjectSpec::Codex { version, codex_bin } =
-                        &mut c.subject
+                    if let crate::protocol::SubjectSpec::Codex {
+                        version, codex_bin, ..
+                    } = &mut c.subject
                     {
                         match crate::artifacts::npm::codex_package(version) {
                             Ok(p) => *codex_bin = p.codex,

@@ -238,7 +238,7 @@ async fn resolve_codex(groups: Vec<Group>, say: &mut dyn FnMut(&str)) -> Vec<(Gr
                 .iter_mut()
                 .map(|c| {
                     let mut skip = c.skip.clone();
-                    if let SubjectSpec::Codex { version, codex_bin } = &mut c.subject.spec {
+                    if let SubjectSpec::Codex { version, codex_bin, .. } = &mut c.subject.spec {
                         match found.get(version.as_str()) {
                             Some(Ok(p)) => *codex_bin = p.clone(),
                             Some(Err(e)) => {
@@ -288,6 +288,7 @@ mod tests {
                     subject: SubjectSpec::Codex {
                         version: "1".into(),
                         codex_bin: "/c".into(),
+                        hide_system_bwrap: false,
                     },
                     scenario_dir: "/s".into(),
                     timeout_ms: 1,

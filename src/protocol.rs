@@ -81,6 +81,31 @@ pub struct Restrictions {
     /// systemd's ProcSubset=pid: a fresh procfs on /proc with `subset=pid`.
     #[serde(default)]
     pub proc_subset: Option<String>,
+    /// AppArmor profiles the agent loads before any cell runs (QEMU guests only: the kernel's
+    /// policy is the whole guest's). A load failure makes every cell ERROR; a kernel without
+    /// AppArmor or without a feature the set requires makes them SKIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apparmor: Option<AppArmorPolicy>,
+}
+
+/// A set of AppArmor profiles (`vm-images/apparmor/<set>/`), loaded with `apparmor_parser`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AppArmorPolicy {
+    /// The axis value (`ubuntu-like+bwrap-userns-restrict`).
+    pub sets: String,
+    pub profiles: Vec<PolicyFile>,
+    /// Features under `/sys/kernel/security/apparmor/features/` the sets depend on.
+    #[serde(default)]
+    pub requires: Vec<String>,
+}
+
+/// One profile file: `set/file` and its text.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PolicyFile {
+    pub name: String,
+    pub text: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -110,6 +135,10 @@ pub enum SubjectSpec {
         version: String,
         /// The static codex binary as seen inside the environment.
         codex_bin: PathBuf,
+        /// Hide `/usr/bin/bwrap` from this cell (a QEMU guest only), so that Codex runs its
+        /// bundled bwrap where it would otherwise pick the system's.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        hide_system_bwrap: bool,
     },
     /// The Codex CLI the environment itself has installed (a container image's own: `codex`
     /// on PATH or in npm's global location), run where it is, as the cell's uid. An
@@ -503,6 +532,7 @@ mod tests {
                 subject: SubjectSpec::Codex {
                     version: "0.116.0".into(),
                     codex_bin: bin.clone(),
+                    hide_system_bwrap: false,
                 },
                 scenario_dir: "/s/a".into(),
                 timeout_ms: 1000,
@@ -557,6 +587,7 @@ mod tests {
         let codex = SubjectSpec::Codex {
             version: "1".into(),
             codex_bin: "/h/pkg/bin/codex".into(),
+            hide_system_bwrap: false,
         };
         let spec = BatchSpec {
             version: 1,

@@ -406,6 +406,17 @@ fail = "proc-mount-denied"
         confined["details"]["apparmor"], "docker-default (enforce)",
         "{confined:#}"
     );
+    // The guest logs docker-default's quiet `deny mount` (audit mode noquiet) and relays its
+    // kernel's log into the container: the cell carries the denial.
+    let log = confined["details"]["kernel.log"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        log.contains("apparmor=\"DENIED\" operation=\"mount\"")
+            && log.contains("profile=\"docker-default\"")
+            && log.contains("comm=\"bwrap\""),
+        "{confined:#}"
+    );
     let unconfined = cells
         .iter()
         .find(|c| c["axes"]["profile"] == "seccomp-unconfined+apparmor-unconfined")
@@ -414,6 +425,13 @@ fail = "proc-mount-denied"
     assert!(
         unconfined["details"].get("apparmor").is_none(),
         "an unconfined container records no AppArmor label: {unconfined:#}"
+    );
+    assert!(
+        !unconfined["details"]["kernel.log"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("DENIED"),
+        "{unconfined:#}"
     );
     for b in r["batches"].as_array().unwrap() {
         let label = b["facts"]["agent.apparmor"].as_str().unwrap_or_default();

@@ -107,3 +107,56 @@ fn unknown_and_tree_mismatch_are_not_expectations() {
 fn text_of(o: &std::process::Output) -> String {
     text(o)
 }
+
+/// An AppArmor policy set that `vm-images/apparmor/` does not have, and the axis on a backend
+/// that has none: exit 2 at the value's line and column.
+#[test]
+fn an_unknown_apparmor_set_exits_2_at_its_line() {
+    let t = tempfile::tempdir().unwrap();
+    let p = matrix_with(t.path(), &|s| {
+        s.replacen(
+            r#""ubuntu-like+bwrap-userns-restrict", "confined-no-userns"]"#,
+            r#""ubuntu-like+bwrap-userns-restrct", "confined-no-userns"]"#,
+            1,
+        )
+    });
+    let text = std::fs::read_to_string(&p).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.contains("bwrap-userns-restrct"))
+        .unwrap()
+        + 1;
+    // The axis's value (a list: its opening bracket).
+    let col = text.lines().nth(line - 1).unwrap().find('[').unwrap() + 1;
+    let o = nsmatrix(&["list", "--matrix", p.to_str().unwrap()]);
+    let out = text_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{}:{line}:{col}: error[bad-axis-value]",
+            p.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("no AppArmor policy set named `bwrap-userns-restrct`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("confined-no-userns"),
+        "the help names the sets: {out}"
+    );
+
+    let p = matrix_with(t.path(), &|s| {
+        s.replacen(
+            "name = \"host\"\nbackend = \"host\"\n",
+            "name = \"host\"\nbackend = \"host\"\napparmor = \"ubuntu-like\"\n",
+            1,
+        )
+    });
+    let o = nsmatrix(&["list", "--matrix", p.to_str().unwrap()]);
+    let out = text_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(out.contains("error[unknown-axis]"), "{out}");
+    assert!(out.contains("has no axis `apparmor`"), "{out}");
+}

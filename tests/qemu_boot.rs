@@ -28,6 +28,7 @@ fn env(kernel: &str, set: &str, sysctls: &[(&str, &str)]) -> Environment {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             profile: None,
+            apparmor: "none".into(),
         }),
     }
 }

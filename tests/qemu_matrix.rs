@@ -59,6 +59,7 @@ async fn run_cells(
             image: image.map(String::from),
             sysctls: sysctls.clone(),
             profile: None,
+            apparmor: "none".into(),
         }),
     };
     let batch = format!("matrix-{kernel}-{set}-{}", subjects.len());
@@ -221,6 +222,7 @@ fn codex(version: &str) -> Option<SubjectSpec> {
         Ok(p) => Some(SubjectSpec::Codex {
             version: version.into(),
             codex_bin: p.codex,
+            hide_system_bwrap: false,
         }),
         Err(e) => {
             common::require(false, &format!("Codex CLI {version} from npm: {e:#}"));

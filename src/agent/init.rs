@@ -328,6 +328,12 @@ fn shell(spec: &BatchSpec) -> Result<()> {
             Err(e) => eprintln!("nsmatrix-init: sysctl {k}={v} not applied: {e}"),
         }
     }
+    if let Some(p) = &spec.restrictions.apparmor {
+        match super::lsm::load(p) {
+            Ok(loaded) => eprintln!("nsmatrix-init: apparmor: loaded {}: {loaded}", p.sets),
+            Err(e) => eprintln!("nsmatrix-init: apparmor: {} not loaded: {e:?}", p.sets),
+        }
+    }
     if let Ok(bwrap) = which("bwrap") {
         let dst = Path::new("/usr/local/bin/bwrap-setuid");
         fs::create_dir_all("/usr/local/bin")?;

@@ -5,6 +5,8 @@ mod codex;
 mod engine;
 pub mod init;
 mod judge;
+mod kmsg;
+mod lsm;
 mod observe;
 mod run;
 pub mod witness;

@@ -257,6 +257,8 @@ pub fn deny_facts(spec: &BatchSpec, privileged_setuid: bool) -> signature::Facts
         net_admin: has("net_admin"),
         userns_depth: nesting.as_ref().and_then(|n| n.depth),
         outer_disable_userns: nesting.as_ref().and_then(|n| n.outer_disable_userns),
+        apparmor_denied: super::kmsg::cell_lines()
+            .map(|lines| lines.iter().any(|l| l.contains("apparmor=\"DENIED\""))),
     }
 }
 

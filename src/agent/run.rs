@@ -60,6 +60,38 @@ pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
         );
     }
     let missing_sysctls = sysctls?;
+    let apparmor = match &spec.restrictions.apparmor {
+        None => Ok(None),
+        Some(p) => super::lsm::load(p).map(|loaded| Some((p.sets.clone(), loaded))),
+    };
+    // In a guest the kernel's log is the cells' own: follow it for their evidence. In a
+    // container of an engine guest, which runs one container at a time, the guest's init
+    // relays it to a file the container has.
+    if super::init::is_guest_init()
+        && let Err(e) = super::kmsg::open(matches!(apparmor, Ok(Some(_))))
+    {
+        emit(AgentEvent::Log {
+            message: format!("the kernel's log (/dev/kmsg) cannot be followed: {e}"),
+        })?;
+    } else if let Some(relay) = &spec.kernel_log {
+        let confined = apparmor_label().is_some_and(|l| l != "unconfined");
+        if let Err(e) = super::kmsg::open_relay(relay, confined) {
+            emit(AgentEvent::Log {
+                message: format!(
+                    "the kernel's log ({}) cannot be followed: {e}",
+                    relay.display()
+                ),
+            })?;
+        }
+    }
+    emit(AgentEvent::Log {
+        message: match &apparmor {
+            Ok(None) => "apparmor: no policy to load".into(),
+            Ok(Some((sets, loaded))) => format!("apparmor: loaded {sets}: {loaded}"),
+            Err(super::lsm::Refused::Skip(why)) => format!("apparmor: {why}"),
+            Err(super::lsm::Refused::Error(why)) => format!("apparmor: {why}"),
+        },
+    })?;
     let work = WorkDir::create(&spec.work_dir)?;
     let bin_dir = work.path.join("bin");
     mkdir_mode(&bin_dir, 0o755)?;
@@ -82,7 +114,17 @@ pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
             dir: work.path.join("cells").join(i.to_string()),
             apply_patch: &apply_patch,
         };
-        let rec = if let Some(s) = cell
+        let rec = if let Err(refused) = &apparmor {
+            match refused {
+                super::lsm::Refused::Skip(why) => record(
+                    cell,
+                    Outcome::Skipped {
+                        reason: why.clone(),
+                    },
+                ),
+                super::lsm::Refused::Error(why) => error(cell, "apparmor", why),
+            }
+        } else if let Some(s) = cell
             .needs_sysctls
             .iter()
             .find(|s| missing_sysctls.contains(*s))
@@ -93,8 +135,21 @@ pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
                     reason: format!("this kernel has no sysctl {s}"),
                 },
             )
+        } else if let (Ok(Some(_)), Err(e)) = (&apparmor, super::lsm::reset_audit_cache()) {
+            error(cell, "apparmor", e)
         } else {
-            run_cell(&ctx, &mut preparer, &mut codex_copies)
+            super::kmsg::begin_cell();
+            let mut rec = run_cell(&ctx, &mut preparer, &mut codex_copies);
+            if let Some(lines) = super::kmsg::cell_lines()
+                && !lines.is_empty()
+            {
+                rec.details.insert("kernel.log".into(), lines.join("\n"));
+            }
+            if let Ok(Some((sets, loaded))) = &apparmor {
+                rec.details
+                    .insert("apparmor.policy".into(), format!("{sets}: {loaded}"));
+            }
+            rec
         };
         // A cell's directory is removed as soon as it is judged, so a long batch does not fill
         // the disk; the whole work dir goes at the end anyway.
@@ -236,12 +291,30 @@ fn run_cell(
             Ok(r) => r,
             Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
         },
-        SubjectSpec::Codex { version, codex_bin } => {
+        SubjectSpec::Codex {
+            version,
+            codex_bin,
+            hide_system_bwrap,
+        } => {
+            let hidden = if hide_system_bwrap {
+                match HiddenSystemBwrap::hide() {
+                    Ok(h) => Some(h),
+                    Err(why) => return record(ctx.cell, Outcome::Skipped { reason: why }),
+                }
+            } else {
+                None
+            };
             let source = super::codex::Source::Pinned(&codex_bin);
-            match super::codex::prepare_and_run_codex(ctx, codex_copies, &version, source) {
-                Ok(r) => r,
-                Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
+            let mut rec =
+                match super::codex::prepare_and_run_codex(ctx, codex_copies, &version, source) {
+                    Ok(r) => r,
+                    Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
+                };
+            if let Some(h) = hidden {
+                rec.details
+                    .insert("codex.system-bwrap".into(), h.describe());
             }
+            rec
         }
         SubjectSpec::ImageCodex => match super::codex::find_image_codex() {
             Err(why) => record(
@@ -267,6 +340,52 @@ fn run_cell(
         rec.details.insert("apparmor".into(), l);
     }
     rec
+}
+
+/// `/usr/bin/bwrap` renamed away for one cell, so that Codex finds no system bwrap and runs
+/// its bundled one; renamed back when dropped. Only in a guest, whose root file system is the
+/// agent's own and lives for one boot.
+struct HiddenSystemBwrap {
+    had: bool,
+}
+
+impl HiddenSystemBwrap {
+    const SYSTEM: &'static str = "/usr/bin/bwrap";
+    const ASIDE: &'static str = "/usr/bin/.bwrap-hidden-by-nsmatrix";
+
+    fn hide() -> std::result::Result<Self, String> {
+        if !super::init::is_guest_init() {
+            return Err(format!(
+                "system-bwrap = \"hidden\" needs a QEMU guest: elsewhere hiding {} would change a real system",
+                Self::SYSTEM
+            ));
+        }
+        let had = Path::new(Self::SYSTEM).exists();
+        if had {
+            fs::rename(Self::SYSTEM, Self::ASIDE)
+                .map_err(|e| format!("failed to hide {}: {e}", Self::SYSTEM))?;
+        }
+        Ok(HiddenSystemBwrap { had })
+    }
+
+    fn describe(&self) -> String {
+        if self.had {
+            format!(
+                "hidden: {} was renamed away while the cell ran",
+                Self::SYSTEM
+            )
+        } else {
+            format!("hidden: the guest has no {}", Self::SYSTEM)
+        }
+    }
+}
+
+impl Drop for HiddenSystemBwrap {
+    fn drop(&mut self) {
+        if self.had {
+            let _ = fs::rename(Self::ASIDE, Self::SYSTEM);
+        }
+    }
 }
 
 fn prepare_and_run_bwrap(

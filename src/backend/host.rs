@@ -56,6 +56,7 @@ impl HostBackend {
             protect_kernel_tunables: p.protect_kernel_tunables,
             protect_proc: p.protect_proc.clone(),
             proc_subset: p.proc_subset.clone().filter(|s| s != "all"),
+            apparmor: None,
         }
     }
 

@@ -64,7 +64,8 @@ impl Validator<'_> {
                 "uid" => Some("1000"),
                 "read-only" => Some("false"),
                 "sysctl" => Some("default"),
-                "apparmor" => Some("off"),
+                "apparmor" if backend == BackendKind::GuestDocker => Some("off"),
+                "apparmor" => Some(crate::artifacts::apparmor::NONE),
                 "profile" if is_container(backend) => Some("default"),
                 "profile" => Some("none"),
                 // A guest runs the root filesystem its kernel's catalog entry names.
@@ -105,20 +106,22 @@ impl Validator<'_> {
                     continue;
                 }
             };
-            let apparmor = match val("apparmor").as_str() {
-                "on" => true,
-                "off" | "" => false,
-                other if !bad_apparmor.insert(other.to_string()) => false,
-                other => {
-                    self.err(
+            // guest-docker: whether the guest exposes its AppArmor to the engine.
+            let engine_apparmor = backend == BackendKind::GuestDocker
+                && match val("apparmor").as_str() {
+                    "on" => true,
+                    "off" | "" => false,
+                    other if !bad_apparmor.insert(other.to_string()) => false,
+                    other => {
+                        self.err(
                         "bad-axis-value",
                         sp("apparmor"),
                         format!("apparmor `{other}` is not on or off"),
                     )
                     .help("on: the guest exposes its kernel's AppArmor to the engine, which confines containers with docker-default; off: as a host without AppArmor");
-                    false
-                }
-            };
+                        false
+                    }
+                };
             let read_only = match val("read-only").as_str() {
                 "true" => true,
                 "false" | "" => false,
@@ -269,6 +272,24 @@ impl Validator<'_> {
             } else {
                 BTreeMap::new()
             };
+            // qemu: the policy sets the guest loads.
+            let apparmor = if backend == BackendKind::Qemu {
+                let a = val("apparmor");
+                if let Err(bad) = crate::artifacts::apparmor::parse(&a) {
+                    self.err(
+                        "bad-axis-value",
+                        sp("apparmor"),
+                        format!("no AppArmor policy set named `{bad}`"),
+                    )
+                    .help(format!(
+                        "use one of: {} (vm-images/apparmor/), or several joined by `+`",
+                        crate::artifacts::apparmor::names().join(", ")
+                    ));
+                }
+                a
+            } else {
+                crate::artifacts::apparmor::NONE.to_string()
+            };
             let mut id = name.clone();
             for k in allowed {
                 if varying.contains(*k) {
@@ -305,12 +326,13 @@ impl Validator<'_> {
                     image,
                     sysctls,
                     profile,
+                    apparmor,
                 }),
                 BackendKind::GuestDocker => match image {
                     Some(image) => EnvKind::GuestDocker(GuestDockerEnv {
                         kernel: kernel.unwrap_or_default(),
                         sysctls,
-                        apparmor,
+                        apparmor: engine_apparmor,
                         container: DockerEnv {
                             image,
                             image_source,
@@ -419,11 +441,12 @@ impl Validator<'_> {
                 return Vec::new();
             }
         };
-        let given: [(&'static str, &Option<SValue>); 4] = [
+        let given: [(&'static str, &Option<SValue>); 5] = [
             ("build", &r.build),
             ("setuid", &r.setuid),
             ("argv", &r.argv),
             ("version", &r.version),
+            ("system-bwrap", &r.system_bwrap),
         ];
         let what = format!("a {kind} subject");
         let owner = format!("subject `{name}` ({kind})");
@@ -432,6 +455,7 @@ impl Validator<'_> {
                 "build" => Some("system"),
                 "setuid" => Some("as-is"),
                 "argv" => Some("codex"),
+                "system-bwrap" => Some("visible"),
                 _ => None,
             })
         else {
@@ -506,11 +530,28 @@ impl Validator<'_> {
                 (name.clone(), SubjectSpec::ImageCodex)
             } else {
                 let version = val("version");
+                let hide_system_bwrap = match val("system-bwrap").as_str() {
+                    "visible" => false,
+                    "hidden" => true,
+                    other => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("system-bwrap"),
+                            format!("system-bwrap `{other}` is not \"visible\" or \"hidden\""),
+                        );
+                        false
+                    }
+                };
                 (
-                    format!("{name}-{version}"),
+                    if hide_system_bwrap {
+                        format!("{name}-{version}+no-system-bwrap")
+                    } else {
+                        format!("{name}-{version}")
+                    },
                     SubjectSpec::Codex {
                         version,
                         codex_bin: PathBuf::new(),
+                        hide_system_bwrap,
                     },
                 )
             };

@@ -817,6 +817,7 @@ pub(super) fn varying_axes(combos: &[Combo]) -> BTreeSet<String> {
 pub(super) fn axis_label(k: &str, v: &str) -> String {
     match k {
         "uid" => format!("uid{v}"),
+        "apparmor" => format!("aa-{}", sanitize(v)),
         "read-only" => {
             if v == "true" {
                 "ro".into()

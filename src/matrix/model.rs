@@ -187,6 +187,14 @@ pub struct QemuEnv {
     /// host backend's agent does (`none` by default).
     #[serde(default)]
     pub profile: Option<Profile>,
+    /// The AppArmor policy sets the guest's agent loads before its cells run (`none`, a set
+    /// of `vm-images/apparmor/`, or several joined by `+`; checked at load).
+    #[serde(default = "apparmor_none")]
+    pub apparmor: String,
+}
+
+fn apparmor_none() -> String {
+    crate::artifacts::apparmor::NONE.to_string()
 }
 
 /// A container of the Docker engine inside a QEMU guest: the qemu layer's kernel and sysctls

@@ -103,7 +103,9 @@ pub struct RawEnvironment {
     pub read_only: Option<SValue>,
     pub kernel: Option<SValue>,
     pub sysctl: Option<SValue>,
-    /// guest-docker: `off` or `on` (the guest exposes its kernel's AppArmor to the engine).
+    /// qemu: the AppArmor policy sets the guest loads (`none`, `vm-images/apparmor/` sets,
+    /// joined by `+`); guest-docker: `off` or `on` (the guest exposes its kernel's AppArmor
+    /// to the engine, which confines containers with docker-default).
     pub apparmor: Option<SValue>,
     #[serde(default)]
     pub exclude: Vec<Spanned<Selector>>,
@@ -123,6 +125,7 @@ pub struct RawSubject {
     pub setuid: Option<SValue>,
     pub argv: Option<SValue>,
     pub version: Option<SValue>,
+    pub system_bwrap: Option<SValue>,
     #[serde(default)]
     pub exclude: Vec<Spanned<Selector>>,
     #[serde(default)]
@@ -162,7 +165,7 @@ pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
 /// A docker environment's `sysctl` names host values it needs (Docker cannot set `user.*` per
 /// container): its cells run only where the host has them, else SKIP.
 pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
-pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid", "profile"];
+pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid", "profile", "apparmor"];
 /// A container in a guest's engine: the guest's kernel, sysctl set and AppArmor, the
 /// container's image, profile, uid and read-only root.
 pub(super) const GUEST_DOCKER_AXES: &[&str] = &[
@@ -175,7 +178,9 @@ pub(super) const GUEST_DOCKER_AXES: &[&str] = &[
     "read-only",
 ];
 pub(super) const BWRAP_AXES: &[&str] = &["build", "setuid", "argv"];
-pub(super) const CODEX_AXES: &[&str] = &["version"];
+/// `system-bwrap = "hidden"` hides `/usr/bin/bwrap` from the cell (QEMU guests), so Codex
+/// runs its bundled bwrap.
+pub(super) const CODEX_AXES: &[&str] = &["version", "system-bwrap"];
 /// The image's own Codex has no axis: it is whatever the environment has installed.
 pub(super) const IMAGE_CODEX_AXES: &[&str] = &[];
 /// Axes every cell has besides its environment's and subject's.

@@ -114,8 +114,18 @@ fn testcase(c: &CellResult) -> TestCase {
     for (k, v) in &c.details {
         tc.add_property(Property::new(format!("detail.{k}"), v.as_str()));
     }
-    if !c.stdout_tail.is_empty() {
-        tc.set_system_out(c.stdout_tail.clone());
+    // The guest kernel's lines about the cell's sandbox (AppArmor's audit lines...) follow
+    // its stdout: the evidence where CI shows a test's output.
+    let mut out = c.stdout_tail.clone();
+    if let Some(k) = c.details.get("kernel.log") {
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str("kernel log:\n");
+        out.push_str(k);
+    }
+    if !out.is_empty() {
+        tc.set_system_out(out);
     }
     if !c.stderr_tail.is_empty() {
         tc.set_system_err(c.stderr_tail.clone());
@@ -181,6 +191,13 @@ fn failure_text(c: &CellResult) -> String {
     if !c.stderr_tail.is_empty() {
         s.push_str("stderr (tail):\n");
         s.push_str(&c.stderr_tail);
+    }
+    if let Some(k) = c.details.get("kernel.log") {
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        s.push_str("kernel log:\n");
+        s.push_str(k);
     }
     s
 }

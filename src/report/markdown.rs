@@ -152,9 +152,19 @@ pub fn render_with(run: &RunResults, extras: &Extras) -> String {
                     last_lines(&c.stderr_tail, 8).replace("```", "`\u{200B}``")
                 );
             }
+            if let Some(k) = c.details.get("kernel.log") {
+                let _ = writeln!(
+                    md,
+                    "\nkernel log while it ran:\n\n```text\n{}\n```",
+                    last_lines(k, 8).replace("```", "`\u{200B}``")
+                );
+            }
             md.push('\n');
         }
     }
+
+    kernel_evidence(&mut md, run);
+    apparmor_remedy(&mut md, run);
 
     let flaky: Vec<&CellResult> = run.cells.iter().filter(|c| c.flaky).collect();
     if !flaky.is_empty() {
@@ -422,6 +432,115 @@ fn expectation_text(c: &CellResult) -> String {
     }
 }
 
+/// Every cell whose guest kernel logged something about its sandbox (AppArmor's decisions,
+/// `Mount too revealing`, seccomp's audit lines), whatever its status: the evidence behind a
+/// security module's signature.
+fn kernel_evidence(md: &mut String, run: &RunResults) {
+    let cells: Vec<&CellResult> = run
+        .cells
+        .iter()
+        .filter(|c| c.details.contains_key("kernel.log"))
+        .collect();
+    if cells.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "## What the guests' kernels logged ({})\n", cells.len());
+    let _ = writeln!(
+        md,
+        "The lines a QEMU guest's kernel logged while the cell ran that concern its sandbox.\n"
+    );
+    let _ = writeln!(md, "| cell | status | signature | kernel log |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for c in cells {
+        let log: Vec<String> = c.details["kernel.log"]
+            .lines()
+            .map(|l| format!("`{}`", l.replace('|', "\\|").replace('`', "'")))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| `{}` | {} | {} | {} |",
+            c.id,
+            c.status.as_str(),
+            c.signature
+                .as_deref()
+                .map(|s| format!("`{s}`"))
+                .unwrap_or_else(|| "—".into()),
+            log.join("<br>")
+        );
+    }
+    md.push('\n');
+}
+
+/// Whether a bwrap-userns-restrict policy fixes Codex with `/usr/bin/bwrap` but not with its
+/// bundled bwrap: per AppArmor policy set, the Codex cells with the system's bwrap visible and
+/// hidden, and what they show.
+fn apparmor_remedy(md: &mut String, run: &RunResults) {
+    // (policy set, bwrap Codex could see) → results.
+    let mut groups: BTreeMap<(String, bool), Vec<&CellResult>> = BTreeMap::new();
+    for c in &run.cells {
+        if let (Some(set), Some("codex")) = (
+            c.axes.get("apparmor"),
+            c.axes.get("kind").map(String::as_str),
+        ) {
+            if c.status == Status::Skip {
+                continue;
+            }
+            let hidden = c.axes.get("system-bwrap").map(String::as_str) == Some("hidden");
+            groups.entry((set.clone(), hidden)).or_default().push(c);
+        }
+    }
+    if !groups.keys().any(|(_, hidden)| *hidden) {
+        return;
+    }
+    let _ = writeln!(md, "## AppArmor policy sets and the bwrap Codex runs\n");
+    let _ = writeln!(
+        md,
+        "Codex with `/usr/bin/bwrap` (which it picks first) and with it hidden (so it runs its bundled `codex-resources/bwrap`), per policy set loaded in the guest.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| AppArmor policy set | Codex with /usr/bin/bwrap | Codex with its bundled bwrap |"
+    );
+    let _ = writeln!(md, "|---|---|---|");
+    let mut sets: Vec<&String> = groups.keys().map(|(s, _)| s).collect();
+    sets.dedup();
+    let summary = |cs: Option<&Vec<&CellResult>>| match cs {
+        None => "—".to_string(),
+        Some(cs) => grid_cell(cs.iter().copied()),
+    };
+    let passed = |cs: Option<&Vec<&CellResult>>| {
+        cs.is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.observed == "pass"))
+    };
+    let mut verdicts = Vec::new();
+    for set in sets {
+        let system = groups.get(&(set.clone(), false));
+        let bundled = groups.get(&(set.clone(), true));
+        let _ = writeln!(
+            md,
+            "| `{set}` | {} | {} |",
+            summary(system),
+            summary(bundled)
+        );
+        if set.contains("bwrap-userns-restrict") && system.is_some() && bundled.is_some() {
+            verdicts.push(match (passed(system), passed(bundled)) {
+                (true, false) => format!(
+                    "Under `{set}` the remedy profile fixes Codex running /usr/bin/bwrap but not Codex running its bundled bwrap."
+                ),
+                (true, true) => format!(
+                    "Under `{set}` Codex passes with either bwrap: the remedy profile was not needed for the bundled one here."
+                ),
+                (false, _) => format!(
+                    "Under `{set}` the remedy profile does not even fix Codex running /usr/bin/bwrap."
+                ),
+            });
+        }
+    }
+    md.push('\n');
+    for v in verdicts {
+        let _ = writeln!(md, "{v}\n");
+    }
+}
+
 fn one_line(s: &str) -> String {
     let s = s.replace('\n', " ⏎ ");
     if s.chars().count() > 400 {
@@ -434,4 +553,85 @@ fn one_line(s: &str) -> String {
 fn last_lines(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::model::{sample_cell, sample_run};
+
+    fn codex(
+        set: &str,
+        hidden: bool,
+        status: Status,
+        observed: &str,
+        log: Option<&str>,
+    ) -> CellResult {
+        let subject = if hidden { "codex-bundled" } else { "codex" };
+        let mut c = sample_cell(
+            &format!("q-aa-{set}/{subject}/smoke/add_file"),
+            status,
+            observed,
+        );
+        c.axes.insert("apparmor".into(), set.into());
+        c.axes.insert("kind".into(), "codex".into());
+        c.axes.insert(
+            "system-bwrap".into(),
+            if hidden { "hidden" } else { "visible" }.into(),
+        );
+        if let Some(l) = log {
+            c.details.insert("kernel.log".into(), l.into());
+        }
+        c
+    }
+
+    const LINE: &str = "audit: type=1400 audit(1.2:3): apparmor=\"DENIED\" operation=\"capable\" class=\"cap\" profile=\"nsmatrix-unprivileged-userns\" comm=\"3\" capability=21  capname=\"sys_admin\"";
+
+    #[test]
+    fn the_kernel_log_and_the_remedy_against_the_bundled_bwrap_are_reported() {
+        let set = "ubuntu-like+bwrap-userns-restrict";
+        let run = sample_run(vec![
+            codex(set, false, Status::Pass, "pass", None),
+            codex(
+                set,
+                true,
+                Status::Xfail,
+                "userns-denied-apparmor",
+                Some(LINE),
+            ),
+            codex("none", false, Status::Pass, "pass", None),
+            codex("none", true, Status::Pass, "pass", None),
+        ]);
+        let md = render_with(&run, &Default::default());
+        assert!(
+            md.contains("## What the guests' kernels logged (1)"),
+            "{md}"
+        );
+        assert!(md.contains("capname=\"sys_admin\""), "{md}");
+        assert!(
+            md.contains("## AppArmor policy sets and the bwrap Codex runs"),
+            "{md}"
+        );
+        assert!(
+            md.contains(&format!(
+                "Under `{set}` the remedy profile fixes Codex running /usr/bin/bwrap but not Codex running its bundled bwrap."
+            )),
+            "{md}"
+        );
+
+        // What the measurement says, whatever it is.
+        let run = sample_run(vec![
+            codex(set, false, Status::Pass, "pass", None),
+            codex(set, true, Status::Pass, "pass", None),
+        ]);
+        let md = render_with(&run, &Default::default());
+        assert!(md.contains("Codex passes with either bwrap"), "{md}");
+
+        // No AppArmor axis: neither section.
+        let md = render_with(
+            &sample_run(vec![sample_cell("h/codex/smoke/a", Status::Pass, "pass")]),
+            &Default::default(),
+        );
+        assert!(!md.contains("kernels logged") && !md.contains("AppArmor policy sets"));
+    }
 }

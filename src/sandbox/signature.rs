@@ -60,8 +60,8 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "userns-lsm-denied",
-        mechanism: "clone(CLONE_NEWUSER) gives EACCES: a security module denies the user namespace (AppArmor's unprivileged-userns restriction, an SELinux policy)",
-        remedy: "allow the program in the security module (an AppArmor profile with `userns,` for bwrap) or set kernel.apparmor_restrict_unprivileged_userns=0",
+        mechanism: "clone(CLONE_NEWUSER) gives EACCES: a security module denies the user namespace (an AppArmor profile confining bwrap without a `userns,` rule, an SELinux policy); the cell's kernel log shows AppArmor's `apparmor=\"DENIED\" operation=\"userns_create\"`",
+        remedy: "give the bwrap that runs a profile with `userns,` (Ubuntu's bwrap-userns-restrict covers /usr/bin/bwrap only, not a copy or Codex's bundled bwrap), set kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu), or run the container with apparmor=unconfined",
         patterns: &[Both("Creating new namespace failed", "Permission denied")],
     },
     Signature {
@@ -135,7 +135,7 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "uid-map-denied",
-        mechanism: "the user namespace was created but writing its uid map or configuring it was denied (AppArmor's unprivileged userns restriction)",
+        mechanism: "the user namespace was created but writing its uid map was denied, and the cell's kernel log does not say by what (the family of uid-map-denied-apparmor)",
         remedy: "allow the program in AppArmor (an unconfined profile for bwrap) or set kernel.apparmor_restrict_unprivileged_userns=0",
         patterns: &[
             Contains("setting up uid map"),
@@ -154,8 +154,8 @@ static TABLE: &[Signature] = &[
     },
     Signature {
         name: "lsm-mount-denied",
-        mechanism: "a mount inside the sandbox gives EACCES: a security module (AppArmor or SELinux) denies it, not file permissions",
-        remedy: "allow mounts for bwrap in the security module (AppArmor: an unconfined or `mount,` profile for bwrap; SELinux: the container's label), or run where none applies",
+        mechanism: "a mount inside the sandbox gives EACCES: a security module (AppArmor, e.g. Docker's docker-default profile with seccomp unconfined; SELinux) denies it, not file permissions",
+        remedy: "run the container with apparmor=unconfined (or a profile with `mount,` for bwrap), load bwrap-userns-restrict for /usr/bin/bwrap (not a bundled bwrap), or set kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu)",
         patterns: &[
             Both("Failed to make / slave", "Permission denied"),
             Both("Failed to mount tmpfs", "Permission denied"),
@@ -210,6 +210,12 @@ static MEMBERS: &[Signature] = &[
         patterns: &[],
     },
     Signature {
+        name: "userns-denied-apparmor",
+        mechanism: "the user namespace is created but creating the other namespaces in it gives EPERM: AppArmor denied CAP_SYS_ADMIN there (a profile that lets bwrap create user namespaces but holds no capability, as Ubuntu's `unprivileged_userns` does); the cell's kernel log has the `apparmor=\"DENIED\" operation=\"capable\"` line",
+        remedy: "load Ubuntu's bwrap-userns-restrict (it covers /usr/bin/bwrap only: Codex's bundled bwrap stays restricted), set kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu), or run the container with apparmor=unconfined",
+        patterns: &[],
+    },
+    Signature {
         name: "net-admin-missing",
         mechanism: "bwrap could not configure loopback in its new network namespace: EPERM (no CAP_NET_ADMIN there, or an AppArmor userns restriction), or any errno while the sandbox observably lacks CAP_NET_ADMIN (root in a container without NET_ADMIN gives ECHILD)",
         remedy: "add NET_ADMIN to the container (cap_add), or let bwrap run unprivileged with a user namespace of its own",
@@ -228,6 +234,18 @@ static MEMBERS: &[Signature] = &[
         patterns: &[],
     },
     Signature {
+        name: "uid-map-denied-apparmor",
+        mechanism: "the user namespace was created but its uid map could not be written: AppArmor denied the capability there (Ubuntu's kernel.apparmor_restrict_unprivileged_userns=1 moves the bwrap into `unprivileged_userns`, or a profile denies bwrap capabilities); the cell's kernel log has the `apparmor=\"DENIED\"` line",
+        remedy: "load Ubuntu's bwrap-userns-restrict (it covers /usr/bin/bwrap only: Codex's bundled bwrap stays restricted), set kernel.apparmor_restrict_unprivileged_userns=0, or run the container with apparmor=unconfined",
+        patterns: &[],
+    },
+    Signature {
+        name: "loopback-denied-apparmor",
+        mechanism: "bwrap could not bring up loopback in its new network namespace (--unshare-net): AppArmor denied CAP_NET_ADMIN there (Ubuntu's kernel.apparmor_restrict_unprivileged_userns=1, or a profile denying bwrap capabilities); the cell's kernel log has the `apparmor=\"DENIED\"` line",
+        remedy: "load Ubuntu's bwrap-userns-restrict (it covers /usr/bin/bwrap only: Codex's bundled bwrap stays restricted), set kernel.apparmor_restrict_unprivileged_userns=0, or run the container with apparmor=unconfined",
+        patterns: &[],
+    },
+    Signature {
         name: "loopback-preconfigured",
         mechanism: "RTM_NEWADDR gives EEXIST: the runtime's network stack creates network namespaces with loopback already configured (gVisor), which bwrap then fails to add again",
         remedy: "use a runtime whose new network namespaces start with lo down and unaddressed (a gVisor with that fix), or run without --unshare-net",
@@ -240,11 +258,14 @@ const FAMILIES: &[(&str, &str)] = &[
     ("userns-denied-seccomp", "userns-denied"),
     ("userns-denied-sysctl", "userns-denied"),
     ("userns-denied-caps", "userns-denied"),
+    ("userns-denied-apparmor", "userns-denied"),
     ("net-admin-missing", "net-setup-denied"),
     ("loopback-preconfigured", "net-setup-denied"),
     ("mkdir-parents-denied", "mount-denied"),
     ("userns-nesting-limit", "userns-limit"),
     ("userns-disabled-outer", "userns-limit"),
+    ("uid-map-denied-apparmor", "uid-map-denied"),
+    ("loopback-denied-apparmor", "net-setup-denied"),
 ];
 
 /// The family a signature belongs to, if it is a member of one.
@@ -276,6 +297,9 @@ pub struct Facts {
     pub userns_depth: Option<u32>,
     /// An outer bwrap with `--disable-userns` observed above the sandbox's program.
     pub outer_disable_userns: Option<bool>,
+    /// The cell's kernel log has an `apparmor="DENIED"` line (a QEMU guest follows its log;
+    /// elsewhere not observed).
+    pub apparmor_denied: Option<bool>,
 }
 
 impl Facts {
@@ -302,6 +326,12 @@ impl Facts {
                 f(self.outer_disable_userns)
             ));
         }
+        if self.apparmor_denied.is_some() {
+            s.push_str(&format!(
+                "; AppArmor denial in the kernel log: {}",
+                f(self.apparmor_denied)
+            ));
+        }
         s
     }
 }
@@ -316,7 +346,9 @@ pub fn refine(sig: &'static Signature, message: &str, facts: &Facts) -> &'static
             // for clone(CLONE_NEWUSER) as a plain uid); privileged it says "Creating new
             // namespace failed: Operation not permitted".
             let unprivileged = message.contains("No permissions to creat");
-            if facts.seccomp_filter == Some(true) {
+            if facts.apparmor_denied == Some(true) {
+                member("userns-denied-apparmor")
+            } else if facts.seccomp_filter == Some(true) {
                 member("userns-denied-seccomp")
             } else if facts.seccomp_filter == Some(false)
                 && unprivileged
@@ -346,6 +378,12 @@ pub fn refine(sig: &'static Signature, message: &str, facts: &Facts) -> &'static
             } else {
                 sig
             }
+        }
+        "uid-map-denied" if facts.apparmor_denied == Some(true) => {
+            member("uid-map-denied-apparmor")
+        }
+        "net-setup-denied" if facts.apparmor_denied == Some(true) => {
+            member("loopback-denied-apparmor")
         }
         "net-setup-denied" => match errno_of(message) {
             Some("EEXIST") => member("loopback-preconfigured"),
@@ -820,6 +858,73 @@ mod tests {
         assert_eq!(
             refine(cap, "", &facts(Some(true), None, None, None)).name,
             "capset-denied"
+        );
+    }
+
+    /// AppArmor is named only when the cell's kernel log showed its denial; the lines are the
+    /// ones bwrap printed in guests under the policy sets (vm-images/apparmor/) and on Ubuntu.
+    #[test]
+    fn apparmor_members_need_the_audit_line() {
+        let with = |denied| Facts {
+            seccomp_filter: Some(false),
+            unprivileged_userns_clone: Some(true),
+            sys_admin: None,
+            net_admin: None,
+            apparmor_denied: denied,
+            ..Default::default()
+        };
+        // Measured: trixie's bwrap 0.12.0 under the ubuntu-like set (CAP_SYS_ADMIN denied in
+        // the new user namespace: the clone's other namespaces get EPERM).
+        const UNPRIV: &str = "bwrap: No permissions to create a new namespace, likely because the kernel does not allow non-privileged user namespaces. See <https://deb.li/bubblewrap> or <file:///usr/share/doc/bubblewrap/README.Debian.gz>.";
+        const UID_MAP: &str = "bwrap: setting up uid map: Permission denied";
+        const LOOPBACK: &str = "bwrap: loopback: Failed RTM_NEWADDR: Operation not permitted";
+        let cases = [
+            (UNPRIV, Some(true), "userns-denied-apparmor"),
+            (UNPRIV, Some(false), "userns-denied"),
+            (UNPRIV, None, "userns-denied"),
+            (UID_MAP, Some(true), "uid-map-denied-apparmor"),
+            (UID_MAP, Some(false), "uid-map-denied"),
+            (UID_MAP, None, "uid-map-denied"),
+            (LOOPBACK, Some(true), "loopback-denied-apparmor"),
+            (LOOPBACK, Some(false), "net-admin-missing"),
+            (LOOPBACK, None, "net-admin-missing"),
+        ];
+        for (text, denied, want) in cases {
+            let sig = classify(text).expect(text);
+            let got = refine(sig, text, &with(denied)).name;
+            assert_eq!(got, want, "{text} with an AppArmor denial {denied:?}");
+            assert!(satisfies(sig.name, got));
+        }
+        // EACCES at clone and at the first mount are AppArmor's rows from the text alone.
+        for (text, want) in [
+            (
+                "bwrap: Creating new namespace failed: Permission denied",
+                "userns-lsm-denied",
+            ),
+            (
+                "bwrap: Failed to make / slave: Permission denied",
+                "lsm-mount-denied",
+            ),
+        ] {
+            let sig = classify(text).expect(text);
+            assert_eq!(refine(sig, text, &with(Some(true))).name, want);
+            assert_eq!(refine(sig, text, &with(None)).name, want);
+        }
+        for n in [
+            "userns-denied-apparmor",
+            "uid-map-denied-apparmor",
+            "loopback-denied-apparmor",
+            "userns-lsm-denied",
+            "lsm-mount-denied",
+        ] {
+            let r = remedy(n);
+            assert!(r.contains("bwrap-userns-restrict"), "{n}: {r}");
+            assert!(r.contains("apparmor=unconfined"), "{n}: {r}");
+        }
+        assert!(
+            with(Some(true))
+                .describe()
+                .contains("AppArmor denial in the kernel log: yes")
         );
     }
 

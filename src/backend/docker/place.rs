@@ -288,6 +288,7 @@ mod tests {
                     SubjectSpec::Codex {
                         version: "1".into(),
                         codex_bin: "/h/pkg/bin/codex".into(),
+                        hide_system_bwrap: false,
                     },
                 ),
             ],
@@ -322,6 +323,7 @@ mod tests {
         let codex = |bin: &str| SubjectSpec::Codex {
             version: "1".into(),
             codex_bin: bin.into(),
+            hide_system_bwrap: false,
         };
         let s = spec(
             Path::new("/h/nsmatrix"),
@@ -370,6 +372,7 @@ mod tests {
         let codex = |bin: &str| SubjectSpec::Codex {
             version: "1".into(),
             codex_bin: bin.into(),
+            hide_system_bwrap: false,
         };
         let s = spec(
             Path::new("/h/nsmatrix"),

@@ -251,7 +251,10 @@ impl Backend for GuestDockerBackend {
                 .entry(d.image.clone())
                 .or_insert_with(|| env.clone());
             for c in &spec.cells {
-                if let SubjectSpec::Codex { version, codex_bin } = &c.subject {
+                if let SubjectSpec::Codex {
+                    version, codex_bin, ..
+                } = &c.subject
+                {
                     w.codex
                         .entry(version.clone())
                         .or_insert_with(|| codex_bin.clone());

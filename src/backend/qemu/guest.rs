@@ -159,6 +159,60 @@ pub(crate) fn ensure_rootfs(suite: &str, refresh: bool) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The suite's `apparmor` package unpacked (cached, newest first, without asking the mirror
+/// when one is cached): `usr/sbin/apparmor_parser` and `etc/apparmor.d/abi/`. Its only other
+/// dependencies (libc6, debconf) are in the root file system or not needed.
+pub(crate) fn ensure_apparmor_tools(suite: &str) -> Result<PathBuf> {
+    let prefix = format!("apparmor-{suite}-");
+    let ok = |d: &Path| d.join("usr/sbin/apparmor_parser").is_file();
+    if let Ok(rd) = fs::read_dir(cache_dir().join("guest")) {
+        let mut dirs: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.starts_with(&prefix) && !n.contains(".tmp")
+            })
+            .map(|e| e.path())
+            .filter(|p| ok(p))
+            .collect();
+        dirs.sort_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok());
+        if let Some(d) = dirs.pop() {
+            return Ok(d);
+        }
+    }
+    let index = Mirror::from_env().index(suite)?;
+    let pkg = index
+        .get("apparmor")
+        .with_context(|| format!("the {suite} index has no apparmor package"))?;
+    let dir = cache_dir()
+        .join("guest")
+        .join(format!("apparmor-{suite}-{}", &pkg.sha256[..16]));
+    if ok(&dir) {
+        return Ok(dir);
+    }
+    let deb = index.fetch(pkg)?;
+    let tmp = dir.with_extension(unique_tmp());
+    let _ = fs::remove_dir_all(&tmp);
+    extract_deb(&deb, &tmp)?;
+    // Before merged /usr (bullseye) the parser is /sbin/apparmor_parser.
+    if !ok(&tmp) && tmp.join("sbin/apparmor_parser").is_file() {
+        fs::create_dir_all(tmp.join("usr/sbin"))?;
+        fs::rename(
+            tmp.join("sbin/apparmor_parser"),
+            tmp.join("usr/sbin/apparmor_parser"),
+        )?;
+    }
+    if !ok(&tmp) {
+        bail!("the apparmor package of {suite} has no apparmor_parser");
+    }
+    fs::create_dir_all(tmp.join("etc/apparmor.d/abi"))?;
+    if dir.exists() {
+        fs::remove_dir_all(&dir).ok();
+    }
+    fs::rename(&tmp, &dir)?;
+    Ok(dir)
+}
+
 /// Copy an extracted package into a merged-/usr root (`/bin/x` lands in `/usr/bin/x`).
 fn merge_usr(from: &Path, root: &Path) -> Result<()> {
     for e in fs::read_dir(from)? {
@@ -346,6 +400,9 @@ pub(crate) struct GuestDisks {
     /// Modules loaded before mounting (a packaged kernel's virtio_blk, ext4 and their
     /// dependencies): their directory and file names in load order.
     pub modules: Option<(PathBuf, Vec<String>)>,
+    /// The suite's unpacked `apparmor` package ([`ensure_apparmor_tools`]) when the batch
+    /// loads an AppArmor policy: its `apparmor_parser` and ABI files join the initramfs.
+    pub apparmor_tools: Option<PathBuf>,
 }
 
 impl GuestDisks {
@@ -356,7 +413,9 @@ impl GuestDisks {
         use crate::backend::guest_docker::engine::disks;
         let mut wanted: Vec<(String, PathBuf)> = Vec::new();
         for c in &spec.cells {
-            if let SubjectSpec::Codex { version, codex_bin } = &c.subject
+            if let SubjectSpec::Codex {
+                version, codex_bin, ..
+            } = &c.subject
                 && !wanted.iter().any(|(_, b)| b == codex_bin)
             {
                 wanted.push((version.clone(), codex_bin.clone()));
@@ -453,6 +512,19 @@ pub(crate) fn write_batch_initrd(
             }
             Carry::Dir { host, inside } => w.tree(host, inside.trim_start_matches('/'))?,
         }
+    }
+    if let Some(tools) = &disks.apparmor_tools {
+        // Only the parser and the ABI files its profiles name: the package's own profiles and
+        // tools stay out (every byte of the initramfs costs TCG boot time).
+        let parser = tools.join("usr/sbin/apparmor_parser");
+        let data =
+            fs::read(&parser).with_context(|| format!("failed to read {}", parser.display()))?;
+        w.file("usr/sbin/apparmor_parser", 0o755, &data)?;
+        w.dir("etc/apparmor.d", 0o755)?;
+        w.tree(&tools.join("etc/apparmor.d/abi"), "etc/apparmor.d/abi")?;
+        // Not the package's parser.conf: trixie's pins the compiled policy to a feature set
+        // under /usr/share/apparmor-features; without it the parser compiles for the features
+        // the guest's kernel has (the parser warns that the file is missing).
     }
     if !disks.disks.is_empty() {
         let mut list = String::new();

@@ -13,6 +13,8 @@ use anyhow::Context;
 use crate::protocol::BatchSpec;
 
 pub(crate) use accel::test_boot;
+#[cfg(test)]
+pub(crate) use guest::GUEST_WORK_DIR;
 pub(crate) use guest::{GuestDisks, ensure_base, ensure_rootfs, write_batch_initrd};
 pub use launcher::Accel;
 pub(crate) use launcher::{Console, Ending, Launch, watch};
@@ -158,8 +160,12 @@ impl QemuBackend {
         let (kernel, base, boot) = self.provision(env).await.map_err(err(Stage::Provision))?;
         let initrd = run_dir.path.join("initrd.cpio");
         let (b, s, i, k) = (base.clone(), spec.clone(), initrd.clone(), kernel.clone());
+        let suite = guest_suite(env);
         let disks = tokio::task::spawn_blocking(move || -> anyhow::Result<GuestDisks> {
-            let disks = GuestDisks::for_batch(&k, &s)?;
+            let mut disks = GuestDisks::for_batch(&k, &s)?;
+            if s.restrictions.apparmor.is_some() {
+                disks.apparmor_tools = Some(guest::ensure_apparmor_tools(&suite?)?);
+            }
             write_batch_initrd(&b, &s, &disks, &i)?;
             Ok(disks)
         })
@@ -274,6 +280,7 @@ impl QemuBackend {
                 image: None,
                 sysctls: Default::default(),
                 profile: None,
+                apparmor: crate::artifacts::apparmor::NONE.into(),
             }),
         };
         let (_, base, boot) = self.provision(&env).await?;
@@ -319,7 +326,10 @@ impl QemuBackend {
         let run_dir = RunDir::new("shell", &spec.batch_id)?;
         let (kernel, base, boot) = self.provision(env).await?;
         let initrd = run_dir.path.join("initrd.cpio");
-        let disks = GuestDisks::for_batch(&kernel, &spec)?;
+        let mut disks = GuestDisks::for_batch(&kernel, &spec)?;
+        if spec.restrictions.apparmor.is_some() {
+            disks.apparmor_tools = Some(guest::ensure_apparmor_tools(&guest_suite(env)?)?);
+        }
         write_batch_initrd(&base, &spec, &disks, &initrd)?;
         let launch = Launch {
             qemu: self.qemu.clone(),
@@ -372,6 +382,9 @@ impl Backend for QemuBackend {
         spec.restrictions = crate::backend::host::HostBackend::restrictions(
             env.qemu().and_then(|q| q.profile.as_ref()),
         );
+        spec.restrictions.apparmor = env
+            .qemu()
+            .and_then(|q| crate::artifacts::apparmor::policy(&q.apparmor));
         spec
     }
 
@@ -420,6 +433,18 @@ impl Backend for QemuBackend {
             ("qemu acceleration".into(), self.accel_note.clone()),
         ]
     }
+}
+
+/// The Debian suite of a qemu environment's root file system (its `image`, else its kernel's
+/// catalog entry's).
+fn guest_suite(env: &Environment) -> anyhow::Result<String> {
+    let q = env
+        .qemu()
+        .with_context(|| format!("environment {} is not a qemu environment", env.id))?;
+    Ok(match &q.image {
+        Some(i) => i.clone(),
+        None => kernels::Catalog::builtin().get(&q.kernel)?.rootfs.clone(),
+    })
 }
 
 /// A per-run directory for a guest's files, removed when dropped (on every path).
