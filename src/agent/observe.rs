@@ -76,14 +76,7 @@ pub fn probe_setuid(spec: &BatchSpec, bwrap: &Path) -> SetuidSeen {
         Ok(w) => w,
         Err(e) => return SetuidSeen::Unknown(format!("restrictions: {e}")),
     };
-    let mut cmd = Command::new(&program);
-    cmd.args(&args)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    let mut cmd = probe_command(&program, &args);
     // SAFETY: dup2 and fcntl only.
     unsafe {
         cmd.pre_exec(move || {
@@ -347,14 +340,7 @@ pub fn probe_nesting(spec: &BatchSpec) -> Nesting {
         Ok(w) => w,
         Err(e) => return fail(format!("restrictions: {e}")),
     };
-    let mut cmd = Command::new(&program);
-    cmd.args(&args)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    let mut cmd = probe_command(&program, &args);
     prepared.apply_to(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -453,6 +439,20 @@ pub fn probe_setuid_cached(spec: &BatchSpec, bwrap: &Path) -> SetuidSeen {
         c.insert(bwrap.to_path_buf(), s.clone());
     }
     s
+}
+
+/// A probe's process: a clean environment, no input or output but stderr, its own process
+/// group (so it can be killed with everything it started).
+fn probe_command(program: &Path, args: &[OsString]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    cmd
 }
 
 #[cfg(test)]

@@ -140,8 +140,7 @@ pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
         } else {
             super::kmsg::begin_cell();
             let mut rec = run_cell(&ctx, &mut preparer, &mut codex_copies);
-            let settle =
-                !matches!(rec.outcome, Outcome::Passed) || matches!(apparmor, Ok(Some(_)));
+            let settle = !matches!(rec.outcome, Outcome::Passed) || matches!(apparmor, Ok(Some(_)));
             if let Some(lines) = super::kmsg::lines(settle)
                 && !lines.is_empty()
             {

@@ -18,6 +18,19 @@ fn is_container(backend: BackendKind) -> bool {
     matches!(backend, BackendKind::Docker | BackendKind::GuestDocker)
 }
 
+/// A profile sets something only a container has (capabilities, privileged, masked paths,
+/// security options, an engine's seccomp profile): meaningless for a host's or guest's agent.
+fn container_only(p: &Profile) -> bool {
+    !p.cap_add.is_empty()
+        || !p.cap_drop.is_empty()
+        || p.privileged
+        || p.systempaths_unconfined
+        || !p.security_opt.is_empty()
+        || p.seccomp
+            .as_deref()
+            .is_some_and(|s| s != "none" && s != "deny-userns")
+}
+
 impl Validator<'_> {
     pub(super) fn environment(
         &mut self,
@@ -371,15 +384,7 @@ impl Validator<'_> {
     ) {
         match backend {
             BackendKind::Host => {
-                let docker_only = !p.cap_add.is_empty()
-                    || !p.cap_drop.is_empty()
-                    || p.privileged
-                    || p.systempaths_unconfined
-                    || !p.security_opt.is_empty()
-                    || p.seccomp
-                        .as_deref()
-                        .is_some_and(|s| s != "none" && s != "deny-userns");
-                if docker_only {
+                if container_only(p) {
                     self.err("profile-backend", sp.clone(), format!("profile `{}` uses settings only a docker environment has", p.name))
                         .help("a host profile may set seccomp = \"deny-userns\", no-new-privileges, bounding-set, userns-limit, outer-sandbox, outer-disable-userns, userns-depth, protect-kernel-tunables, protect-proc, proc-subset");
                 }
@@ -407,15 +412,7 @@ impl Validator<'_> {
             BackendKind::Qemu => {
                 // A guest's agent applies the process-level restrictions a host profile has;
                 // container settings have no meaning there.
-                let container_only = !p.cap_add.is_empty()
-                    || !p.cap_drop.is_empty()
-                    || p.privileged
-                    || p.systempaths_unconfined
-                    || !p.security_opt.is_empty()
-                    || p.seccomp
-                        .as_deref()
-                        .is_some_and(|s| s != "none" && s != "deny-userns");
-                if container_only {
+                if container_only(p) {
                     self.err("profile-backend", sp, format!("profile `{}` uses settings only a docker environment has", p.name))
                         .help("a qemu profile may set the host's process-level settings: seccomp = \"deny-userns\", no-new-privileges, bounding-set, userns-limit, outer-sandbox, userns-depth, protect-kernel-tunables, protect-proc, proc-subset");
                 }
