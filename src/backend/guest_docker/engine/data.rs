@@ -82,11 +82,15 @@ pub async fn ensure_data_disk(
         return Ok((out, i));
     }
     // Under the lock nobody else prepares this disk: partial ones are from killed runs.
-    let stem = format!("data-{key}.partial");
+    // (A partial disk, or the directory a native preparation loads into.)
+    let (stem, prep) = (format!("data-{key}.partial"), format!("data-{key}.prep"));
     if let Ok(rd) = std::fs::read_dir(engine_dir()) {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&stem) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&stem) {
                 std::fs::remove_file(e.path()).ok();
+            } else if name.starts_with(&prep) {
+                std::fs::remove_dir_all(e.path()).ok();
             }
         }
     }
