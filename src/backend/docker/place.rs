@@ -252,6 +252,14 @@ mod tests {
         }
     }
 
+    fn codex(bin: &str) -> SubjectSpec {
+        SubjectSpec::Codex {
+            version: "1".into(),
+            codex_bin: bin.into(),
+            hide_system_bwrap: false,
+        }
+    }
+
     fn bwrap() -> SubjectSpec {
         SubjectSpec::Bwrap {
             build: "system".into(),
@@ -320,11 +328,6 @@ mod tests {
 
     #[test]
     fn a_mounted_codex_package_is_not_uploaded() {
-        let codex = |bin: &str| SubjectSpec::Codex {
-            version: "1".into(),
-            codex_bin: bin.into(),
-            hide_system_bwrap: false,
-        };
         let s = spec(
             Path::new("/h/nsmatrix"),
             vec![
@@ -369,11 +372,6 @@ mod tests {
 
     #[test]
     fn a_local_engine_mounts_each_codex_package_once() {
-        let codex = |bin: &str| SubjectSpec::Codex {
-            version: "1".into(),
-            codex_bin: bin.into(),
-            hide_system_bwrap: false,
-        };
         let s = spec(
             Path::new("/h/nsmatrix"),
             vec![

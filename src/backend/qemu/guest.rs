@@ -287,11 +287,7 @@ pub(crate) fn ensure_base(kernel: &Kernel, rootfs: &Path) -> Result<PathBuf> {
         0o644,
         list.as_bytes(),
     )?;
-    w.finish()?
-        .into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
-    fs::rename(&tmp, &out)?;
+    commit_cpio(w, &tmp, &out)?;
     Ok(out)
 }
 
@@ -553,6 +549,17 @@ pub(crate) fn write_batch_initrd(
     Ok(guest_spec)
 }
 
+/// Finish a cached archive written to `tmp`, sync it and move it to `out` (a reader never sees
+/// a partial one).
+fn commit_cpio(w: Cpio<BufWriter<fs::File>>, tmp: &Path, out: &Path) -> Result<()> {
+    w.finish()?
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    fs::rename(tmp, out)?;
+    Ok(())
+}
+
 /// Where the agent's directory is in the guest (`/nsmatrix`).
 const GUEST_AGENT_DIR: &str = "/nsmatrix";
 
@@ -577,11 +584,7 @@ fn with_agent(base: &Path, agent: &Path) -> Result<PathBuf> {
     let f = fs::OpenOptions::new().append(true).open(&tmp)?;
     let mut w = Cpio::new(BufWriter::new(f));
     w.file(GUEST_AGENT.trim_start_matches('/'), 0o755, &data)?;
-    w.finish()?
-        .into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
-    fs::rename(&tmp, &out)?;
+    commit_cpio(w, &tmp, &out)?;
     Ok(out)
 }
 
