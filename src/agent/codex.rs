@@ -582,40 +582,47 @@ pub(super) fn prepare_and_run_codex(
             .map(|w| w.describe())
             .unwrap_or_else(|| "not seen: the command never started in a sandbox".into()),
     );
-    let facts = super::observe::deny_facts(
-        ctx.spec,
-        details
-            .get("codex.bwrap-setuid-effective")
-            .map(String::as_str)
-            == Some("true"),
-    );
-    let mut outcome = judge(&sc, &layout, &run, &norm, false, &facts);
-    // The scenarios' expected output was recorded from one Codex release; another release may
-    // word its messages differently. Its cells are judged on the tree, the exit code and the
-    // sandbox alone, and the cell says so (and what the full comparison would have said).
-    if version != OUTPUT_RECORDED_FROM {
-        let mut tree_only = sc.clone();
-        tree_only.meta.stdout = None;
-        tree_only.meta.stderr = None;
-        if let Some(c) = tree_only.meta.confinement.as_mut() {
-            c.sandboxed_stdout = None;
-            c.sandboxed_stderr = None;
-        }
-        let on_tree = judge(&tree_only, &layout, &run, &norm, false, &facts);
-        let note = match &outcome {
-            Outcome::Failed { signature, message }
-                if signature == "output-mismatch" && on_tree != outcome =>
-            {
-                format!(
-                    "on the tree alone; the output differs from {OUTPUT_RECORDED_FROM}'s: {message}"
-                )
+    let privileged = details
+        .get("codex.bwrap-setuid-effective")
+        .map(String::as_str)
+        == Some("true");
+    let ((mut outcome, output_note), facts) = super::observe::judge_with_facts(
+        |settle| super::observe::deny_facts(ctx.spec, privileged, settle),
+        |facts| {
+            let outcome = judge(&sc, &layout, &run, &norm, false, facts);
+            // The scenarios' expected output was recorded from one Codex release; another
+            // release may word its messages differently. Its cells are judged on the tree, the
+            // exit code and the sandbox alone, and the cell says so (and what the full
+            // comparison would have said).
+            if version == OUTPUT_RECORDED_FROM {
+                return (outcome, None);
             }
-            _ => format!(
-                "on the tree alone (the expected output was recorded from {OUTPUT_RECORDED_FROM}); the output matches it too"
-            ),
-        };
+            let mut tree_only = sc.clone();
+            tree_only.meta.stdout = None;
+            tree_only.meta.stderr = None;
+            if let Some(c) = tree_only.meta.confinement.as_mut() {
+                c.sandboxed_stdout = None;
+                c.sandboxed_stderr = None;
+            }
+            let on_tree = judge(&tree_only, &layout, &run, &norm, false, facts);
+            let note = match &outcome {
+                Outcome::Failed { signature, message }
+                    if signature == "output-mismatch" && on_tree != outcome =>
+                {
+                    format!(
+                        "on the tree alone; the output differs from {OUTPUT_RECORDED_FROM}'s: {message}"
+                    )
+                }
+                _ => format!(
+                    "on the tree alone (the expected output was recorded from {OUTPUT_RECORDED_FROM}); the output matches it too"
+                ),
+            };
+            (on_tree, Some(note))
+        },
+        |(o, _)| matches!(o, Outcome::Failed { .. }),
+    );
+    if let Some(note) = output_note {
         details.insert("codex.output-judged".into(), note);
-        outcome = on_tree;
     }
     if matches!(outcome, Outcome::Failed { .. }) {
         details.insert("signature.facts".into(), facts.describe());

@@ -85,15 +85,10 @@ pub(super) fn begin_cell() {
     }
 }
 
-/// The current cell's matching lines so far (the first call of a cell waits [`Followed`]'s
-/// settle time). `None` when the log is not followed.
-pub(super) fn cell_lines() -> Option<Vec<String>> {
-    lines(true)
-}
-
-/// As [`cell_lines`], without waiting for late lines unless `settle` (a cell that passed
-/// without a policy loaded has nothing to wait for: a line that comes later is dropped when
-/// the next cell begins, never given to it).
+/// The current cell's matching lines so far; `None` when the log is not followed. With
+/// `settle`, the first such call of a cell waits [`Followed`]'s settle time for late lines (a
+/// cell that passed without a policy loaded has nothing to wait for: a line that comes later
+/// is dropped when the next cell begins, never given to it).
 pub(super) fn lines(settle: bool) -> Option<Vec<String>> {
     let mut g = LOG.lock().unwrap_or_else(|e| e.into_inner());
     let l = g.as_mut()?;

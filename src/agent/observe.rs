@@ -190,8 +190,9 @@ impl Evidence {
 /// own /proc/self/status (its seccomp mode and filters, effective and bounding capabilities)
 /// and kernel.unprivileged_userns_clone, combined with what the agent itself adds for the cell
 /// (its seccomp filter, bounding set). `privileged` says the bwrap ran with euid 0: as root,
-/// or with its setuid bit observed in effect.
-pub fn deny_facts(spec: &BatchSpec, privileged_setuid: bool) -> signature::Facts {
+/// or with its setuid bit observed in effect. `settle`: wait for the kernel's late log lines
+/// before reading whether AppArmor denied something (see [`judge_with_facts`]).
+pub fn deny_facts(spec: &BatchSpec, privileged_setuid: bool, settle: bool) -> signature::Facts {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |k: &str| {
         status.lines().find_map(|l| {
@@ -250,9 +251,27 @@ pub fn deny_facts(spec: &BatchSpec, privileged_setuid: bool) -> signature::Facts
         net_admin: has("net_admin"),
         userns_depth: nesting.as_ref().and_then(|n| n.depth),
         outer_disable_userns: nesting.as_ref().and_then(|n| n.outer_disable_userns),
-        apparmor_denied: super::kmsg::cell_lines()
+        apparmor_denied: super::kmsg::lines(settle)
             .map(|lines| lines.iter().any(|l| l.contains("apparmor=\"DENIED\""))),
     }
+}
+
+/// Judge a cell with the facts observed for it, waiting for the kernel's late log lines only
+/// when a failure needs them. The facts only choose among failure signatures, so a judgement
+/// that passes with the facts at hand is final; one that fails is made again with the facts
+/// read after the log has settled (which the record then shows).
+pub(super) fn judge_with_facts<T>(
+    facts: impl Fn(bool) -> signature::Facts,
+    decide: impl Fn(&signature::Facts) -> T,
+    failed: impl Fn(&T) -> bool,
+) -> (T, signature::Facts) {
+    let quick = facts(false);
+    let first = decide(&quick);
+    if !failed(&first) {
+        return (first, quick);
+    }
+    let settled = facts(true);
+    (decide(&settled), settled)
 }
 
 /// Whether `pid` is the outer sandbox the agent put around a cell (its command line carries

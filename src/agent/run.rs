@@ -468,15 +468,21 @@ fn prepare_and_run_bwrap(
     // Renamed to setuid-ignored-nnp only when the probe saw the bit ignored.
     let ignored_seen = setuid_seen.as_ref().and_then(|s| s.in_effect()) == Some(false);
     let setuid_in_effect = setuid_seen.as_ref().and_then(|s| s.in_effect()) == Some(true);
-    let facts = super::observe::deny_facts(ctx.spec, setuid_in_effect);
-    rec.outcome = judge(
-        &sc,
-        &layout,
-        &run,
-        &norm,
-        bw.setuid_bit && nnp && ctx.spec.uid != 0 && ignored_seen,
-        &facts,
+    let (outcome, facts) = super::observe::judge_with_facts(
+        |settle| super::observe::deny_facts(ctx.spec, setuid_in_effect, settle),
+        |facts| {
+            judge(
+                &sc,
+                &layout,
+                &run,
+                &norm,
+                bw.setuid_bit && nnp && ctx.spec.uid != 0 && ignored_seen,
+                facts,
+            )
+        },
+        |o| matches!(o, Outcome::Failed { .. }),
     );
+    rec.outcome = outcome;
     if matches!(rec.outcome, Outcome::Failed { .. }) {
         rec.details
             .insert("signature.facts".into(), facts.describe());
