@@ -1,7 +1,8 @@
 //! Per kernel under the probed accelerator, side by side (interleaved, median of
 //! `NSMATRIX_BENCH_RUNS`, default 3): a bare boot (same kernel, base initramfs and QEMU flags,
 //! an init that ends the guest at once), a batch of 1 cell and of 12 cells (the per-batch initramfs
-//! included), their ratio to the bare boot and a cell's marginal cost.
+//! included), their ratio to the bare boot and a cell's marginal cost; then batches of 1 and 12
+//! cells in a two-vCPU guest, whose agent runs the cells two at a time, and their marginal cost.
 //! `cargo bench --bench qemu [-- KERNEL...]`. Needs qemu and the kernels (fetched/built on use).
 
 use std::collections::BTreeMap;
@@ -41,7 +42,7 @@ fn spec(cells: usize) -> BatchSpec {
     }
 }
 
-async fn once(b: &QemuBackend, kernel: &str, cells: usize) -> GuestTimings {
+async fn once(b: &QemuBackend, kernel: &str, cells: usize, vcpus: u32) -> GuestTimings {
     let env = Environment {
         id: format!("bench-{kernel}"),
         name: "bench".into(),
@@ -53,13 +54,14 @@ async fn once(b: &QemuBackend, kernel: &str, cells: usize) -> GuestTimings {
             sysctls: BTreeMap::new(),
             profile: None,
             apparmor: "none".into(),
+            vcpus,
         }),
     };
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = BatchCtx {
         run_id: "bench".into(),
-        batch_id: format!("bench-{kernel}-{cells}"),
-        log_dir: std::env::temp_dir().join(format!("nsmatrix-bench/{kernel}-{cells}")),
+        batch_id: format!("bench-{kernel}-{cells}-{vcpus}"),
+        log_dir: std::env::temp_dir().join(format!("nsmatrix-bench/{kernel}-{cells}-{vcpus}")),
         timeout: Duration::from_secs(300),
         cancel: CancellationToken::new(),
         events: tx,
@@ -97,7 +99,7 @@ async fn main() {
     };
     println!("accelerator: {}; median of {runs} runs", b.accel_note);
     println!(
-        "{:<14} {:>8} {:>8} {:>10} {:>10} {:>12} {:>12} {:>12}",
+        "{:<14} {:>8} {:>8} {:>10} {:>10} {:>12} {:>12} {:>12} {:>14} {:>16}",
         "kernel",
         "bare s",
         "boot s",
@@ -105,11 +107,14 @@ async fn main() {
         "12 cells s",
         "1 cell/bare",
         "12 cells/bare",
-        "per cell ms"
+        "per cell ms",
+        "12 cells 2vCPU",
+        "per cell 2vCPU ms"
     );
     for k in kernels {
-        once(&b, &k, 1).await; // warm the cache
+        once(&b, &k, 1, 1).await; // warm the cache
         let (mut bare, mut boot, mut one, mut twelve) = (vec![], vec![], vec![], vec![]);
+        let (mut one2, mut twelve2) = (vec![], vec![]);
         for _ in 0..runs {
             bare.push(
                 b.bare_boot(&k)
@@ -117,19 +122,26 @@ async fn main() {
                     .unwrap_or_else(|e| panic!("{k}: {e:#}"))
                     .as_secs_f64(),
             );
-            let t = once(&b, &k, 1).await;
+            let t = once(&b, &k, 1, 1).await;
             boot.push(t.boot.unwrap_or_default().as_secs_f64());
             one.push((t.provision + t.total).as_secs_f64());
-            let t = once(&b, &k, 12).await;
+            let t = once(&b, &k, 12, 1).await;
             twelve.push((t.provision + t.total).as_secs_f64());
+            // The same with two vCPUs, whose agent runs the cells two at a time.
+            let t = once(&b, &k, 1, 2).await;
+            one2.push((t.provision + t.total).as_secs_f64());
+            let t = once(&b, &k, 12, 2).await;
+            twelve2.push((t.provision + t.total).as_secs_f64());
         }
         let (bare, one, twelve) = (median(bare), median(one), median(twelve));
+        let (one2, twelve2) = (median(one2), median(twelve2));
         println!(
-            "{k:<14} {bare:>8.2} {:>8.2} {one:>10.2} {twelve:>10.2} {:>12.2} {:>12.2} {:>12.0}",
+            "{k:<14} {bare:>8.2} {:>8.2} {one:>10.2} {twelve:>10.2} {:>12.2} {:>12.2} {:>12.0} {twelve2:>14.2} {:>16.0}",
             median(boot),
             one / bare,
             twelve / bare,
-            (twelve - one) / 11.0 * 1000.0
+            (twelve - one) / 11.0 * 1000.0,
+            (twelve2 - one2) / 11.0 * 1000.0
         );
     }
 }

@@ -29,6 +29,7 @@ fn env(kernel: &str, set: &str, sysctls: &[(&str, &str)]) -> Environment {
                 .collect(),
             profile: None,
             apparmor: "none".into(),
+            vcpus: 1,
         }),
     }
 }

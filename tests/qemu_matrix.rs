@@ -60,6 +60,7 @@ async fn run_cells(
             sysctls: sysctls.clone(),
             profile: None,
             apparmor: "none".into(),
+            vcpus: 1,
         }),
     };
     let batch = format!("matrix-{kernel}-{set}-{}", subjects.len());

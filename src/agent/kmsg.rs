@@ -1,9 +1,10 @@
 //! The kernel's log around each cell, in a QEMU guest: what the kernel said about the cell's
 //! sandbox (AppArmor's audit lines, `VFS: Mount too revealing`, seccomp's audit lines) is
-//! evidence for its record. The agent is the guest's only program and runs one cell at a time,
-//! so the lines that appear between a cell's start and its judgement are that cell's. In a
-//! container of an engine guest the agent follows the guest init's text copy of the log
-//! instead (the guest runs one container at a time).
+//! evidence for its record. The agent is the guest's only program, so the lines that appear
+//! between a cell's start and its judgement are that cell's; when cells run side by side (a
+//! guest with several vCPUs, no security policy loaded) they are also those of the cells beside
+//! it, and the record says so. In a container of an engine guest the agent follows the guest
+//! init's text copy of the log instead (the guest runs one container at a time).
 
 use std::fs;
 use std::io::Read;
@@ -20,9 +21,15 @@ struct Followed {
     file: fs::File,
     /// A text file of lines (an engine guest's relay), not /dev/kmsg's records.
     text: Option<String>,
-    lines: Vec<String>,
-    settled: bool,
+    /// Every relevant line read so far; a cell's are those from its start on.
+    read: Vec<String>,
     settle: Duration,
+}
+
+std::thread_local! {
+    /// The cell this thread runs: where its lines start in [`Followed::read`], and whether
+    /// its settle time has passed.
+    static CELL: std::cell::Cell<Option<(usize, bool)>> = const { std::cell::Cell::new(None) };
 }
 
 /// How long the audit thread gets to print a cell's last lines (kauditd writes them after the
@@ -44,8 +51,7 @@ pub(super) fn open(policy_loaded: bool) -> std::io::Result<()> {
     *LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(Followed {
         file: f,
         text: None,
-        lines: Vec::new(),
-        settled: false,
+        read: Vec::new(),
         settle: if policy_loaded {
             SETTLE_POLICY
         } else {
@@ -64,8 +70,7 @@ pub(super) fn open_relay(path: &std::path::Path, confined: bool) -> std::io::Res
     *LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(Followed {
         file: f,
         text: Some(String::new()),
-        lines: Vec::new(),
-        settled: false,
+        read: Vec::new(),
         settle: if confined {
             SETTLE_POLICY
         } else {
@@ -75,13 +80,13 @@ pub(super) fn open_relay(path: &std::path::Path, confined: bool) -> std::io::Res
     Ok(())
 }
 
-/// A new cell starts: what the log said before it is not its own.
+/// A new cell starts on this thread: what the log said before it is not its own.
 pub(super) fn begin_cell() {
     let mut g = LOG.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(l) = g.as_mut() {
-        drain(l);
-        l.lines.clear();
-        l.settled = false;
+        let new = drain(l).into_iter().filter(|x| relevant(x));
+        l.read.extend(new);
+        CELL.set(Some((l.read.len(), false)));
     }
 }
 
@@ -90,15 +95,22 @@ pub(super) fn begin_cell() {
 /// cell that passed without a policy loaded has nothing to wait for: a line that comes later
 /// is dropped when the next cell begins, never given to it).
 pub(super) fn lines(settle: bool) -> Option<Vec<String>> {
+    let wait = LOG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()?
+        .settle;
+    let (start, settled) = CELL.get()?;
+    if settle && !settled {
+        // Not holding the lock: cells beside this one go on reading the log meanwhile.
+        std::thread::sleep(wait);
+        CELL.set(Some((start, true)));
+    }
     let mut g = LOG.lock().unwrap_or_else(|e| e.into_inner());
     let l = g.as_mut()?;
-    if !l.settled && settle {
-        std::thread::sleep(l.settle);
-        l.settled = true;
-    }
-    let new: Vec<String> = drain(l).into_iter().filter(|x| relevant(x)).collect();
-    l.lines.extend(new);
-    Some(l.lines.clone())
+    let new = drain(l).into_iter().filter(|x| relevant(x));
+    l.read.extend(new);
+    Some(l.read.get(start..).unwrap_or_default().to_vec())
 }
 
 /// Every record readable now, as its message text.

@@ -1,4 +1,6 @@
-//! [`run_batch`]: every cell of a batch, inside its environment, one after another.
+//! [`run_batch`]: every cell of a batch, inside its environment: one after another, or in a
+//! guest with several vCPUs and no security policy loaded, those that reach nothing outside
+//! their own directory side by side (see [`Batch::workers`]).
 //!
 //! Per cell: lay the scenario out in a fresh workspace owned by the cell's uid, prepare the
 //! subject, run the sandbox with `apply_patch` inside under the batch's restrictions, then
@@ -11,6 +13,8 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -98,23 +102,144 @@ pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
     let apply_patch = bin_dir.join("apply_patch");
     std::os::unix::fs::symlink(&spec.agent_bin, &apply_patch)
         .with_context(|| format!("failed to link {}", apply_patch.display()))?;
-    let mut preparer = subject::Preparer::new(work.path.join("subjects"));
-    let mut codex_copies = super::codex::Copies::new(work.path.join("codex"));
+    let batch = Batch {
+        spec,
+        apparmor: &apparmor,
+        missing_sysctls: &missing_sysctls,
+        cells_dir: work.path.join("cells"),
+        apply_patch: &apply_patch,
+        preparer: Mutex::new(subject::Preparer::new(work.path.join("subjects"))),
+        codex_copies: Mutex::new(super::codex::Copies::new(work.path.join("codex"))),
+        side_by_side: AtomicBool::new(false),
+    };
+    let workers = batch.workers();
+    let (beside, alone): (Vec<usize>, Vec<usize>) =
+        (0..spec.cells.len()).partition(|&i| workers > 1 && batch.may_run_beside_others(i));
     let mut done = 0;
-    for (i, cell) in spec.cells.iter().enumerate() {
+    for i in alone {
         if stopping() {
             break;
         }
         emit(AgentEvent::CellStarted {
-            id: cell.id.clone(),
+            id: spec.cells[i].id.clone(),
         })?;
+        emit(AgentEvent::CellFinished(batch.cell(i)))?;
+        done += 1;
+    }
+    if !beside.is_empty() && !stopping() {
+        emit(AgentEvent::Log {
+            message: format!(
+                "agent: {} cells side by side, {} at a time ({workers} vCPUs); the other {} one after another first",
+                beside.len(),
+                workers.min(beside.len()),
+                spec.cells.len() - beside.len()
+            ),
+        })?;
+        done += batch.run_side_by_side(&beside, workers, &mut emit)?;
+    }
+    drop(work);
+    if stopping() {
+        emit(AgentEvent::Log {
+            message: "agent: interrupted; stopped after cleaning up".into(),
+        })?;
+        anyhow::bail!("interrupted");
+    }
+    emit(AgentEvent::BatchDone { cells: done })
+}
+
+/// What every cell of a batch shares while the batch runs.
+struct Batch<'a> {
+    spec: &'a BatchSpec,
+    apparmor: &'a std::result::Result<Option<(String, String)>, super::lsm::Refused>,
+    missing_sysctls: &'a BTreeSet<String>,
+    cells_dir: PathBuf,
+    apply_patch: &'a Path,
+    preparer: Mutex<subject::Preparer>,
+    codex_copies: Mutex<super::codex::Copies>,
+    /// Cells are running side by side now (their kernel-log windows overlap).
+    side_by_side: AtomicBool,
+}
+
+impl Batch<'_> {
+    /// How many cells may run at once: the guest's vCPUs, in a guest that loaded no security
+    /// policy (whose audit lines decide a cell's signature and must be the cell's own); one
+    /// anywhere else (a host's or container's batch is one of several the scheduler runs at
+    /// once already).
+    fn workers(&self) -> usize {
+        if !super::init::is_guest_init() || !matches!(self.apparmor, Ok(None)) {
+            return 1;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// A cell may run beside others when nothing it does reaches beyond its own directory: a
+    /// bwrap cell whose scenario writes no absolute path. Codex cells (their process trees
+    /// are walked, `system-bwrap = "hidden"` renames the guest's bwrap) run alone.
+    fn may_run_beside_others(&self, i: usize) -> bool {
+        let cell = &self.spec.cells[i];
+        matches!(cell.subject, SubjectSpec::Bwrap { .. })
+            && scenario::load(&cell.scenario_dir).is_ok_and(|sc| {
+                sc.meta
+                    .confinement
+                    .as_ref()
+                    .is_none_or(|c| c.outside.iter().all(|o| !Path::new(o).is_absolute()))
+            })
+    }
+
+    /// Run `cells` on `workers` threads, writing their events as they come; returns how many
+    /// finished. A signal stops new cells from starting; running ones end as in a serial run.
+    fn run_side_by_side(
+        &self,
+        cells: &[usize],
+        workers: usize,
+        emit: &mut dyn FnMut(AgentEvent) -> Result<()>,
+    ) -> Result<usize> {
+        let next = AtomicUsize::new(0);
+        let (tx, rx) = mpsc::channel::<AgentEvent>();
+        self.side_by_side.store(true, Ordering::SeqCst);
+        let done = std::thread::scope(|s| -> Result<usize> {
+            for _ in 0..workers.min(cells.len()) {
+                let tx = tx.clone();
+                let next = &next;
+                s.spawn(move || {
+                    while !stopping() {
+                        let Some(&i) = cells.get(next.fetch_add(1, Ordering::SeqCst)) else {
+                            break;
+                        };
+                        let id = self.spec.cells[i].id.clone();
+                        if tx.send(AgentEvent::CellStarted { id }).is_err() {
+                            break;
+                        }
+                        if tx.send(AgentEvent::CellFinished(self.cell(i))).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut done = 0;
+            for ev in rx {
+                let finished = matches!(ev, AgentEvent::CellFinished(_));
+                emit(ev)?;
+                done += usize::from(finished);
+            }
+            Ok(done)
+        });
+        self.side_by_side.store(false, Ordering::SeqCst);
+        done
+    }
+
+    /// One cell, judged, with what the kernel said in its time; its directory is removed as
+    /// soon as it is judged, so a long batch does not fill the disk.
+    fn cell(&self, i: usize) -> CellRecord {
+        let cell = &self.spec.cells[i];
         let ctx = CellCtx {
-            spec,
+            spec: self.spec,
             cell,
-            dir: work.path.join("cells").join(i.to_string()),
-            apply_patch: &apply_patch,
+            dir: self.cells_dir.join(i.to_string()),
+            apply_patch: self.apply_patch,
         };
-        let rec = if let Err(refused) = &apparmor {
+        let rec = if let Err(refused) = self.apparmor {
             match refused {
                 super::lsm::Refused::Skip(why) => record(
                     cell,
@@ -127,7 +252,7 @@ pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
         } else if let Some(s) = cell
             .needs_sysctls
             .iter()
-            .find(|s| missing_sysctls.contains(*s))
+            .find(|s| self.missing_sysctls.contains(*s))
         {
             record(
                 cell,
@@ -135,37 +260,34 @@ pub(crate) fn run_batch(spec: &BatchSpec, out: &mut dyn Write) -> Result<()> {
                     reason: format!("this kernel has no sysctl {s}"),
                 },
             )
-        } else if let (Ok(Some(_)), Err(e)) = (&apparmor, super::lsm::reset_audit_cache()) {
+        } else if let (Ok(Some(_)), Err(e)) = (self.apparmor, super::lsm::reset_audit_cache()) {
             error(cell, "apparmor", e)
         } else {
             super::kmsg::begin_cell();
-            let mut rec = run_cell(&ctx, &mut preparer, &mut codex_copies);
-            let settle = !matches!(rec.outcome, Outcome::Passed) || matches!(apparmor, Ok(Some(_)));
+            let mut rec = run_cell(&ctx, &self.preparer, &self.codex_copies);
+            let settle =
+                !matches!(rec.outcome, Outcome::Passed) || matches!(self.apparmor, Ok(Some(_)));
             if let Some(lines) = super::kmsg::lines(settle)
                 && !lines.is_empty()
             {
                 rec.details.insert("kernel.log".into(), lines.join("\n"));
+                if self.side_by_side.load(Ordering::SeqCst) {
+                    rec.details.insert(
+                        "kernel.log.shared".into(),
+                        "the cell ran beside others of its batch: a line of its time may be theirs"
+                            .into(),
+                    );
+                }
             }
-            if let Ok(Some((sets, loaded))) = &apparmor {
+            if let Ok(Some((sets, loaded))) = self.apparmor {
                 rec.details
                     .insert("apparmor.policy".into(), format!("{sets}: {loaded}"));
             }
             rec
         };
-        // A cell's directory is removed as soon as it is judged, so a long batch does not fill
-        // the disk; the whole work dir goes at the end anyway.
         let _ = fs::remove_dir_all(&ctx.dir);
-        emit(AgentEvent::CellFinished(rec))?;
-        done += 1;
+        rec
     }
-    drop(work);
-    if stopping() {
-        emit(AgentEvent::Log {
-            message: "agent: interrupted; stopped after cleaning up".into(),
-        })?;
-        anyhow::bail!("interrupted");
-    }
-    emit(AgentEvent::BatchDone { cells: done })
 }
 
 /// The batch's private directory; removed on drop (also after a signal, since the signal only
@@ -279,8 +401,8 @@ pub(crate) fn apparmor_label() -> Option<String> {
 
 fn run_cell(
     ctx: &CellCtx,
-    preparer: &mut subject::Preparer,
-    codex_copies: &mut super::codex::Copies,
+    preparer: &Mutex<subject::Preparer>,
+    codex_copies: &Mutex<super::codex::Copies>,
 ) -> CellRecord {
     let start = Instant::now();
     let mut rec = match ctx.cell.subject.clone() {
@@ -306,11 +428,15 @@ fn run_cell(
                 None
             };
             let source = super::codex::Source::Pinned(&codex_bin);
-            let mut rec =
-                match super::codex::prepare_and_run_codex(ctx, codex_copies, &version, source) {
-                    Ok(r) => r,
-                    Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
-                };
+            let mut rec = match super::codex::prepare_and_run_codex(
+                ctx,
+                &mut codex_copies.lock().unwrap_or_else(|e| e.into_inner()),
+                &version,
+                source,
+            ) {
+                Ok(r) => r,
+                Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
+            };
             if let Some(h) = hidden {
                 rec.details
                     .insert("codex.system-bwrap".into(), h.describe());
@@ -328,7 +454,12 @@ fn run_cell(
             Ok(codex) => {
                 let version = super::codex::installed_version(&codex);
                 let source = super::codex::Source::Image(&codex);
-                match super::codex::prepare_and_run_codex(ctx, codex_copies, &version, source) {
+                match super::codex::prepare_and_run_codex(
+                    ctx,
+                    &mut codex_copies.lock().unwrap_or_else(|e| e.into_inner()),
+                    &version,
+                    source,
+                ) {
                     Ok(r) => r,
                     Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
                 }
@@ -391,7 +522,7 @@ impl Drop for HiddenSystemBwrap {
 
 fn prepare_and_run_bwrap(
     ctx: &CellCtx,
-    preparer: &mut subject::Preparer,
+    preparer: &Mutex<subject::Preparer>,
     build: &str,
     setuid: crate::protocol::SetuidMode,
     profile: crate::protocol::ArgvProfile,
@@ -399,7 +530,11 @@ fn prepare_and_run_bwrap(
     let cell = ctx.cell;
     let sc = scenario::load(&cell.scenario_dir)
         .with_context(|| format!("failed to load scenario {}", cell.scenario_dir.display()))?;
-    let bw = match preparer.bwrap(build, setuid) {
+    let prepared = preparer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .bwrap(build, setuid);
+    let bw = match prepared {
         Ok(b) => b,
         Err(e) if e.is_missing() => {
             return Ok(record(

@@ -13,6 +13,9 @@ use super::raw::span;
 use super::raw::*;
 use crate::protocol::{ArgvProfile, SetuidMode, SubjectSpec};
 
+/// The most vCPUs a guest may have (a guest takes one job slot per vCPU, clamped to `--jobs`).
+const MAX_GUEST_VCPUS: u32 = 16;
+
 /// Backends whose environments are containers (the docker layer's profiles and images).
 fn is_container(backend: BackendKind) -> bool {
     matches!(backend, BackendKind::Docker | BackendKind::GuestDocker)
@@ -61,7 +64,7 @@ impl Validator<'_> {
             BackendKind::Qemu => QEMU_AXES,
             BackendKind::GuestDocker => GUEST_DOCKER_AXES,
         };
-        let given: [(&'static str, &Option<SValue>); 7] = [
+        let given: [(&'static str, &Option<SValue>); 8] = [
             ("profile", &r.profile),
             ("uid", &r.uid),
             ("image", &r.image),
@@ -69,6 +72,7 @@ impl Validator<'_> {
             ("kernel", &r.kernel),
             ("sysctl", &r.sysctl),
             ("apparmor", &r.apparmor),
+            ("vcpus", &r.vcpus),
         ];
         let what = format!("a {} environment", backend.as_str());
         let owner = format!("environment `{name}` ({})", backend.as_str());
@@ -79,6 +83,7 @@ impl Validator<'_> {
                 "sysctl" => Some("default"),
                 "apparmor" if backend == BackendKind::GuestDocker => Some("off"),
                 "apparmor" => Some(crate::artifacts::apparmor::NONE),
+                "vcpus" => Some("1"),
                 "profile" if is_container(backend) => Some("default"),
                 "profile" => Some("none"),
                 // A guest runs the root filesystem its kernel's catalog entry names.
@@ -303,6 +308,26 @@ impl Validator<'_> {
             } else {
                 crate::artifacts::apparmor::NONE.to_string()
             };
+            // qemu: the guest's vCPUs.
+            let vcpus = if backend == BackendKind::Qemu {
+                match val("vcpus").parse::<u32>() {
+                    Ok(n) if (1..=MAX_GUEST_VCPUS).contains(&n) => n,
+                    _ => {
+                        self.err(
+                            "bad-axis-value",
+                            sp("vcpus"),
+                            format!(
+                                "vcpus `{}` is not a number from 1 to {MAX_GUEST_VCPUS}",
+                                val("vcpus")
+                            ),
+                        )
+                        .help("the guest's vCPUs: 1 (cells one after another) or more (its agent runs cells side by side)");
+                        1
+                    }
+                }
+            } else {
+                1
+            };
             let mut id = name.clone();
             for k in allowed {
                 if varying.contains(*k) {
@@ -340,6 +365,7 @@ impl Validator<'_> {
                     sysctls,
                     profile,
                     apparmor,
+                    vcpus,
                 }),
                 BackendKind::GuestDocker => match image {
                     Some(image) => EnvKind::GuestDocker(GuestDockerEnv {

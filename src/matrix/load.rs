@@ -818,6 +818,7 @@ pub(super) fn axis_label(k: &str, v: &str) -> String {
     match k {
         "uid" => format!("uid{v}"),
         "apparmor" => format!("aa-{}", sanitize(v)),
+        "vcpus" => format!("{v}cpu"),
         "read-only" => {
             if v == "true" {
                 "ro".into()
@@ -994,5 +995,51 @@ only = ["add_file"]
         assert!(msg.contains("m.toml:13:12:"), "{msg}");
         assert_eq!(msg.matches("is not on or off").count(), 1, "{msg}");
         assert!(msg.contains("apparmor `yes` is not on or off"), "{msg}");
+    }
+
+    const VCPUS_MATRIX: &str = r#"
+[[environment]]
+name = "q"
+backend = "qemu"
+kernel = "debian-6.1"
+vcpus = VCPUS
+
+[[subject]]
+name = "bwrap"
+kind = "bwrap"
+
+[[scenarios]]
+name = "core"
+dir = "scenarios"
+only = ["add_file"]
+"#;
+
+    #[test]
+    fn vcpus_default_to_one_and_a_list_names_each_guest() {
+        let text = VCPUS_MATRIX.replace("vcpus = VCPUS\n", "");
+        let m = load_str(Path::new("m.toml"), &text).expect("valid");
+        let q = m.cells[0].env.qemu().unwrap();
+        assert_eq!(q.vcpus, 1);
+        assert_eq!(m.cells[0].env.id, "q");
+
+        let text = VCPUS_MATRIX.replace("VCPUS", "[1, 2]");
+        let m = load_str(Path::new("m.toml"), &text).expect("valid");
+        let ids: Vec<(&str, u32)> = m
+            .cells
+            .iter()
+            .map(|c| (c.env.id.as_str(), c.env.qemu().unwrap().vcpus))
+            .collect();
+        assert_eq!(ids, [("q-1cpu", 1), ("q-2cpu", 2)]);
+    }
+
+    #[test]
+    fn a_vcpus_value_out_of_range_names_its_line() {
+        for bad in ["0", "17", r#""two""#] {
+            let text = VCPUS_MATRIX.replace("VCPUS", bad);
+            let err = load_str(Path::new("m.toml"), &text).expect_err("bad value");
+            let msg = err.to_string();
+            assert!(msg.contains("m.toml:6:9:"), "{bad}: {msg}");
+            assert!(msg.contains("is not a number from 1 to 16"), "{bad}: {msg}");
+        }
     }
 }

@@ -191,6 +191,13 @@ pub struct QemuEnv {
     /// of `vm-images/apparmor/`, or several joined by `+`; checked at load).
     #[serde(default = "apparmor_none")]
     pub apparmor: String,
+    /// The guest's vCPUs (`-smp`): with more than one its agent runs cells side by side.
+    #[serde(default = "one_vcpu")]
+    pub vcpus: u32,
+}
+
+fn one_vcpu() -> u32 {
+    1
 }
 
 fn apparmor_none() -> String {

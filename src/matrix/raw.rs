@@ -107,6 +107,9 @@ pub struct RawEnvironment {
     /// joined by `+`); guest-docker: `off` or `on` (the guest exposes its kernel's AppArmor
     /// to the engine, which confines containers with docker-default).
     pub apparmor: Option<SValue>,
+    /// qemu: the guest's vCPUs (1 by default); with more than one its agent runs cells side
+    /// by side.
+    pub vcpus: Option<SValue>,
     #[serde(default)]
     pub exclude: Vec<Spanned<Selector>>,
     #[serde(default)]
@@ -165,7 +168,9 @@ pub(super) const HOST_AXES: &[&str] = &["profile", "uid"];
 /// A docker environment's `sysctl` names host values it needs (Docker cannot set `user.*` per
 /// container): its cells run only where the host has them, else SKIP.
 pub(super) const DOCKER_AXES: &[&str] = &["image", "profile", "uid", "read-only", "sysctl"];
-pub(super) const QEMU_AXES: &[&str] = &["kernel", "sysctl", "image", "uid", "profile", "apparmor"];
+pub(super) const QEMU_AXES: &[&str] = &[
+    "kernel", "sysctl", "image", "uid", "profile", "apparmor", "vcpus",
+];
 /// A container in a guest's engine: the guest's kernel, sysctl set and AppArmor, the
 /// container's image, profile, uid and read-only root.
 pub(super) const GUEST_DOCKER_AXES: &[&str] = &[

@@ -63,6 +63,8 @@ pub(crate) struct Launch {
     /// Read-only raw disk images attached as virtio disks, with the serial the guest finds
     /// each by (the Codex packages).
     pub disks: Vec<(PathBuf, String)>,
+    /// vCPUs (`-smp`); more than one under TCG runs one host thread per vCPU.
+    pub vcpus: u32,
 }
 
 impl Launch {
@@ -76,15 +78,14 @@ impl Launch {
             "none",
             "-no-reboot",
         ]);
-        let smp = super::GUEST_VCPUS.to_string();
-        push(&[
-            "-machine",
-            "pc",
-            "-accel",
-            self.accel.as_str(),
-            "-smp",
-            &smp,
-        ]);
+        let smp = self.vcpus.max(1).to_string();
+        // TCG emulates several vCPUs on one host thread unless told otherwise.
+        let accel = if self.accel == Accel::Tcg && self.vcpus > 1 {
+            format!("{},thread=multi", self.accel.as_str())
+        } else {
+            self.accel.as_str().to_string()
+        };
+        push(&["-machine", "pc", "-accel", &accel, "-smp", &smp]);
         push(&[
             "-cpu",
             if self.accel == Accel::Kvm {
@@ -336,6 +337,7 @@ mod tests {
             results: Some("/r/results".into()),
             mode: "batch",
             disks: vec![("/c/codex-0.171.0.ext4".into(), "nsm-codex-0".into())],
+            vcpus: 1,
         };
         let a = l.argv().join(" ");
         for want in [

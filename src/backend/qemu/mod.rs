@@ -25,8 +25,10 @@ use futures_util::future::BoxFuture;
 use crate::backend::{Backend, BackendEvent, BatchCtx, BatchError, Demand, Stage, Unavailable};
 use crate::matrix::model::{BackendKind, Environment};
 
-/// vCPUs of a batch guest (`-smp`).
-pub(crate) const GUEST_VCPUS: u32 = 1;
+/// vCPUs of a batch guest (`-smp`): the environment's `vcpus`, 1 by default.
+pub(crate) fn guest_vcpus(env: &Environment) -> u32 {
+    env.qemu().map_or(1, |q| q.vcpus.max(1))
+}
 
 /// QEMU's own resident memory beside a guest's RAM (TCG's translation buffer, devices). With
 /// the RAM it bounds what a batch guest was measured to use (see docs/architecture.md).
@@ -188,6 +190,7 @@ impl QemuBackend {
             results: Some(results),
             mode: "batch",
             disks: disks.drives(),
+            vcpus: guest_vcpus(env),
         };
         stage(Stage::Start);
         let t = std::time::Instant::now();
@@ -281,6 +284,7 @@ impl QemuBackend {
                 sysctls: Default::default(),
                 profile: None,
                 apparmor: crate::artifacts::apparmor::NONE.into(),
+                vcpus: 1,
             }),
         };
         let (_, base, boot) = self.provision(&env).await?;
@@ -298,6 +302,7 @@ impl QemuBackend {
             results: None,
             mode: "bare",
             disks: Vec::new(),
+            vcpus: 1,
         };
         let t = std::time::Instant::now();
         let run = tokio::process::Command::new(&self.qemu)
@@ -341,6 +346,7 @@ impl QemuBackend {
             results: None,
             mode: "shell",
             disks: disks.drives(),
+            vcpus: guest_vcpus(env),
         };
         let status = tokio::process::Command::new(&self.qemu)
             .args(launch.argv())
@@ -361,9 +367,9 @@ impl Backend for QemuBackend {
 
     /// A guest holds one job slot per vCPU (under TCG a vCPU keeps one host core busy) and its
     /// RAM plus QEMU's own resident memory.
-    fn demand(&self, _env: &Environment) -> Demand {
+    fn demand(&self, env: &Environment) -> Demand {
         Demand {
-            cpus: GUEST_VCPUS,
+            cpus: guest_vcpus(env),
             memory_mb: u64::from(self.memory_mb) + QEMU_OVERHEAD_MB,
             group: None,
         }
