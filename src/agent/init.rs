@@ -80,6 +80,7 @@ fn run() -> Result<()> {
     }
     pivotable_root().context("failed to make the root pivotable")?;
     mount_basics()?;
+    let mounted = t0.elapsed();
     let loaded = load_modules(GUEST_MODULES_DIR, GUEST_MODULES_LIST)?;
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let mode = cmdline
@@ -95,9 +96,11 @@ fn run() -> Result<()> {
     )
     .context("failed to parse the batch spec")?;
     eprintln!(
-        "nsmatrix-init: {} modules loaded ({}), mode {mode}, {} cells, {} ms since init",
+        "nsmatrix-init: root and file systems mounted in {} ms; {} modules loaded ({}) in {} ms; mode {mode}, {} cells, {} ms since init",
+        mounted.as_millis(),
         loaded.len(),
-        loaded.join(" "),
+        loaded.join(", "),
+        (t0.elapsed() - mounted).as_millis(),
         spec.cells.len(),
         t0.elapsed().as_millis()
     );
@@ -106,12 +109,16 @@ fn run() -> Result<()> {
         return shell(&spec);
     }
     let mut port = open_port(RESULTS_PORT, Duration::from_secs(10))?;
-    eprintln!("{READY_MARK}");
+    eprintln!("{READY_MARK} ({} ms since init)", t0.elapsed().as_millis());
     crate::agent::run_batch(&spec, &mut port).context("the batch failed")?;
     port.flush().ok();
     // Let the host drain the port before the guest disappears.
     // SAFETY: fsync on a valid fd.
     unsafe { libc::fsync(port.as_raw_fd()) };
+    eprintln!(
+        "nsmatrix-init: batch done {} ms since init",
+        t0.elapsed().as_millis()
+    );
     Ok(())
 }
 
@@ -268,6 +275,7 @@ fn load_modules(dir: &str, list: &str) -> Result<Vec<String>> {
     };
     let mut loaded = Vec::new();
     for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let t = Instant::now();
         let path = Path::new(dir).join(name);
         let f =
             fs::File::open(&path).with_context(|| format!("failed to open {}", path.display()))?;
@@ -281,7 +289,11 @@ fn load_modules(dir: &str, list: &str) -> Result<Vec<String>> {
                 bail!("failed to load module {name}: {err}");
             }
         }
-        loaded.push(name.trim_end_matches(".ko").to_string());
+        loaded.push(format!(
+            "{} {} ms",
+            name.trim_end_matches(".ko"),
+            t.elapsed().as_millis()
+        ));
     }
     Ok(loaded)
 }

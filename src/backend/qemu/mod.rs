@@ -17,7 +17,7 @@ pub(crate) use accel::test_boot;
 pub(crate) use guest::GUEST_WORK_DIR;
 pub(crate) use guest::{GuestDisks, ensure_base, ensure_rootfs, write_batch_initrd};
 pub use launcher::Accel;
-pub(crate) use launcher::{Console, Ending, Launch, watch};
+pub(crate) use launcher::{BOOT_ARGS, Console, Ending, Launch, watch};
 
 use crate::artifacts::kernels::{self, Kernel};
 use futures_util::future::BoxFuture;

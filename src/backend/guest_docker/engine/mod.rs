@@ -276,9 +276,8 @@ fn qemu_argv(
     push(&[
         "-append",
         &format!(
-            "console=ttyS0 panic=-1 oops=panic rdinit={} nsmatrix.mode=engine loglevel=4 \
-             mitigations=off tsc=reliable no_timer_check i8042.noaux i8042.nokbd 8250.nr_uarts=1 \
-             nsmatrix.epoch={}",
+            "{} rdinit={} nsmatrix.mode=engine nsmatrix.epoch={}",
+            crate::backend::qemu::BOOT_ARGS,
             crate::agent::init::GUEST_AGENT,
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
