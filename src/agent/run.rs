@@ -405,6 +405,11 @@ fn run_cell(
     codex_copies: &Mutex<super::codex::Copies>,
 ) -> CellRecord {
     let start = Instant::now();
+    let run_codex = |version: &str, source| {
+        let mut copies = codex_copies.lock().unwrap_or_else(|e| e.into_inner());
+        super::codex::prepare_and_run_codex(ctx, &mut copies, version, source)
+            .unwrap_or_else(|e| error(ctx.cell, "agent", format!("{e:#}")))
+    };
     let mut rec = match ctx.cell.subject.clone() {
         SubjectSpec::Bwrap {
             build,
@@ -427,16 +432,7 @@ fn run_cell(
             } else {
                 None
             };
-            let source = super::codex::Source::Pinned(&codex_bin);
-            let mut rec = match super::codex::prepare_and_run_codex(
-                ctx,
-                &mut codex_copies.lock().unwrap_or_else(|e| e.into_inner()),
-                &version,
-                source,
-            ) {
-                Ok(r) => r,
-                Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
-            };
+            let mut rec = run_codex(&version, super::codex::Source::Pinned(&codex_bin));
             if let Some(h) = hidden {
                 rec.details
                     .insert("codex.system-bwrap".into(), h.describe());
@@ -453,16 +449,7 @@ fn run_cell(
             ),
             Ok(codex) => {
                 let version = super::codex::installed_version(&codex);
-                let source = super::codex::Source::Image(&codex);
-                match super::codex::prepare_and_run_codex(
-                    ctx,
-                    &mut codex_copies.lock().unwrap_or_else(|e| e.into_inner()),
-                    &version,
-                    source,
-                ) {
-                    Ok(r) => r,
-                    Err(e) => error(ctx.cell, "agent", format!("{e:#}")),
-                }
+                run_codex(&version, super::codex::Source::Image(&codex))
             }
         },
     };
