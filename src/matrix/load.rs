@@ -842,7 +842,7 @@ mod tests {
     /// their own line, and a docker or qemu environment gets what its backend allows.
     #[test]
     fn nesting_and_hardening_keys_are_checked_where_written() {
-        let text = r#"
+        let text = &(r#"
 [profile.a]
 outer-sandbox = "firejail"
 
@@ -887,15 +887,9 @@ profile = "good"
 [image.busybox]
 reference = "busybox:latest"
 
-[[subject]]
-name = "bwrap"
-kind = "bwrap"
-
-[[scenarios]]
-name = "core"
-dir = "scenarios"
-only = ["add_file"]
-"#;
+"#
+        .to_string()
+            + ONE_BWRAP_CELL);
         let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("m.toml");
         let err = load_str(&base, text).expect_err("bad input").to_string();
         for (line, what) in [
@@ -931,6 +925,18 @@ only = ["add_file"]
         assert_eq!(parse_duration("0s"), None);
     }
 
+    /// One bwrap subject and one scenario, after a test's environments.
+    const ONE_BWRAP_CELL: &str = r#"
+[[subject]]
+name = "bwrap"
+kind = "bwrap"
+
+[[scenarios]]
+name = "core"
+dir = "scenarios"
+only = ["add_file"]
+"#;
+
     const APPARMOR_MATRIX: &str = r#"
 [profile.unconfined-aa]
 seccomp = "unconfined"
@@ -947,19 +953,12 @@ apparmor = APPARMOR
 image = "bookworm"
 profile = ["default", "unconfined-aa"]
 
-[[subject]]
-name = "bwrap"
-kind = "bwrap"
-
-[[scenarios]]
-name = "core"
-dir = "scenarios"
-only = ["add_file"]
 "#;
 
     #[test]
     fn apparmor_on_gives_its_own_engine_guest_and_a_profile_names_the_container_s_profile() {
-        let text = APPARMOR_MATRIX.replace("APPARMOR", r#"["off", "on"]"#);
+        let text =
+            format!("{APPARMOR_MATRIX}{ONE_BWRAP_CELL}").replace("APPARMOR", r#"["off", "on"]"#);
         let m = load_str(Path::new("m.toml"), &text).expect("valid");
         let gds: Vec<_> = m
             .cells
@@ -989,7 +988,7 @@ only = ["add_file"]
 
     #[test]
     fn an_apparmor_value_that_is_not_on_or_off_names_its_line() {
-        let text = APPARMOR_MATRIX.replace("APPARMOR", r#""yes""#);
+        let text = format!("{APPARMOR_MATRIX}{ONE_BWRAP_CELL}").replace("APPARMOR", r#""yes""#);
         let err = load_str(Path::new("m.toml"), &text).expect_err("bad value");
         let msg = err.to_string();
         assert!(msg.contains("m.toml:13:12:"), "{msg}");
@@ -1004,25 +1003,17 @@ backend = "qemu"
 kernel = "debian-6.1"
 vcpus = VCPUS
 
-[[subject]]
-name = "bwrap"
-kind = "bwrap"
-
-[[scenarios]]
-name = "core"
-dir = "scenarios"
-only = ["add_file"]
 "#;
 
     #[test]
     fn vcpus_default_to_one_and_a_list_names_each_guest() {
-        let text = VCPUS_MATRIX.replace("vcpus = VCPUS\n", "");
+        let text = format!("{VCPUS_MATRIX}{ONE_BWRAP_CELL}").replace("vcpus = VCPUS\n", "");
         let m = load_str(Path::new("m.toml"), &text).expect("valid");
         let q = m.cells[0].env.qemu().unwrap();
         assert_eq!(q.vcpus, 1);
         assert_eq!(m.cells[0].env.id, "q");
 
-        let text = VCPUS_MATRIX.replace("VCPUS", "[1, 2]");
+        let text = format!("{VCPUS_MATRIX}{ONE_BWRAP_CELL}").replace("VCPUS", "[1, 2]");
         let m = load_str(Path::new("m.toml"), &text).expect("valid");
         let ids: Vec<(&str, u32)> = m
             .cells
@@ -1035,7 +1026,7 @@ only = ["add_file"]
     #[test]
     fn a_vcpus_value_out_of_range_names_its_line() {
         for bad in ["0", "17", r#""two""#] {
-            let text = VCPUS_MATRIX.replace("VCPUS", bad);
+            let text = format!("{VCPUS_MATRIX}{ONE_BWRAP_CELL}").replace("VCPUS", bad);
             let err = load_str(Path::new("m.toml"), &text).expect_err("bad value");
             let msg = err.to_string();
             assert!(msg.contains("m.toml:6:9:"), "{bad}: {msg}");
