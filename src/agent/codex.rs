@@ -218,7 +218,16 @@ struct SeenBwrap {
     argv: String,
 }
 
-/// Every `bwrap` process below `root` (the codex process).
+/// The executable `/proc/PID/exe` names now.
+fn exe_of(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|e| e.to_string_lossy().into_owned())
+}
+
+/// Every `bwrap` process below `root` (the codex process). Each process's executable is read
+/// before and after its command line and ids, so that a sample of a process in the middle of
+/// an execve (Codex starting `/usr/bin/bwrap`) is not taken for a bwrap built into Codex.
 fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
     let mut bwraps: Vec<(u32, String)> = Vec::new();
     for (pid, _) in super::witness::descendants(root) {
@@ -226,8 +235,7 @@ fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
         if super::observe::is_outer_sandbox(pid) {
             continue;
         }
-        if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
-            let exe = exe.to_string_lossy().into_owned();
+        if let Some(exe) = exe_of(pid) {
             let named_bwrap = |p: &str| {
                 Path::new(p)
                     .file_name()
@@ -242,6 +250,11 @@ fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
                         .map(|a| String::from_utf8_lossy(a).into_owned())
                 })
                 .unwrap_or_default();
+            // A process caught in execve gives the old executable and the new command line:
+            // such a sample is skipped (the next one sees it settled).
+            if exe_of(pid).as_deref() != Some(exe.as_str()) {
+                continue;
+            }
             if named_bwrap(exe.trim_end_matches(" (deleted)")) || named_bwrap(&argv0) {
                 bwraps.push((pid, exe));
             }
@@ -269,6 +282,9 @@ fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
                     .join(" ")
             })
             .unwrap_or_default();
+        if exe_of(pid).as_deref() != Some(exe.as_str()) {
+            continue;
+        }
         let s = SeenBwrap {
             exe,
             ruid,
