@@ -82,6 +82,7 @@ fn run() -> Result<()> {
     mount_basics()?;
     let mounted = t0.elapsed();
     let loaded = load_modules(GUEST_MODULES_DIR, GUEST_MODULES_LIST)?;
+    let modules = t0.elapsed() - mounted;
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let mode = cmdline
         .split_whitespace()
@@ -100,7 +101,7 @@ fn run() -> Result<()> {
         mounted.as_millis(),
         loaded.len(),
         loaded.join(", "),
-        (t0.elapsed() - mounted).as_millis(),
+        modules.as_millis(),
         spec.cells.len(),
         t0.elapsed().as_millis()
     );
