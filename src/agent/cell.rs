@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read};
+use std::os::fd::RawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -170,16 +171,26 @@ pub(super) struct RunOutput {
     pub(super) stderr: String,
 }
 
+/// Something that looks at a cell's process tree while it runs (a Codex cell's: the bwraps
+/// Codex starts, the sandbox witness).
+pub(super) trait Watch {
+    /// Look at the tree below `root` (the child's pid); returns when to look again at the
+    /// latest.
+    fn look(&mut self, root: u32) -> Duration;
+    /// A descriptor that becomes readable when there is something to look at sooner.
+    fn wake_fd(&self) -> Option<RawFd>;
+}
+
 /// Run `program` for a cell: as its uid, under the batch's restrictions, in its own process
-/// group, stdout/stderr to files, within the cell's timeout. `observe` is called with the
-/// child's pid every few milliseconds while it runs.
+/// group, stdout/stderr to files, within the cell's timeout. `watch` looks at the child's
+/// process tree while it runs, as often as it asks.
 pub(super) fn run_program(
     ctx: &CellCtx,
     program: &Path,
     args: &[OsString],
     ws: &Path,
     env: &[(&str, &Path)],
-    observe: Option<&mut dyn FnMut(u32)>,
+    watch: Option<&mut dyn Watch>,
 ) -> Result<RunOutput> {
     let prepared = restrict::Prepared::new(&ctx.spec.restrictions, ctx.spec.uid, ctx.spec.gid)?;
     let out_path = ctx.dir.join("stdout");
@@ -207,7 +218,7 @@ pub(super) fn run_program(
         .spawn()
         .with_context(|| format!("failed to start {}", program.display()))?;
     let (status, timed_out) =
-        wait_timeout(child, Duration::from_millis(ctx.cell.timeout_ms), observe)?;
+        wait_timeout(child, Duration::from_millis(ctx.cell.timeout_ms), watch)?;
     if stopping() && status.is_none() {
         anyhow::bail!("interrupted");
     }
@@ -230,42 +241,54 @@ pub(super) fn run_program(
 fn wait_timeout(
     mut child: Child,
     timeout: Duration,
-    mut observe: Option<&mut dyn FnMut(u32)>,
+    mut watch: Option<&mut dyn Watch>,
 ) -> io::Result<(Option<std::process::ExitStatus>, bool)> {
     let deadline = Instant::now() + timeout;
     let pid = child.id() as libc::pid_t;
     // pidfd_open (Linux 5.3+) lets us sleep until the child exits; older kernels poll.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    let close = || {
+        if pidfd >= 0 {
+            unsafe { libc::close(pidfd) };
+        }
+    };
     loop {
         if let Some(st) = child.try_wait()? {
-            if pidfd >= 0 {
-                unsafe { libc::close(pidfd) };
-            }
+            close();
             return Ok((Some(st), false));
         }
         let now = Instant::now();
         if now >= deadline || stopping() {
             unsafe { libc::kill(-pid, libc::SIGKILL) };
             let st = child.wait()?;
-            if pidfd >= 0 {
-                unsafe { libc::close(pidfd) };
-            }
+            close();
             return Ok((if stopping() { None } else { Some(st) }, !stopping()));
         }
-        let mut left = (deadline - now).as_millis().min(1000) as libc::c_int;
-        if let Some(f) = observe.as_mut() {
-            f(pid as u32);
-            left = left.min(2);
+        let mut left = (deadline - now).min(Duration::from_secs(1));
+        let mut wake = None;
+        if let Some(w) = watch.as_mut() {
+            left = left.min(w.look(pid as u32));
+            wake = w.wake_fd();
         }
-        if pidfd >= 0 {
-            let mut pfd = libc::pollfd {
-                fd: pidfd,
+        let left = if pidfd >= 0 {
+            left
+        } else {
+            left.min(Duration::from_millis(2))
+        };
+        let mut fds: Vec<libc::pollfd> = [pidfd, wake.unwrap_or(-1)]
+            .into_iter()
+            .filter(|&fd| fd >= 0)
+            .map(|fd| libc::pollfd {
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
-            };
-            unsafe { libc::poll(&mut pfd, 1, left.max(1)) };
+            })
+            .collect();
+        let ms = left.as_millis().max(1) as libc::c_int;
+        if fds.is_empty() {
+            std::thread::sleep(Duration::from_millis(ms as u64));
         } else {
-            std::thread::sleep(Duration::from_millis(2));
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         }
     }
 }

@@ -5,8 +5,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
@@ -225,42 +227,126 @@ fn exe_of(pid: u32) -> Option<String> {
         .map(|e| e.to_string_lossy().into_owned())
 }
 
-/// Every `bwrap` process below `root` (the codex process). Each process's executable is read
-/// before and after its command line and ids, so that a sample of a process in the middle of
-/// an execve (Codex starting `/usr/bin/bwrap`) is not taken for a bwrap built into Codex.
-fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
-    let mut bwraps: Vec<(u32, String)> = Vec::new();
-    for (pid, _) in super::witness::descendants(root) {
-        // The outer sandbox the agent put around Codex is not a bwrap Codex started.
-        if super::observe::is_outer_sandbox(pid) {
-            continue;
-        }
-        if let Some(exe) = exe_of(pid) {
-            let named_bwrap = |p: &str| {
-                Path::new(p)
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().contains("bwrap"))
-            };
-            // A bwrap built into Codex runs as the codex executable under argv[0] `bwrap`.
-            let argv0 = fs::read(format!("/proc/{pid}/cmdline"))
-                .ok()
-                .and_then(|b| {
-                    b.split(|&c| c == 0)
-                        .next()
-                        .map(|a| String::from_utf8_lossy(a).into_owned())
-                })
-                .unwrap_or_default();
-            // A process caught in execve gives the old executable and the new command line:
-            // such a sample is skipped (the next one sees it settled).
-            if exe_of(pid).as_deref() != Some(exe.as_str()) {
-                continue;
-            }
-            if named_bwrap(exe.trim_end_matches(" (deleted)")) || named_bwrap(&argv0) {
-                bwraps.push((pid, exe));
-            }
+/// `/proc/PID/cmdline`: its arguments, NUL-separated.
+fn cmdline_of(pid: u32) -> Option<Vec<u8>> {
+    let mut f = fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut b = Vec::with_capacity(4096);
+    std::io::Read::read_to_end(&mut f, &mut b).ok()?;
+    Some(b)
+}
+
+/// How often Codex's process tree is walked in /proc: without process events, often enough
+/// to catch a bwrap that fails within milliseconds; with them, only as a safety net (each
+/// exec in the tree is looked at as it happens).
+const WALK_EVERY: Duration = Duration::from_millis(2);
+const WALK_EVERY_WITH_EVENTS: Duration = Duration::from_millis(20);
+
+/// Watches Codex's process tree while a cell runs: every bwrap in it (Codex may try one and
+/// fall back to another), and the sandbox witness, released once seen.
+///
+/// With the kernel's process events (see `proc_events`) each exec in the tree is looked at
+/// as it happens and the tree is walked every 20 ms; without them (in a container) it is
+/// walked every 2 ms. Under TCG the 2 ms walks took 0.9 s of a 2.1 s Codex cell (one-vCPU
+/// debian-6.1 guest), which is why the events are used where they can be.
+struct CodexWatch {
+    uid: u32,
+    gid: u32,
+    agent: Option<(u64, u64)>,
+    seen: Vec<SeenBwrap>,
+    witnessed: Option<super::witness::Seen>,
+    events: Option<super::proc_events::ProcEvents>,
+    /// Why there are no process events, when there are none.
+    no_events: Option<String>,
+    /// The processes (thread-group ids) of Codex's tree, from fork events.
+    members: std::collections::HashSet<u32>,
+    /// Execs in the tree not examined yet.
+    pending: Vec<u32>,
+    /// A process that exec'd as the witness and is not released yet.
+    witness_pid: Option<u32>,
+    next_walk: Option<std::time::Instant>,
+    walks: u32,
+    execs: u32,
+}
+
+impl CodexWatch {
+    fn new(uid: u32, gid: u32, agent_bin: &Path) -> Self {
+        let (events, no_events) = match events_here() {
+            Ok(e) => (Some(e), None),
+            Err(why) => (None, Some(why)),
+        };
+        CodexWatch {
+            uid,
+            gid,
+            agent: super::witness::identity(agent_bin),
+            seen: Vec::new(),
+            witnessed: None,
+            events,
+            no_events,
+            members: Default::default(),
+            pending: Vec::new(),
+            witness_pid: None,
+            next_walk: None,
+            walks: 0,
+            execs: 0,
         }
     }
-    for (pid, exe) in bwraps {
+
+    /// How the tree was watched, for the cell's details.
+    fn describe(&self) -> String {
+        match &self.no_events {
+            None => format!(
+                "process events: {} exec(s) in Codex's tree looked at as they happened, and {} walk(s) of the tree (every {} ms)",
+                self.execs,
+                self.walks,
+                WALK_EVERY_WITH_EVENTS.as_millis()
+            ),
+            Some(why) => format!(
+                "{} walk(s) of Codex's tree in /proc (every {} ms; no process events: {why})",
+                self.walks,
+                WALK_EVERY.as_millis()
+            ),
+        }
+    }
+
+    /// Look at one process of the tree: a bwrap is recorded (with its uids and command line),
+    /// a witness remembered. Its executable is read before and after its command line and
+    /// ids, so that a process in the middle of an execve (Codex starting `/usr/bin/bwrap`) is
+    /// not taken for a bwrap built into Codex: such a sample is skipped (the next look sees it
+    /// settled).
+    fn examine(&mut self, pid: u32) {
+        let Some(exe) = exe_of(pid) else {
+            return;
+        };
+        let Some(cmd) = cmdline_of(pid) else {
+            return;
+        };
+        let mut args = cmd.split(|&c| c == 0);
+        let argv0 = args.next().unwrap_or_default();
+        if Path::new(std::ffi::OsStr::from_bytes(argv0))
+            .file_name()
+            .is_some_and(|n| n == super::witness::NAME)
+        {
+            if self.witnessed.is_none() {
+                self.witness_pid = Some(pid);
+            }
+            return;
+        }
+        // The outer sandbox the agent put around Codex is not a bwrap Codex started.
+        if cmd
+            .split(|&c| c == 0)
+            .any(|a| a == crate::sandbox::restrict::OUTER_MARKER.as_bytes())
+        {
+            return;
+        }
+        let named_bwrap = |p: &[u8]| {
+            Path::new(std::ffi::OsStr::from_bytes(p))
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("bwrap"))
+        };
+        // A bwrap built into Codex runs as the codex executable under argv[0] `bwrap`.
+        if !named_bwrap(exe.trim_end_matches(" (deleted)").as_bytes()) && !named_bwrap(argv0) {
+            return;
+        }
         let (mut ruid, mut euid) = (u32::MAX, u32::MAX);
         if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status"))
             && let Some(line) = status.lines().find(|l| l.starts_with("Uid:"))
@@ -273,28 +359,173 @@ fn scan_bwrap(root: u32, seen: &mut Vec<SeenBwrap>) {
                 (ruid, euid) = (ids[0], ids[1]);
             }
         }
-        let argv = fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|b| {
-                b.split(|&c| c == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default();
         if exe_of(pid).as_deref() != Some(exe.as_str()) {
-            continue;
+            return;
         }
+        let argv = cmd
+            .split(|&c| c == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
         let s = SeenBwrap {
             exe,
             ruid,
             euid,
             argv,
         };
-        if !seen.iter().any(|o| o.exe == s.exe && o.argv == s.argv) {
-            seen.push(s);
+        if !self.seen.iter().any(|o| o.exe == s.exe && o.argv == s.argv) {
+            self.seen.push(s);
         }
     }
+
+    /// Read the process events waiting: forks in Codex's tree make its members, and its
+    /// execs are queued to be examined.
+    fn take_events(&mut self, root: u32) {
+        let Some(events) = self.events.as_mut() else {
+            return;
+        };
+        self.members.insert(root);
+        let (members, pending, execs) = (&mut self.members, &mut self.pending, &mut self.execs);
+        let drained = events.drain(|ev| match ev {
+            super::proc_events::Event::Fork {
+                parent_tgid,
+                child_tgid,
+            } => {
+                if members.contains(&parent_tgid) {
+                    members.insert(child_tgid);
+                }
+            }
+            super::proc_events::Event::Exec { tgid } => {
+                if members.contains(&tgid) {
+                    pending.push(tgid);
+                    *execs += 1;
+                }
+            }
+        });
+        if drained.is_err() {
+            self.events = None;
+            self.no_events =
+                Some("the kernel dropped events (its buffer overflowed) during this cell".into());
+        }
+    }
+
+    /// Walk the whole tree below `root`: every process is examined, and a waiting witness is
+    /// seen (while it waits, the sandbox around it is alive) and released.
+    fn walk(&mut self, root: u32) {
+        self.walks += 1;
+        let tree = super::witness::descendants(root);
+        for &(pid, _) in &tree {
+            self.examine(pid);
+        }
+        self.release_witness(root, Some(&tree));
+    }
+
+    /// Release the witness if it is waiting (its handler in place), after recording what is
+    /// seen of it and its ancestry in `tree` (walked now when not given).
+    fn release_witness(&mut self, root: u32, tree: Option<&[(u32, u32)]>) {
+        let (Some(pid), None, Some(agent)) = (self.witness_pid, &self.witnessed, self.agent) else {
+            return;
+        };
+        let Some(argv0) =
+            cmdline_of(pid).map(|c| c.split(|&b| b == 0).next().unwrap_or_default().to_vec())
+        else {
+            self.witness_pid = None;
+            return;
+        };
+        if !super::witness::is_waiting(pid, &argv0, agent) {
+            return;
+        }
+        let walked;
+        let tree = match tree {
+            Some(t) => t,
+            None => {
+                walked = super::witness::descendants(root);
+                for &(p, _) in &walked {
+                    self.examine(p);
+                }
+                &walked
+            }
+        };
+        if !tree.iter().any(|&(p, _)| p == pid) {
+            return;
+        }
+        let w = super::witness::seen_in(pid, root, tree);
+        super::witness::release(&w);
+        self.witnessed = Some(w);
+        self.witness_pid = None;
+    }
+}
+
+impl super::cell::Watch for CodexWatch {
+    fn look(&mut self, root: u32) -> Duration {
+        let now = std::time::Instant::now();
+        self.take_events(root);
+        let every = if self.events.is_some() {
+            WALK_EVERY_WITH_EVENTS
+        } else {
+            WALK_EVERY
+        };
+        let walk_due = self.next_walk.is_none_or(|t| now >= t);
+        let witness_due = self.witness_pid.is_some() && self.witnessed.is_none();
+        if walk_due || witness_due || !self.pending.is_empty() {
+            let (uid, gid) = (self.uid, self.gid);
+            super::witness::as_fsuid(uid, gid, || {
+                for pid in std::mem::take(&mut self.pending) {
+                    self.examine(pid);
+                }
+                if walk_due {
+                    self.walk(root);
+                    self.next_walk = Some(now + every);
+                } else if witness_due {
+                    self.release_witness(root, None);
+                }
+            });
+            // The agent's own file-system uid changes above are process events too: they are
+            // read now rather than woken for (an exec of Codex's among them is kept).
+            self.take_events(root);
+        }
+        if !self.pending.is_empty() {
+            return Duration::ZERO;
+        }
+        // A witness that exec'd is about to wait: look again soon to release it.
+        let soon = if self.witness_pid.is_some() && self.witnessed.is_none() {
+            WALK_EVERY
+        } else {
+            every
+        };
+        self.next_walk
+            .map(|t| t.saturating_duration_since(now))
+            .unwrap_or(every)
+            .min(soon)
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.events.as_ref().map(|e| e.fd())
+    }
+}
+
+/// The kernel's process events, if this agent can have them: tried once per agent (a
+/// container never acknowledges, and the wait for that should not be paid per cell).
+fn events_here() -> std::result::Result<super::proc_events::ProcEvents, String> {
+    static REFUSED: std::sync::OnceLock<std::sync::Mutex<Option<String>>> =
+        std::sync::OnceLock::new();
+    let refused = REFUSED.get_or_init(Default::default);
+    if let Some(why) = refused.lock().unwrap().clone() {
+        return Err(why);
+    }
+    // Pid 2 is kthreadd only in the initial pid namespace; elsewhere the kernel would not
+    // even answer the subscription.
+    if !fs::read_to_string("/proc/2/comm").is_ok_and(|c| c.trim() == "kthreadd") {
+        let why = "not in the initial pid namespace (a container)".to_string();
+        *refused.lock().unwrap() = Some(why.clone());
+        return Err(why);
+    }
+    super::proc_events::ProcEvents::open(Duration::from_millis(200)).map_err(|e| {
+        let why = e.to_string();
+        *refused.lock().unwrap() = Some(why.clone());
+        why
+    })
 }
 
 /// Where npm puts a global `@openai/codex` (its launcher script), besides `codex` on PATH.
@@ -443,30 +674,15 @@ pub(super) fn prepare_and_run_codex(
         "--codex-run-as-apply-patch".into(),
         patch.into(),
     ]);
-    let mut seen = Vec::new();
-    let mut witnessed: Option<super::witness::Seen> = None;
-    let agent_bin = ctx.spec.agent_bin.clone();
-    let (uid, gid) = (ctx.spec.uid, ctx.spec.gid);
-    let mut observe = |pid: u32| {
-        super::witness::as_fsuid(uid, gid, || {
-            if witnessed.is_none()
-                && let Some(w) = super::witness::find_waiting(pid, &agent_bin)
-            {
-                // While the witness waits, the sandbox around it is alive: see it, then go on.
-                scan_bwrap(pid, &mut seen);
-                super::witness::release(&w);
-                witnessed = Some(w);
-            }
-            scan_bwrap(pid, &mut seen);
-        })
-    };
+    let mut watch = CodexWatch::new(ctx.spec.uid, ctx.spec.gid, &ctx.spec.agent_bin);
     let path = image_path();
     let mut env: Vec<(&str, &Path)> =
         vec![("CODEX_HOME", home.as_path()), ("HOME", home.as_path())];
     if in_image {
         env.push(("PATH", Path::new(&path)));
     }
-    let run = run_program(ctx, &codex, &args, &layout.ws, &env, Some(&mut observe))?;
+    let run = run_program(ctx, &codex, &args, &layout.ws, &env, Some(&mut watch))?;
+    let (seen, witnessed) = (std::mem::take(&mut watch.seen), watch.witnessed.take());
     let _ = fs::remove_dir_all(&home);
     let norm = |s: &str| scenario::normalise_output(s, &layout.ws);
     let mut details = BTreeMap::new();
@@ -475,6 +691,8 @@ pub(super) fn prepare_and_run_codex(
         details.insert("nesting.observed".into(), n.describe());
     }
     details.insert("codex.version".into(), version.to_string());
+    details.insert("codex.watched".into(), watch.describe());
+    drop(watch);
     details.insert("codex.path".into(), codex.display().to_string());
     details.insert(
         "codex.source".into(),

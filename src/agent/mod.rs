@@ -8,6 +8,7 @@ mod judge;
 mod kmsg;
 mod lsm;
 mod observe;
+mod proc_events;
 mod run;
 pub mod witness;
 

@@ -103,23 +103,31 @@ impl Seen {
     }
 }
 
-/// Release a witness found by [`find_waiting`].
+/// Release a waiting witness (see [`is_waiting`]).
 pub fn release(seen: &Seen) {
     unsafe { libc::kill(seen.pid as libc::pid_t, libc::SIGUSR1) };
 }
 
-/// Look for a waiting witness below `root` (by the agent's binary `agent_bin`) and return
-/// what is seen of it; the caller then [`release`]s it. `None` while there is none yet.
-pub fn find_waiting(root: u32, agent_bin: &Path) -> Option<Seen> {
-    let me = fs::metadata(agent_bin).ok()?;
-    let tree = descendants(root);
+/// The file identity (device, inode) of the agent's binary, to know a witness by.
+pub fn identity(agent_bin: &Path) -> Option<(u64, u64)> {
+    fs::metadata(agent_bin).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether `pid` is a witness waiting to be released: started under the witness's name
+/// (`argv0`, the first word of its command line, already read by the caller), running the
+/// agent's binary (`agent`, from [`identity`]), with its SIGUSR1 handler in place.
+pub fn is_waiting(pid: u32, argv0: &[u8], agent: (u64, u64)) -> bool {
+    Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(argv0))
+        .file_name()
+        .is_some_and(|n| n == NAME)
+        && fs::metadata(format!("/proc/{pid}/exe")).is_ok_and(|m| (m.dev(), m.ino()) == agent)
+        && usr1_caught(pid)
+}
+
+/// What is seen of the waiting witness `pid`, found in `tree` (the processes below `root` with
+/// their parents, from [`descendants`]); the caller then [`release`]s it.
+pub fn seen_in(pid: u32, root: u32, tree: &[(u32, u32)]) -> Seen {
     let parent: std::collections::HashMap<u32, u32> = tree.iter().copied().collect();
-    let pid = tree.iter().map(|&(child, _)| child).find(|&child| {
-        fs::metadata(format!("/proc/{child}/exe"))
-            .is_ok_and(|m| m.dev() == me.dev() && m.ino() == me.ino())
-            && usr1_caught(child)
-            && cmd_is_witness(child)
-    })?;
     let mut ancestors = Vec::new();
     let mut p = parent.get(&pid).copied();
     // Namespaces are compared with the agent's, or with the outer sandbox's when the agent put
@@ -147,11 +155,11 @@ pub fn find_waiting(root: u32, agent_bin: &Path) -> Option<Seen> {
             a.is_some() && b.is_some() && a != b
         })
         .collect();
-    Some(Seen {
+    Seen {
         pid,
         ancestors,
         own_namespaces,
-    })
+    }
 }
 
 /// Every process below `root` with its parent, found from `root` down through
@@ -251,13 +259,4 @@ fn usr1_caught(pid: u32) -> bool {
         .find_map(|l| l.strip_prefix("SigCgt:"))
         .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
         .is_some_and(|m| m & (1 << (libc::SIGUSR1 - 1)) != 0)
-}
-
-fn cmd_is_witness(pid: u32) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-        let argv0 = c.split(|b| *b == 0).next().unwrap_or_default();
-        Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(argv0))
-            .file_name()
-            .is_some_and(|n| n == NAME)
-    })
 }
