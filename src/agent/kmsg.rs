@@ -156,10 +156,14 @@ fn message(record: &str) -> String {
 }
 
 /// The lines that say something about a sandbox: AppArmor's decisions, the kernel refusing a
-/// new proc/sysfs mount, seccomp's audit records (type 1326).
+/// new proc/sysfs mount, seccomp's audit records (type 1326). AppArmor's lines about
+/// nsmatrix's own reset profile are not: neither its denial (`profile=`) nor a move into it
+/// that AppArmor refused (`name=`, `info="label not found"` where it is not loaded).
 pub(crate) fn relevant(line: &str) -> bool {
+    let reset = super::lsm::RESET_PROFILE;
     (line.contains("apparmor=")
-        && !line.contains(&format!("profile=\"{}\"", super::lsm::RESET_PROFILE)))
+        && !line.contains(&format!("profile=\"{reset}\""))
+        && !line.contains(&format!("name=\"{reset}\"")))
         || line.contains("Mount too revealing")
         || line.contains("type=1326")
 }
@@ -181,6 +185,9 @@ mod tests {
         ));
         assert!(!relevant(
             "audit: type=1400 audit(1.2:3): apparmor=\"DENIED\" operation=\"capable\" class=\"cap\" profile=\"nsmatrix-audit-reset\" pid=9 comm=\"true\" capability=7  capname=\"setuid\""
+        ));
+        assert!(!relevant(
+            "audit: type=1400 audit(1796075829.045:15): apparmor=\"DENIED\" operation=\"change_profile\" info=\"label not found\" error=-2 profile=\"unconfined\" name=\"nsmatrix-audit-reset\" pid=269 comm=\"nsmatrix\""
         ));
         assert!(!relevant(
             "virtio_blk virtio1: [vda] 1024 512-byte logical blocks"

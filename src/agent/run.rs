@@ -260,7 +260,10 @@ impl Batch<'_> {
                     reason: format!("this kernel has no sysctl {s}"),
                 },
             )
-        } else if let (Ok(Some(_)), Err(e)) = (self.apparmor, super::lsm::reset_audit_cache()) {
+        } else if let Some(Err(e)) =
+            matches!(self.apparmor, Ok(Some(_))).then(super::lsm::reset_audit_cache)
+        {
+            // Only under a loaded policy (its reset profile is loaded with it).
             error(cell, "apparmor", e)
         } else {
             super::kmsg::begin_cell();
