@@ -240,6 +240,21 @@ fn cmdline_of(pid: u32) -> Option<Vec<u8>> {
 /// exec in the tree is looked at as it happens).
 const WALK_EVERY: Duration = Duration::from_millis(2);
 const WALK_EVERY_WITH_EVENTS: Duration = Duration::from_millis(20);
+/// At most this many processes in /proc (a container's, a guest's): the tree is found by
+/// listing /proc.
+const SMALL_PROC: usize = 512;
+
+/// The parent of `pid`, from `/proc/PID/stat` (the field after the command name, which may
+/// hold spaces, in parentheses).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
 
 /// Watches Codex's process tree while a cell runs: every bwrap in it (Codex may try one and
 /// fall back to another), and the sandbox witness, released once seen.
@@ -266,10 +281,17 @@ struct CodexWatch {
     next_walk: Option<std::time::Instant>,
     walks: u32,
     execs: u32,
+    /// The Codex binary the cell runs.
+    codex: PathBuf,
+    /// Each process's executable at the last walk.
+    exes: HashMap<u32, String>,
+    /// Whether /proc is small enough to be listed at each walk, and the parents read so far.
+    proc_is_small: bool,
+    parents: HashMap<u32, u32>,
 }
 
 impl CodexWatch {
-    fn new(uid: u32, gid: u32, agent_bin: &Path) -> Self {
+    fn new(uid: u32, gid: u32, agent_bin: &Path, codex: &Path) -> Self {
         let (events, no_events) = match events_here() {
             Ok(e) => (Some(e), None),
             Err(why) => (None, Some(why)),
@@ -288,6 +310,10 @@ impl CodexWatch {
             next_walk: None,
             walks: 0,
             execs: 0,
+            codex: codex.to_path_buf(),
+            exes: HashMap::new(),
+            proc_is_small: true,
+            parents: HashMap::new(),
         }
     }
 
@@ -313,12 +339,14 @@ impl CodexWatch {
     /// ids, so that a process in the middle of an execve (Codex starting `/usr/bin/bwrap`) is
     /// not taken for a bwrap built into Codex: such a sample is skipped (the next look sees it
     /// settled).
-    fn examine(&mut self, pid: u32) {
+    fn examine(&mut self, pid: u32) -> bool {
         let Some(exe) = exe_of(pid) else {
-            return;
+            return false;
         };
-        let Some(cmd) = cmdline_of(pid) else {
-            return;
+        // Empty while an exec is under way (the new program's arguments are not in place yet)
+        // or the process is exiting.
+        let Some(cmd) = cmdline_of(pid).filter(|c| !c.is_empty()) else {
+            return false;
         };
         let mut args = cmd.split(|&c| c == 0);
         let argv0 = args.next().unwrap_or_default();
@@ -329,14 +357,14 @@ impl CodexWatch {
             if self.witnessed.is_none() {
                 self.witness_pid = Some(pid);
             }
-            return;
+            return true;
         }
         // The outer sandbox the agent put around Codex is not a bwrap Codex started.
         if cmd
             .split(|&c| c == 0)
             .any(|a| a == crate::sandbox::restrict::OUTER_MARKER.as_bytes())
         {
-            return;
+            return true;
         }
         let named_bwrap = |p: &[u8]| {
             Path::new(std::ffi::OsStr::from_bytes(p))
@@ -345,7 +373,7 @@ impl CodexWatch {
         };
         // A bwrap built into Codex runs as the codex executable under argv[0] `bwrap`.
         if !named_bwrap(exe.trim_end_matches(" (deleted)").as_bytes()) && !named_bwrap(argv0) {
-            return;
+            return exe_of(pid).as_deref() == Some(exe.as_str());
         }
         let (mut ruid, mut euid) = (u32::MAX, u32::MAX);
         if let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status"))
@@ -360,7 +388,7 @@ impl CodexWatch {
             }
         }
         if exe_of(pid).as_deref() != Some(exe.as_str()) {
-            return;
+            return false;
         }
         let argv = cmd
             .split(|&c| c == 0)
@@ -377,6 +405,7 @@ impl CodexWatch {
         if !self.seen.iter().any(|o| o.exe == s.exe && o.argv == s.argv) {
             self.seen.push(s);
         }
+        true
     }
 
     /// Read the process events waiting: forks in Codex's tree make its members, and its
@@ -410,15 +439,75 @@ impl CodexWatch {
         }
     }
 
-    /// Walk the whole tree below `root`: every process is examined, and a waiting witness is
-    /// seen (while it waits, the sandbox around it is alive) and released.
+    /// Walk the whole tree below `root`: its processes are examined, and a waiting witness is
+    /// seen (while it waits, the sandbox around it is alive) and released. A process whose
+    /// executable is the one it had at the last walk is not read again, unless it is a Codex
+    /// executable (which may run itself again under another argv[0]): any other exec in the
+    /// tree changes the executable.
     fn walk(&mut self, root: u32) {
         self.walks += 1;
-        let tree = super::witness::descendants(root);
+        let tree = self.tree(root);
+        let mut exes = HashMap::with_capacity(tree.len());
         for &(pid, _) in &tree {
-            self.examine(pid);
+            let Some(exe) = exe_of(pid) else {
+                continue;
+            };
+            let again = self.exes.get(&pid) != Some(&exe)
+                || Path::new(&exe) == self.codex
+                || Path::new(&exe)
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains("codex"));
+            // A sample taken mid-exec is not settled: the process is looked at again next time.
+            if !again || self.examine(pid) {
+                exes.insert(pid, exe);
+            }
         }
+        self.exes = exes;
         self.release_witness(root, Some(&tree));
+    }
+
+    /// The processes below `root` with their parents. Where /proc lists at most
+    /// [`SMALL_PROC`] processes (a container, a guest) from one listing of /proc and each new
+    /// process's parent, read once; elsewhere through each task's `children` (see
+    /// `witness::descendants`). Under TCG the listing costs a fraction of the per-thread reads,
+    /// and without process events the tree is walked every 2 ms.
+    fn tree(&mut self, root: u32) -> Vec<(u32, u32)> {
+        if !self.proc_is_small {
+            return super::witness::descendants(root);
+        }
+        let Ok(dir) = fs::read_dir("/proc") else {
+            return super::witness::descendants(root);
+        };
+        let pids: Vec<u32> = dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect();
+        if pids.len() > SMALL_PROC {
+            self.proc_is_small = false;
+            return super::witness::descendants(root);
+        }
+        self.parents.retain(|p, _| pids.contains(p));
+        for &pid in &pids {
+            if let std::collections::hash_map::Entry::Vacant(v) = self.parents.entry(pid)
+                && let Some(ppid) = parent_of(pid)
+            {
+                v.insert(ppid);
+            }
+        }
+        pids.iter()
+            .filter(|&&pid| {
+                let mut p = pid;
+                for _ in 0..64 {
+                    match self.parents.get(&p) {
+                        Some(&pp) if pp == root => return true,
+                        Some(&pp) if pp > 1 && pp != p => p = pp,
+                        _ => return false,
+                    }
+                }
+                false
+            })
+            .map(|&pid| (pid, self.parents[&pid]))
+            .collect()
     }
 
     /// Release the witness if it is waiting (its handler in place), after recording what is
@@ -674,7 +763,7 @@ pub(super) fn prepare_and_run_codex(
         "--codex-run-as-apply-patch".into(),
         patch.into(),
     ]);
-    let mut watch = CodexWatch::new(ctx.spec.uid, ctx.spec.gid, &ctx.spec.agent_bin);
+    let mut watch = CodexWatch::new(ctx.spec.uid, ctx.spec.gid, &ctx.spec.agent_bin, &codex);
     let path = image_path();
     let mut env: Vec<(&str, &Path)> =
         vec![("CODEX_HOME", home.as_path()), ("HOME", home.as_path())];
