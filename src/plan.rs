@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::backend::{Backend, Registry};
 use crate::matrix::model::{BackendKind, Cell, Environment};
-use crate::protocol::{BatchSpec, CellSpec, PROTOCOL_VERSION, SubjectSpec};
+use crate::protocol::{BatchSpec, CellSpec, CodexEntry, PROTOCOL_VERSION, SubjectSpec};
 
 /// One environment's cells: the unit that is sharded, batched and retried.
 #[derive(Debug, Clone)]
@@ -215,16 +215,35 @@ async fn resolve_codex(groups: Vec<Group>, say: &mut dyn FnMut(&str)) -> Vec<(Gr
         .collect();
     versions.sort();
     versions.dedup();
-    let mut found: BTreeMap<String, Result<PathBuf, String>> = BTreeMap::new();
+    let mut found: BTreeMap<String, Result<(PathBuf, Option<CodexEntry>), String>> =
+        BTreeMap::new();
     for v in versions {
         say(&format!(
             "nsmatrix: getting Codex CLI {v} (npm, cached after the first time)"
         ));
         let vv = v.clone();
-        let r = tokio::task::spawn_blocking(move || crate::artifacts::npm::codex_package(&vv))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map(|p| p.codex).map_err(|e| format!("{e:#}")));
+        // How the release enters its sandbox is read here, once, from its own `--help` (a
+        // few milliseconds natively; a guest would pay a cold start of the binary under TCG,
+        // about 0.5 s, in every batch).
+        let r = tokio::task::spawn_blocking(move || {
+            crate::artifacts::npm::codex_package(&vv).map(|p| {
+                // A CODEX_HOME of its own, not under /tmp (which Codex refuses).
+                let home = crate::artifacts::cache::cache_dir()
+                    .join("npm")
+                    .join(format!("help-home-{}-{vv}", std::process::id()));
+                // Only a form the release shows is carried: a release this machine cannot run
+                // or read is asked again where its cells run, which says why for itself.
+                let entry = std::fs::create_dir_all(&home)
+                    .ok()
+                    .map(|_| CodexEntry::detect(&p.codex, &home))
+                    .filter(|e| !matches!(e, CodexEntry::None(_)));
+                let _ = std::fs::remove_dir_all(&home);
+                (p.codex, entry)
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| format!("{e:#}")));
         if let Err(e) = &r {
             say(&format!("nsmatrix: Codex CLI {v} is not available: {e}"));
         }
@@ -238,9 +257,18 @@ async fn resolve_codex(groups: Vec<Group>, say: &mut dyn FnMut(&str)) -> Vec<(Gr
                 .iter_mut()
                 .map(|c| {
                     let mut skip = c.skip.clone();
-                    if let SubjectSpec::Codex { version, codex_bin, .. } = &mut c.subject.spec {
+                    if let SubjectSpec::Codex {
+                        version,
+                        codex_bin,
+                        entry,
+                        ..
+                    } = &mut c.subject.spec
+                    {
                         match found.get(version.as_str()) {
-                            Some(Ok(p)) => *codex_bin = p.clone(),
+                            Some(Ok((p, e))) => {
+                                *codex_bin = p.clone();
+                                *entry = e.clone();
+                            }
                             Some(Err(e)) => {
                                 skip = skip.or(Some(format!(
                                     "Codex CLI {version} could not be fetched and is not cached: {e} (fix: reach the npm registry once, or set NSMATRIX_NPM_REGISTRY)"
@@ -289,6 +317,7 @@ mod tests {
                         version: "1".into(),
                         codex_bin: "/c".into(),
                         hide_system_bwrap: false,
+                        entry: None,
                     },
                     scenario_dir: "/s".into(),
                     timeout_ms: 1,

@@ -121,6 +121,68 @@ pub struct CellSpec {
     pub needs_sysctls: Vec<String>,
 }
 
+/// How a Codex release runs a command in its Linux sandbox, read from its own `--help`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum CodexEntry {
+    /// `codex sandbox [OPTIONS] -- CMD` (0.13x and later).
+    Sandbox,
+    /// `codex sandbox linux [OPTIONS] -- CMD` (up to 0.128.0 at least); `full_auto` when the
+    /// release spells workspace-write `--full-auto` there (0.116.0 and before: `-c
+    /// sandbox_mode=workspace-write` alone leaves its sandbox read-only).
+    SandboxLinux { full_auto: bool },
+    /// Neither: why, for the cell's SKIP.
+    None(String),
+}
+
+impl CodexEntry {
+    /// The arguments before Codex's options.
+    pub fn args(&self) -> &'static [&'static str] {
+        match self {
+            CodexEntry::Sandbox => &["sandbox"],
+            CodexEntry::SandboxLinux { full_auto: false } => &["sandbox", "linux"],
+            CodexEntry::SandboxLinux { full_auto: true } => &["sandbox", "linux", "--full-auto"],
+            CodexEntry::None(_) => &[],
+        }
+    }
+
+    /// Ask `codex sandbox --help` (with `home` as its CODEX_HOME and HOME) which form this
+    /// release has: a `linux` subcommand, or the command right after the options.
+    pub fn detect(codex: &std::path::Path, home: &std::path::Path) -> CodexEntry {
+        let help = |args: &[&str]| {
+            std::process::Command::new(codex)
+                .args(args)
+                .env("CODEX_HOME", home)
+                .env("HOME", home)
+                .output()
+        };
+        let out = match help(&["sandbox", "--help"]) {
+            Ok(o) => o,
+            Err(e) => return CodexEntry::None(format!("`codex sandbox --help` did not run: {e}")),
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return CodexEntry::None(format!(
+                "this release has no `codex sandbox` (`codex sandbox --help` exited {}: {})",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        if text.lines().any(|l| l.trim_start().starts_with("linux ")) {
+            let full_auto = help(&["sandbox", "linux", "--help"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("--full-auto"))
+                .unwrap_or(false);
+            CodexEntry::SandboxLinux { full_auto }
+        } else if text.contains("[COMMAND]") {
+            CodexEntry::Sandbox
+        } else {
+            CodexEntry::None(
+                "`codex sandbox --help` names neither a `linux` subcommand nor a COMMAND".into(),
+            )
+        }
+    }
+}
+
 /// How the sandbox is entered.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -139,6 +201,10 @@ pub enum SubjectSpec {
         /// bundled bwrap where it would otherwise pick the system's.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         hide_system_bwrap: bool,
+        /// How this release enters its sandbox, read once from its own `--help` on this
+        /// machine (the same binary the environment gets); `None`: the agent reads it there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        entry: Option<CodexEntry>,
     },
     /// The Codex CLI the environment itself has installed (a container image's own: `codex`
     /// on PATH or in npm's global location), run where it is, as the cell's uid. An
@@ -533,6 +599,7 @@ mod tests {
                     version: "0.116.0".into(),
                     codex_bin: bin.clone(),
                     hide_system_bwrap: false,
+                    entry: None,
                 },
                 scenario_dir: "/s/a".into(),
                 timeout_ms: 1000,
@@ -588,6 +655,7 @@ mod tests {
             version: "1".into(),
             codex_bin: "/h/pkg/bin/codex".into(),
             hide_system_bwrap: false,
+            entry: None,
         };
         let spec = BatchSpec {
             version: 1,

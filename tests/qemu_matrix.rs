@@ -224,6 +224,9 @@ fn codex(version: &str) -> Option<SubjectSpec> {
             version: version.into(),
             codex_bin: p.codex,
             hide_system_bwrap: false,
+            // Left to the guest's agent to read from `codex sandbox --help`, as it does for a
+            // release the host could not read (`nsmatrix run` reads it on the host).
+            entry: None,
         }),
         Err(e) => {
             common::require(false, &format!("Codex CLI {version} from npm: {e:#}"));

@@ -26,67 +26,7 @@ pub(super) struct Copies {
     done: HashMap<PathBuf, (PathBuf, Entry)>,
 }
 
-/// How a Codex release runs a command in its Linux sandbox, read from its own `--help`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Entry {
-    /// `codex sandbox [OPTIONS] -- CMD` (0.13x and later).
-    Sandbox,
-    /// `codex sandbox linux [OPTIONS] -- CMD` (up to 0.128.0 at least); `full_auto` when the
-    /// release spells workspace-write `--full-auto` there (0.116.0 and before: `-c
-    /// sandbox_mode=workspace-write` alone leaves its sandbox read-only).
-    SandboxLinux { full_auto: bool },
-    /// Neither: why, for the cell's SKIP.
-    None(String),
-}
-
-impl Entry {
-    fn args(&self) -> &'static [&'static str] {
-        match self {
-            Entry::Sandbox => &["sandbox"],
-            Entry::SandboxLinux { full_auto: false } => &["sandbox", "linux"],
-            Entry::SandboxLinux { full_auto: true } => &["sandbox", "linux", "--full-auto"],
-            Entry::None(_) => &[],
-        }
-    }
-}
-
-/// Ask `codex sandbox --help` which form this release has: a `linux` subcommand, or the
-/// command right after the options.
-fn detect_entry(codex: &Path, home: &Path) -> Entry {
-    let out = std::process::Command::new(codex)
-        .args(["sandbox", "--help"])
-        .env("CODEX_HOME", home)
-        .env("HOME", home)
-        .output();
-    let out = match out {
-        Ok(o) => o,
-        Err(e) => return Entry::None(format!("`codex sandbox --help` did not run: {e}")),
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Entry::None(format!(
-            "this release has no `codex sandbox` (`codex sandbox --help` exited {}: {})",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    if text.lines().any(|l| l.trim_start().starts_with("linux ")) {
-        let full_auto = std::process::Command::new(codex)
-            .args(["sandbox", "linux", "--help"])
-            .env("CODEX_HOME", home)
-            .env("HOME", home)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--full-auto"))
-            .unwrap_or(false);
-        Entry::SandboxLinux { full_auto }
-    } else if text.contains("[COMMAND]") {
-        Entry::Sandbox
-    } else {
-        Entry::None(
-            "`codex sandbox --help` names neither a `linux` subcommand nor a COMMAND".into(),
-        )
-    }
-}
+use crate::protocol::CodexEntry as Entry;
 
 impl Copies {
     pub(super) fn new(dir: PathBuf) -> Self {
@@ -104,7 +44,7 @@ impl Copies {
         }
         let help_home = self.dir.join(format!("help-home-{}", self.done.len()));
         let _ = fs::create_dir_all(&help_home);
-        let entry = detect_entry(codex, &help_home);
+        let entry = Entry::detect(codex, &help_home);
         let _ = fs::remove_dir_all(&help_home);
         self.done
             .insert(codex.to_path_buf(), (codex.to_path_buf(), entry.clone()));
@@ -113,8 +53,15 @@ impl Copies {
 
     /// `<pkg>/bin/codex` as the batch's uid can run it: in place when that uid can reach it
     /// and its bundled fallback `<pkg>/codex-resources/bwrap`, else both copied to
-    /// `<batch>/codex/N/` with the same layout. Returns the `bin/codex` to run.
-    fn get(&mut self, codex_bin: &Path, uid: u32, gid: u32) -> Result<(PathBuf, Entry)> {
+    /// `<batch>/codex/N/` with the same layout. Returns the `bin/codex` to run, and how it
+    /// enters its sandbox (`known` when the host has read it already).
+    fn get(
+        &mut self,
+        codex_bin: &Path,
+        uid: u32,
+        gid: u32,
+        known: Option<&Entry>,
+    ) -> Result<(PathBuf, Entry)> {
         if let Some(p) = self.done.get(codex_bin) {
             return Ok(p.clone());
         }
@@ -144,10 +91,16 @@ impl Copies {
             }
             bin
         };
-        let help_home = root.join("help-home");
-        fs::create_dir_all(&help_home)?;
-        let entry = detect_entry(&bin, &help_home);
-        let _ = fs::remove_dir_all(&help_home);
+        let entry = match known {
+            Some(e) => e.clone(),
+            None => {
+                let help_home = root.join("help-home");
+                fs::create_dir_all(&help_home)?;
+                let entry = Entry::detect(&bin, &help_home);
+                let _ = fs::remove_dir_all(&help_home);
+                entry
+            }
+        };
         self.done
             .insert(codex_bin.to_path_buf(), (bin.clone(), entry.clone()));
         Ok((bin, entry))
@@ -690,10 +643,11 @@ fn image_path() -> String {
     }
 }
 
-/// Which Codex a cell runs: a package nsmatrix carried in (copied into the batch), or the
-/// environment's own, where it is installed.
+/// Which Codex a cell runs: a package nsmatrix carried in (copied into the batch when the
+/// cell's uid cannot reach it), with how it enters its sandbox when the host has read that,
+/// or the environment's own, where it is installed.
 pub(super) enum Source<'a> {
-    Pinned(&'a Path),
+    Pinned(&'a Path, Option<&'a Entry>),
     Image(&'a Path),
 }
 
@@ -706,14 +660,14 @@ pub(super) fn prepare_and_run_codex(
     let cell = ctx.cell;
     let sc = scenario::load(&cell.scenario_dir)
         .with_context(|| format!("failed to load scenario {}", cell.scenario_dir.display()))?;
-    let (in_image, codex_bin) = match source {
-        Source::Pinned(p) => (false, p),
-        Source::Image(p) => (true, p),
+    let (in_image, codex_bin, known) = match source {
+        Source::Pinned(p, known) => (false, p, known),
+        Source::Image(p) => (true, p, None),
     };
     let got = if in_image {
         Ok(copies.in_place(codex_bin))
     } else {
-        copies.get(codex_bin, ctx.spec.uid, ctx.spec.gid)
+        copies.get(codex_bin, ctx.spec.uid, ctx.spec.gid, known)
     };
     let (codex, entry) = match got {
         Ok((_, Entry::None(why))) => {

@@ -426,6 +426,7 @@ fn run_cell(
             version,
             codex_bin,
             hide_system_bwrap,
+            entry,
         } => {
             let hidden = if hide_system_bwrap {
                 match HiddenSystemBwrap::hide() {
@@ -435,7 +436,10 @@ fn run_cell(
             } else {
                 None
             };
-            let mut rec = run_codex(&version, super::codex::Source::Pinned(&codex_bin));
+            let mut rec = run_codex(
+                &version,
+                super::codex::Source::Pinned(&codex_bin, entry.as_ref()),
+            );
             if let Some(h) = hidden {
                 rec.details
                     .insert("codex.system-bwrap".into(), h.describe());

@@ -575,6 +575,7 @@ impl Validator<'_> {
                         version,
                         codex_bin: PathBuf::new(),
                         hide_system_bwrap,
+                        entry: None,
                     },
                 )
             };

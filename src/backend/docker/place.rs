@@ -257,6 +257,7 @@ mod tests {
             version: "1".into(),
             codex_bin: bin.into(),
             hide_system_bwrap: false,
+            entry: None,
         }
     }
 
@@ -297,6 +298,7 @@ mod tests {
                         version: "1".into(),
                         codex_bin: "/h/pkg/bin/codex".into(),
                         hide_system_bwrap: false,
+                        entry: None,
                     },
                 ),
             ],
