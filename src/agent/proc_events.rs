@@ -158,19 +158,8 @@ impl ProcEvents {
     }
 
     fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        let fd = self.fd.as_raw_fd();
+        byte_count(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })
     }
 
     fn wait_readable(&self, within: Duration) -> bool {
@@ -185,19 +174,8 @@ impl ProcEvents {
 
     fn send_op(&self, op: u32) -> io::Result<()> {
         let msg = op_message(op);
-        let n = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                msg.as_ptr() as *const libc::c_void,
-                msg.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        let fd = self.fd.as_raw_fd();
+        byte_count(unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) }).map(|_| ())
     }
 }
 
@@ -206,6 +184,11 @@ impl Drop for ProcEvents {
     fn drop(&mut self) {
         let _ = self.send_op(PROC_CN_MCAST_IGNORE);
     }
+}
+
+/// A byte count from `send`/`recv`, or the error it stands for.
+fn byte_count(n: libc::ssize_t) -> io::Result<usize> {
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// The netlink message that asks the proc connector to start (`LISTEN`) or stop (`IGNORE`).
