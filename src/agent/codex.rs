@@ -197,18 +197,6 @@ const WALK_EVERY_WITH_EVENTS: Duration = Duration::from_millis(20);
 /// listing /proc.
 const SMALL_PROC: usize = 512;
 
-/// The parent of `pid`, from `/proc/PID/stat` (the field after the command name, which may
-/// hold spaces, in parentheses).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Watches Codex's process tree while a cell runs: every bwrap in it (Codex may try one and
 /// fall back to another), and the sandbox witness, released once seen.
 ///
@@ -439,28 +427,16 @@ impl CodexWatch {
             self.proc_is_small = false;
             return super::witness::descendants(root);
         }
-        self.parents.retain(|p, _| pids.contains(p));
-        for &pid in &pids {
+        let listed: std::collections::HashSet<u32> = pids.iter().copied().collect();
+        self.parents.retain(|p, _| listed.contains(p));
+        for pid in pids {
             if let std::collections::hash_map::Entry::Vacant(v) = self.parents.entry(pid)
-                && let Some(ppid) = parent_of(pid)
+                && let Some(ppid) = super::witness::parent_of(pid)
             {
                 v.insert(ppid);
             }
         }
-        pids.iter()
-            .filter(|&&pid| {
-                let mut p = pid;
-                for _ in 0..64 {
-                    match self.parents.get(&p) {
-                        Some(&pp) if pp == root => return true,
-                        Some(&pp) if pp > 1 && pp != p => p = pp,
-                        _ => return false,
-                    }
-                }
-                false
-            })
-            .map(|&pid| (pid, self.parents[&pid]))
-            .collect()
+        super::witness::below(root, &self.parents)
     }
 
     /// Release the witness if it is waiting (its handler in place), after recording what is

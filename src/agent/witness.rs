@@ -9,6 +9,7 @@
 //! a sandbox that lives only a few milliseconds: the witness waits for it. A witness nobody
 //! releases gives up after [`WAIT`] with exit code 125.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -127,7 +128,7 @@ pub fn is_waiting(pid: u32, argv0: &[u8], agent: (u64, u64)) -> bool {
 /// What is seen of the waiting witness `pid`, found in `tree` (the processes below `root` with
 /// their parents, from [`descendants`]); the caller then [`release`]s it.
 pub fn seen_in(pid: u32, root: u32, tree: &[(u32, u32)]) -> Seen {
-    let parent: std::collections::HashMap<u32, u32> = tree.iter().copied().collect();
+    let parent: HashMap<u32, u32> = tree.iter().copied().collect();
     let mut ancestors = Vec::new();
     let mut p = parent.get(&pid).copied();
     // Namespaces are compared with the agent's, or with the outer sandbox's when the agent put
@@ -195,38 +196,48 @@ fn children(pid: u32) -> Option<Vec<u32>> {
 }
 
 fn descendants_by_scan(root: u32) -> Vec<(u32, u32)> {
-    let mut parent: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
-    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The fields after the command name (which may hold spaces) in parentheses.
-        if let Some(ppid) = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-        {
-            parent.insert(pid, ppid);
-        }
-    }
-    parent
+    let parent: HashMap<u32, u32> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, parent_of(pid)?)))
+        .collect();
+    below(root, &parent)
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (the field after the command name, which may
+/// hold spaces, in parentheses).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The processes of `parent` (each process's parent) below `root`, with their parents, in
+/// the order of their pids (the order they started in, short of a wrap).
+pub fn below(root: u32, parent: &HashMap<u32, u32>) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = parent
         .iter()
         .filter(|&(&pid, _)| {
             let mut p = pid;
             for _ in 0..64 {
                 match parent.get(&p) {
                     Some(&pp) if pp == root => return true,
-                    Some(&pp) if pp > 1 => p = pp,
+                    Some(&pp) if pp > 1 && pp != p => p = pp,
                     _ => return false,
                 }
             }
             false
         })
         .map(|(&pid, &ppid)| (pid, ppid))
-        .collect()
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 /// Run `f` with the file-system uid and gid of `uid`/`gid` (when this process is root and
