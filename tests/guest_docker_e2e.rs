@@ -482,6 +482,16 @@ fn a_new_data_disk_is_prepared_natively_and_the_guest_engine_runs_from_it() {
         .status()
         .unwrap();
     assert!(st.success(), "docker import");
+    // The running engine's default bridge, which must survive the preparation's own dockerd.
+    let bridge = || {
+        Command::new("ip")
+            .args(["link", "show", "docker0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let had_bridge = bridge();
     let o = Command::new(bin())
         .args([
             "vm",
@@ -520,6 +530,10 @@ fn a_new_data_disk_is_prepared_natively_and_the_guest_engine_runs_from_it() {
     }
     assert!(o.status.success(), "{text}");
     assert!(text.contains("hello-from-the-prepared-disk"), "{text}");
+    assert!(
+        !had_bridge || bridge(),
+        "the host's docker0 is gone after preparing a data disk:\n{text}"
+    );
     // Natively, unless this machine's dockerd is another build than the guest's (then the
     // message says which two); root with a dockerd on PATH is what `available()` checked.
     if text.contains("in a guest of debian-6.1") {

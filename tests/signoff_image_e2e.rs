@@ -38,6 +38,11 @@ fn the_demo_pair_signs_off_with_the_images_own_codex_observed() {
     let stdout = String::from_utf8_lossy(&o.stdout);
 
     // The verdict is printed, and the exit code is signoff's for it.
+    assert!(
+        out_dir.join("signoff.json").is_file(),
+        "no signoff.json ({}):\n{all}",
+        o.status
+    );
     let json = read_json(&out_dir.join("signoff.json"));
     let verdict = json["verdict"].as_str().unwrap().to_string();
     let want_code = match verdict.as_str() {

@@ -192,7 +192,8 @@ fn guest_package_version(status: &str, package: &str) -> Option<String> {
 }
 
 /// A dockerd of this machine's, private to the preparation (its own data root, exec root,
-/// socket, containerd namespace and an empty configuration), loads the images into a
+/// socket, containerd namespace, an empty configuration and its own network namespace), loads
+/// the images into a
 /// directory that `mkfs.ext4 -d` then makes the disk: the layers the guest's engine would
 /// have unpacked, at native speed. Returns (0, load seconds).
 async fn prepare_on_host(
@@ -210,8 +211,8 @@ async fn prepare_on_host(
     let sock = dir.join("docker.sock");
     let log = std::fs::File::create(dir.join("dockerd.log"))?;
     let t = Instant::now();
-    let mut dockerd = tokio::process::Command::new("dockerd")
-        .arg("--config-file")
+    let mut cmd = tokio::process::Command::new("dockerd");
+    cmd.arg("--config-file")
         .arg(&config)
         .arg("--data-root")
         .arg(&root)
@@ -232,9 +233,21 @@ async fn prepare_on_host(
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("failed to start dockerd")?;
+        .kill_on_drop(true);
+    // Its own network namespace: a dockerd started with `--bridge=none` deletes a `docker0`
+    // it finds, and in this machine's namespace that is the running engine's default bridge
+    // (its containers could no longer start until it restarts). Loading images needs no
+    // network; the socket is a path, reachable from here.
+    // SAFETY: unshare(2) only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut dockerd = cmd.spawn().context("failed to start dockerd")?;
     let result = async {
         let engine = loop {
             if let Some(st) = dockerd.try_wait()? {
