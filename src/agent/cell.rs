@@ -214,8 +214,7 @@ pub(super) fn run_program(
         cmd.env(k, v);
     }
     prepared.apply_to(&mut cmd);
-    let child = cmd
-        .spawn()
+    let child = crate::sandbox::subject::spawn_copied(&mut cmd)
         .with_context(|| format!("failed to start {}", program.display()))?;
     let (status, timed_out) =
         wait_timeout(child, Duration::from_millis(ctx.cell.timeout_ms), watch)?;

@@ -589,10 +589,11 @@ pub(super) fn find_image_codex() -> std::result::Result<PathBuf, String> {
 
 /// `codex --version` of an installed Codex (`codex-cli 0.171.0` → `0.171.0`).
 pub(super) fn installed_version(codex: &Path) -> String {
-    let out = std::process::Command::new(codex)
-        .arg("--version")
-        .env("PATH", image_path())
-        .output();
+    let out = crate::sandbox::subject::output_copied(
+        std::process::Command::new(codex)
+            .arg("--version")
+            .env("PATH", image_path()),
+    );
     match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
             .split_whitespace()

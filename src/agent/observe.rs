@@ -88,7 +88,7 @@ pub fn probe_setuid(spec: &BatchSpec, bwrap: &Path) -> SetuidSeen {
         });
     }
     prepared.apply_to(&mut cmd);
-    let child = cmd.spawn();
+    let child = crate::sandbox::subject::spawn_copied(&mut cmd);
     unsafe { libc::close(rd) };
     let mut child = match child {
         Ok(c) => c,

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output};
+use std::time::Duration;
 
 use crate::protocol::SetuidMode;
 use crate::sandbox::argv::BwrapFeatures;
@@ -135,8 +136,42 @@ pub fn resolve_build(build: &str) -> Result<PathBuf, SubjectError> {
     }
 }
 
+/// Start `cmd`, retrying while the kernel refuses with ETXTBSY ("Text file busy").
+///
+/// An executable this process copied (a bwrap made setuid, a Codex binary) had a writable file
+/// descriptor while it was written. Close-on-exec closes it in children at their exec, but a
+/// child another thread forks during the copy holds it until then, and executing the copy in
+/// that window fails with ETXTBSY. The copy is complete; only the other child's exec is
+/// pending, so a short wait is enough. Any other error, and ETXTBSY after about a second, is
+/// returned as it is.
+pub fn spawn_copied(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut wait = Duration::from_millis(1);
+    let mut waited = Duration::ZERO;
+    loop {
+        match cmd.spawn() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && waited < Duration::from_secs(1) =>
+            {
+                std::thread::sleep(wait);
+                waited += wait;
+                wait = (wait * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// [`spawn_copied`], then its output, as [`Command::output`] collects it.
+pub fn output_copied(cmd: &mut Command) -> std::io::Result<Output> {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    spawn_copied(cmd)?.wait_with_output()
+}
+
 fn run_text(bin: &Path, arg: &str) -> String {
-    match Command::new(bin).arg(arg).output() {
+    match output_copied(Command::new(bin).arg(arg)) {
         Ok(o) => {
             let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
             s.push_str(&String::from_utf8_lossy(&o.stderr));
@@ -160,6 +195,32 @@ pub fn is_nosuid(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An executable still open for writing cannot be run (ETXTBSY); once the writer is gone
+    /// it can, and `spawn_copied` waits for that instead of failing.
+    #[test]
+    fn a_busy_copy_is_started_once_its_writer_is_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let exe = d.path().join("true");
+        fs::copy("/bin/true", &exe).unwrap();
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+        let writer = fs::OpenOptions::new().write(true).open(&exe).unwrap();
+        let err = Command::new(&exe).spawn().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ExecutableFileBusy, "{err}");
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            drop(writer);
+        });
+        let status = spawn_copied(&mut Command::new(&exe))
+            .expect("started after the writer closed")
+            .wait()
+            .unwrap();
+        assert!(status.success());
+        closer.join().unwrap();
+        // Other errors come back at once.
+        let missing = spawn_copied(&mut Command::new(d.path().join("missing"))).unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn missing_builds() {
