@@ -73,6 +73,9 @@ fn copy_into(r: &mut impl Read, h: &mut impl Digest) -> io::Result<()> {
 /// does not match (corrupted, truncated) is fetched again; a download that does not match is
 /// an error and leaves nothing at `dest`.
 pub fn fetch_verified(url: &str, dest: &Path, sum: &Checksum) -> Result<PathBuf> {
+    // One download per file at a time (they share `dest`'s partial file), across processes
+    // and threads: the others wait, then verify what it left.
+    let _lock = lock(dest)?;
     if dest.exists() {
         if sum.verify_file(dest)? {
             return Ok(dest.to_path_buf());
@@ -169,6 +172,31 @@ pub fn lock(entry: &Path) -> Result<Lock> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two holders of one entry's lock, even threads of one process, take turns: the second
+    /// gets it only after the first let go.
+    #[test]
+    fn an_entry_lock_is_held_by_one_at_a_time() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let d = tempfile::tempdir().unwrap();
+        let entry = d.path().join("kernel-key");
+        let first = lock(&entry).unwrap();
+        let released = std::sync::Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (entry, released) = (entry.clone(), released.clone());
+            std::thread::spawn(move || {
+                let _second = lock(&entry).unwrap();
+                released.load(Ordering::SeqCst)
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        released.store(true, Ordering::SeqCst);
+        drop(first);
+        assert!(
+            waiter.join().unwrap(),
+            "the second holder got the lock while the first held it"
+        );
+    }
 
     #[test]
     fn checksums_detect_corruption() {

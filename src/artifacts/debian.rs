@@ -53,6 +53,7 @@ impl Mirror {
         let dir = self.cache_root().join("dists").join(suite);
         fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
         let release = dir.join("InRelease");
+        let _lock = super::cache::lock(&release)?;
         let fresh = fs::metadata(&release)
             .and_then(|m| m.modified())
             .ok()

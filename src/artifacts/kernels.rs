@@ -18,7 +18,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::cache::cache_dir;
+use super::cache::{cache_dir, lock};
 use super::debian::{Mirror, extract_deb};
 
 /// The catalog shipped in the binary (so a copied binary needs no checkout).
@@ -205,6 +205,9 @@ pub fn fetch(spec: &KernelSpec) -> Result<Kernel> {
         .ok_or_else(|| anyhow!("no package matching {pattern} in {}", spec.suite))?
         .clone();
     let dir = kernels_root().join(&spec.name).join(&pkg.sha256[..16]);
+    // One fetch per kernel at a time, across processes and threads alike: the others wait and
+    // then find it cached.
+    let _lock = lock(&dir)?;
     if dir.join("kernel.json").exists() {
         return Kernel::load(&dir);
     }
@@ -262,6 +265,9 @@ pub fn build(spec: &KernelSpec) -> Result<Kernel> {
         .clone();
     let key = build_key(&pkg.sha256, base, fragment);
     let dir = kernels_root().join(&spec.name).join(&key);
+    // One build per kernel at a time (a build takes minutes, and two builders of one process
+    // would share a scratch directory): the others wait and then find it cached.
+    let _lock = lock(&dir)?;
     if dir.join("kernel.json").exists() {
         return Kernel::load(&dir);
     }
