@@ -193,9 +193,8 @@ fn guest_package_version(status: &str, package: &str) -> Option<String> {
 
 /// A dockerd of this machine's, private to the preparation (its own data root, exec root,
 /// socket, containerd namespace, an empty configuration and its own network namespace), loads
-/// the images into a
-/// directory that `mkfs.ext4 -d` then makes the disk: the layers the guest's engine would
-/// have unpacked, at native speed. Returns (0, load seconds).
+/// the images into a directory that `mkfs.ext4 -d` then makes the disk: the layers the guest's
+/// engine would have unpacked, at native speed. Returns (0, load seconds).
 async fn prepare_on_host(
     host: &Docker,
     disk: &Path,
