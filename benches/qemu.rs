@@ -1,16 +1,19 @@
 //! Per kernel under the probed accelerator, side by side (interleaved, median of
 //! `NSMATRIX_BENCH_RUNS`, default 3): a bare boot (same kernel, base initramfs and QEMU flags,
 //! an init that ends the guest at once), a batch of 1 cell and of 12 cells (the per-batch initramfs
-//! included), their ratio to the bare boot and a cell's marginal cost; then batches of 1 and 12
+//! included), their ratio to the bare boot and a cell's marginal cost (with, less noisy, the
+//! median of the cells' own durations as the guest's agent measured them); then batches of 1 and 12
 //! cells in a two-vCPU guest, whose agent runs the cells two at a time, and their marginal cost.
 //! `cargo bench --bench qemu [-- KERNEL...]`. Needs qemu and the kernels (fetched/built on use).
+//! With `NSMATRIX_BENCH_QEMU_COMPARE=/path/to/other/qemu-system-x86_64` the same series also runs
+//! on that QEMU, interleaved with the first (one row per kernel and QEMU).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nsmatrix::backend::BatchCtx;
 use nsmatrix::backend::qemu::{GuestTimings, QemuBackend};
+use nsmatrix::backend::{BackendEvent, BatchCtx};
 use nsmatrix::matrix::model::{EnvKind, Environment, QemuEnv};
 use nsmatrix::protocol::*;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +45,17 @@ fn spec(cells: usize) -> BatchSpec {
     }
 }
 
+/// A batch's guest timings and the durations its agent measured for its cells (ms).
 async fn once(b: &QemuBackend, kernel: &str, cells: usize, vcpus: u32) -> GuestTimings {
+    once_cells(b, kernel, cells, vcpus).await.0
+}
+
+async fn once_cells(
+    b: &QemuBackend,
+    kernel: &str,
+    cells: usize,
+    vcpus: u32,
+) -> (GuestTimings, Vec<f64>) {
     let env = Environment {
         id: format!("bench-{kernel}"),
         name: "bench".into(),
@@ -57,7 +70,7 @@ async fn once(b: &QemuBackend, kernel: &str, cells: usize, vcpus: u32) -> GuestT
             vcpus,
         }),
     };
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = BatchCtx {
         run_id: "bench".into(),
         batch_id: format!("bench-{kernel}-{cells}-{vcpus}"),
@@ -66,9 +79,22 @@ async fn once(b: &QemuBackend, kernel: &str, cells: usize, vcpus: u32) -> GuestT
         cancel: CancellationToken::new(),
         events: tx,
     };
-    b.run_batch_timed(&env, spec(cells), &ctx)
+    let t = b
+        .run_batch_timed(&env, spec(cells), &ctx)
         .await
-        .unwrap_or_else(|e| panic!("{kernel}: {e}"))
+        .unwrap_or_else(|e| panic!("{kernel}: {e}"));
+    drop(ctx);
+    let mut durations = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        if let BackendEvent::Agent {
+            event: AgentEvent::CellFinished(r),
+            ..
+        } = ev
+        {
+            durations.push(r.duration_ms as f64);
+        }
+    }
+    (t, durations)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -76,9 +102,81 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+#[derive(Default)]
+struct Series {
+    bare: Vec<f64>,
+    boot: Vec<f64>,
+    one: Vec<f64>,
+    twelve: Vec<f64>,
+    one2: Vec<f64>,
+    twelve2: Vec<f64>,
+    /// Every cell's own duration in the 12-cell one-vCPU batches, as its agent measured it.
+    cell: Vec<f64>,
+}
+
+impl Series {
+    async fn sample(&mut self, b: &QemuBackend, k: &str) {
+        self.bare.push(
+            b.bare_boot(k)
+                .await
+                .unwrap_or_else(|e| panic!("{k}: {e:#}"))
+                .as_secs_f64(),
+        );
+        let t = once(b, k, 1, 1).await;
+        self.boot.push(t.boot.unwrap_or_default().as_secs_f64());
+        self.one.push((t.provision + t.total).as_secs_f64());
+        let (t, cells) = once_cells(b, k, 12, 1).await;
+        self.twelve.push((t.provision + t.total).as_secs_f64());
+        self.cell.extend(cells);
+        // The same with two vCPUs, whose agent runs the cells two at a time.
+        let t = once(b, k, 1, 2).await;
+        self.one2.push((t.provision + t.total).as_secs_f64());
+        let t = once(b, k, 12, 2).await;
+        self.twelve2.push((t.provision + t.total).as_secs_f64());
+    }
+
+    fn print(self, label: &str) {
+        let (bare, one, twelve) = (median(self.bare), median(self.one), median(self.twelve));
+        let (one2, twelve2) = (median(self.one2), median(self.twelve2));
+        println!(
+            "{label:<24} {bare:>8.2} {:>8.2} {one:>10.2} {twelve:>10.2} {:>12.2} {:>12.2} {:>12.0} {:>14.0} {twelve2:>14.2} {:>16.0}",
+            median(self.boot),
+            one / bare,
+            twelve / bare,
+            (twelve - one) / 11.0 * 1000.0,
+            median(self.cell),
+            (twelve2 - one2) / 11.0 * 1000.0
+        );
+    }
+}
+
+/// "7.2.22" from QEMU's `--version` line.
+fn short_version(line: &str) -> String {
+    line.split("version ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("?")
+        .to_string()
+}
+
 #[tokio::main]
 async fn main() {
     let b = QemuBackend::probe().await.expect("qemu backend");
+    let mut backends = vec![b.clone()];
+    if let Some(other) = std::env::var_os("NSMATRIX_BENCH_QEMU_COMPARE") {
+        let mut o = b.clone();
+        o.qemu = PathBuf::from(other);
+        let out = std::process::Command::new(&o.qemu)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", o.qemu.display()));
+        o.version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("?")
+            .to_string();
+        backends.push(o);
+    }
     let runs: usize = std::env::var("NSMATRIX_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -98,9 +196,12 @@ async fn main() {
         args
     };
     println!("accelerator: {}; median of {runs} runs", b.accel_note);
+    for q in &backends {
+        println!("{}: {}", q.qemu.display(), q.version);
+    }
     println!(
-        "{:<14} {:>8} {:>8} {:>10} {:>10} {:>12} {:>12} {:>12} {:>14} {:>16}",
-        "kernel",
+        "{:<24} {:>8} {:>8} {:>10} {:>10} {:>12} {:>12} {:>12} {:>14} {:>14} {:>16}",
+        "kernel, qemu",
         "bare s",
         "boot s",
         "1 cell s",
@@ -108,40 +209,22 @@ async fn main() {
         "1 cell/bare",
         "12 cells/bare",
         "per cell ms",
+        "cell median ms",
         "12 cells 2vCPU",
         "per cell 2vCPU ms"
     );
     for k in kernels {
-        once(&b, &k, 1, 1).await; // warm the cache
-        let (mut bare, mut boot, mut one, mut twelve) = (vec![], vec![], vec![], vec![]);
-        let (mut one2, mut twelve2) = (vec![], vec![]);
-        for _ in 0..runs {
-            bare.push(
-                b.bare_boot(&k)
-                    .await
-                    .unwrap_or_else(|e| panic!("{k}: {e:#}"))
-                    .as_secs_f64(),
-            );
-            let t = once(&b, &k, 1, 1).await;
-            boot.push(t.boot.unwrap_or_default().as_secs_f64());
-            one.push((t.provision + t.total).as_secs_f64());
-            let t = once(&b, &k, 12, 1).await;
-            twelve.push((t.provision + t.total).as_secs_f64());
-            // The same with two vCPUs, whose agent runs the cells two at a time.
-            let t = once(&b, &k, 1, 2).await;
-            one2.push((t.provision + t.total).as_secs_f64());
-            let t = once(&b, &k, 12, 2).await;
-            twelve2.push((t.provision + t.total).as_secs_f64());
+        let mut series: Vec<Series> = backends.iter().map(|_| Series::default()).collect();
+        for q in &backends {
+            once(q, &k, 1, 1).await; // warm the cache and this QEMU's first start
         }
-        let (bare, one, twelve) = (median(bare), median(one), median(twelve));
-        let (one2, twelve2) = (median(one2), median(twelve2));
-        println!(
-            "{k:<14} {bare:>8.2} {:>8.2} {one:>10.2} {twelve:>10.2} {:>12.2} {:>12.2} {:>12.0} {twelve2:>14.2} {:>16.0}",
-            median(boot),
-            one / bare,
-            twelve / bare,
-            (twelve - one) / 11.0 * 1000.0,
-            (twelve2 - one2) / 11.0 * 1000.0
-        );
+        for _ in 0..runs {
+            for (q, s) in backends.iter().zip(series.iter_mut()) {
+                s.sample(q, &k).await;
+            }
+        }
+        for (q, s) in backends.iter().zip(series) {
+            s.print(&format!("{k}, {}", short_version(&q.version)));
+        }
     }
 }

@@ -113,6 +113,7 @@ pub(crate) async fn prepare(
         backends: Vec::new(),
     };
     let mut announced = HashSet::new();
+    let mut announced_notes = HashSet::new();
     for (g, skips) in groups {
         // A host fact the environment needs comes before the backend's availability.
         let env_skip = crate::backend::host_check(&g.env);
@@ -155,6 +156,12 @@ pub(crate) async fn prepare(
         );
         let spec = backend.prepare(opts.run_id, &g.env, base);
         if !plan.backends.iter().any(|b| b.kind() == backend.kind()) {
+            for note in backend.notes() {
+                // The qemu and guest-docker backends may share one QEMU: one note.
+                if announced_notes.insert(note.clone()) {
+                    say(&format!("nsmatrix: note: {note}"));
+                }
+            }
             plan.backends.push(backend.clone());
         }
         plan.batches.push(Batch {

@@ -62,6 +62,12 @@ pub trait Backend: Send + Sync {
 
     /// (fact, value) rows for `nsmatrix doctor`.
     fn describe(&self) -> Vec<(String, String)>;
+
+    /// What a run should tell its user before this backend's first batch: a setup that works
+    /// but costs time, with its fix (an old QEMU under TCG).
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// What a batch holds while it runs, weighed against the machine: `--jobs` slots (one per core

@@ -30,6 +30,8 @@ use crate::protocol::{BatchSpec, SubjectSpec};
 /// Containers in engine guests. Cheap to share: the guests live in `inner`.
 pub struct GuestDockerBackend {
     inner: Arc<Inner>,
+    /// The run's note on this machine's QEMU (see [`Backend::notes`]).
+    qemu_notes: Vec<String>,
 }
 
 struct Inner {
@@ -77,16 +79,26 @@ impl GuestDockerBackend {
     /// Available where QEMU is installed and this machine's Docker engine answers (the images
     /// are built there and saved into the guests' data disks).
     pub async fn probe() -> Result<GuestDockerBackend, Unavailable> {
-        let qemu = std::env::var("NSMATRIX_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into());
-        let on_path = std::path::Path::new(&qemu).is_absolute()
-            || std::env::var_os("PATH")
-                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(&qemu).exists()));
-        if !on_path {
+        let qemu = guest_engine::qemu_binary();
+        let found = if qemu.is_absolute() {
+            qemu.exists().then(|| qemu.clone())
+        } else {
+            crate::backend::qemu::find_on_path(&qemu.to_string_lossy())
+        };
+        let Some(qemu) = found else {
             return Err(Unavailable {
-                reason: format!("{qemu} is not installed"),
+                reason: format!("{} is not installed", qemu.display()),
                 fix: "apt-get install qemu-system-x86".into(),
             });
-        }
+        };
+        let qemu_notes = match guest_engine::choose_accel().0 {
+            crate::backend::qemu::Accel::Tcg => crate::backend::qemu::version::version_line(&qemu)
+                .ok()
+                .and_then(|line| crate::backend::qemu::version::tcg_note(&qemu, &line))
+                .into_iter()
+                .collect(),
+            crate::backend::qemu::Accel::Kvm => Vec::new(),
+        };
         let host = docker::connect().await.map_err(|u| Unavailable {
             reason: format!(
                 "the images of engine guests come from this machine's Docker engine: {}",
@@ -99,6 +111,7 @@ impl GuestDockerBackend {
                 host,
                 slots: Mutex::new(BTreeMap::new()),
             }),
+            qemu_notes,
         })
     }
 }
@@ -334,14 +347,20 @@ impl Backend for GuestDockerBackend {
         })
     }
 
+    fn notes(&self) -> Vec<String> {
+        self.qemu_notes.clone()
+    }
+
     fn describe(&self) -> Vec<(String, String)> {
         let e = self.inner.host.engine();
-        vec![(
+        let mut rows = vec![(
             "guest-docker".into(),
             format!(
                 "Docker engines in QEMU guests of catalog kernels (TCG), their images from the engine at {}",
                 e.endpoint
             ),
-        )]
+        )];
+        rows.extend(self.notes().into_iter().map(|n| ("qemu speed".into(), n)));
+        rows
     }
 }

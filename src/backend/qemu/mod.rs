@@ -4,6 +4,7 @@
 mod accel;
 pub(crate) mod guest;
 mod launcher;
+pub(crate) mod version;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -46,6 +47,8 @@ pub struct QemuBackend {
     pub memory_mb: u32,
     /// From QEMU's start until the agent's first line.
     pub boot_timeout: Duration,
+    /// QEMU's `--version` line, or why it could not be read.
+    pub version: String,
 }
 
 /// Timings of one guest, for benchmarks and logs.
@@ -89,12 +92,14 @@ impl QemuBackend {
                     fix: "check the qemu-system-x86 installation".into(),
                 })?;
         }
+        let version = version::version_line(&qemu).unwrap_or_else(|e| e);
         Ok(QemuBackend {
             qemu,
             accel,
             accel_note,
             memory_mb: 512,
             boot_timeout: Duration::from_secs(90),
+            version,
         })
     }
 
@@ -409,22 +414,20 @@ impl Backend for QemuBackend {
         Box::pin(async move { RunDir::remove_run(run_id) })
     }
 
+    fn notes(&self) -> Vec<String> {
+        match self.accel {
+            Accel::Tcg => version::tcg_note(&self.qemu, &self.version)
+                .into_iter()
+                .collect(),
+            Accel::Kvm => Vec::new(),
+        }
+    }
+
     fn describe(&self) -> Vec<(String, String)> {
-        let version = std::process::Command::new(&self.qemu)
-            .arg("--version")
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("?")
-                    .to_string()
-            })
-            .unwrap_or_else(|e| format!("fails to run: {e}"));
-        vec![
+        let mut rows = vec![
             (
                 "qemu".into(),
-                format!("{version} ({})", self.qemu.display()),
+                format!("{} ({})", self.version, self.qemu.display()),
             ),
             (
                 "/dev/kvm".into(),
@@ -437,7 +440,9 @@ impl Backend for QemuBackend {
             // The probe boots a real cached kernel under KVM with a timeout (guests can hang
             // here where a boot sector does not) and caches the answer per host.
             ("qemu acceleration".into(), self.accel_note.clone()),
-        ]
+        ];
+        rows.extend(self.notes().into_iter().map(|n| ("qemu speed".into(), n)));
+        rows
     }
 }
 
@@ -513,7 +518,7 @@ impl Drop for RunDir {
     }
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')

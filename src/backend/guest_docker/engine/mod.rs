@@ -139,7 +139,7 @@ pub struct GuestEngine {
     child: Option<Child>,
 }
 
-fn qemu_binary() -> PathBuf {
+pub(crate) fn qemu_binary() -> PathBuf {
     std::env::var_os("NSMATRIX_QEMU")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
@@ -147,7 +147,7 @@ fn qemu_binary() -> PathBuf {
 
 /// TCG unless `$NSMATRIX_QEMU_ACCEL=kvm`: an engine guest boots for minutes of work, and a
 /// KVM that hangs (as on machines whose probe falls back) would cost the whole timeout.
-fn choose_accel() -> (Accel, &'static str) {
+pub(crate) fn choose_accel() -> (Accel, &'static str) {
     match std::env::var("NSMATRIX_QEMU_ACCEL").as_deref() {
         Ok("kvm") => (Accel::Kvm, "kvm (NSMATRIX_QEMU_ACCEL)"),
         _ => (Accel::Tcg, "tcg"),
