@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nsmatrix::backend::qemu::{GuestTimings, QemuBackend};
+use nsmatrix::backend::qemu::{GuestTimings, QemuBackend, version};
 use nsmatrix::backend::{BackendEvent, BatchCtx};
 use nsmatrix::matrix::model::{EnvKind, Environment, QemuEnv};
 use nsmatrix::protocol::*;
@@ -150,13 +150,9 @@ impl Series {
     }
 }
 
-/// "7.2.22" from QEMU's `--version` line.
+/// "7.2" from QEMU's `--version` line.
 fn short_version(line: &str) -> String {
-    line.split("version ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or("?")
-        .to_string()
+    version::parse(line).map_or_else(|| "?".into(), |(major, minor)| format!("{major}.{minor}"))
 }
 
 #[tokio::main]
@@ -166,15 +162,7 @@ async fn main() {
     if let Some(other) = std::env::var_os("NSMATRIX_BENCH_QEMU_COMPARE") {
         let mut o = b.clone();
         o.qemu = PathBuf::from(other);
-        let out = std::process::Command::new(&o.qemu)
-            .arg("--version")
-            .output()
-            .unwrap_or_else(|e| panic!("{}: {e}", o.qemu.display()));
-        o.version = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or("?")
-            .to_string();
+        o.version = version::version_line(&o.qemu).unwrap_or_else(|e| panic!("{e}"));
         backends.push(o);
     }
     let runs: usize = std::env::var("NSMATRIX_BENCH_RUNS")

@@ -4,7 +4,7 @@
 mod accel;
 pub(crate) mod guest;
 mod launcher;
-pub(crate) mod version;
+pub mod version;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

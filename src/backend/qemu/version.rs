@@ -15,7 +15,7 @@ const NOTE_BEFORE: (u32, u32) = (8, 0);
 
 /// The first line of `qemu --version` ("QEMU emulator version 10.0.2 (Debian ...)"), or why it
 /// could not be read.
-pub(crate) fn version_line(qemu: &Path) -> Result<String, String> {
+pub fn version_line(qemu: &Path) -> Result<String, String> {
     let out = std::process::Command::new(qemu)
         .arg("--version")
         .output()
@@ -28,7 +28,7 @@ pub(crate) fn version_line(qemu: &Path) -> Result<String, String> {
 }
 
 /// (major, minor) from a `--version` line.
-pub(crate) fn parse(line: &str) -> Option<(u32, u32)> {
+pub fn parse(line: &str) -> Option<(u32, u32)> {
     let rest = line.split("version ").nth(1)?;
     let number: String = rest
         .chars()
