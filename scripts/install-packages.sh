@@ -25,19 +25,31 @@ done
 # per start with 7.2 and 19 ms with 10.0 (17 ms with 7.2 and randomisation off), and every guest
 # cell starts bwrap. On Debian 12 a newer QEMU comes from bookworm-backports.
 codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
+backports=()
 if [ "$codename" = bookworm ]; then
-  qemu_version=$(dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null \
+  # (dpkg-query fails when the package is not installed: `|| true` keeps set -e/pipefail quiet)
+  qemu_version=$( (dpkg-query -W -f='${Status} ${Version}' qemu-system-x86 2>/dev/null || true) \
                  | sed -n 's/^install ok installed //p')
   if [ -z "$qemu_version" ] || dpkg --compare-versions "$qemu_version" lt 1:8; then
     echo "deb http://deb.debian.org/debian bookworm-backports main" \
       > /etc/apt/sources.list.d/nsmatrix-bookworm-backports.list
     others=()
     for p in "${missing[@]}"; do [ "$p" = qemu-system-x86 ] || others+=("$p"); done
-    missing=("${others[@]}" qemu-system-x86/bookworm-backports)
+    missing=("${others[@]}")
+    # Installed on its own with -t: its dependencies (qemu-system-common, qemu-system-data,
+    # seabios) must come from backports too, and nothing else should.
+    backports=(qemu-system-x86)
   fi
+fi
+if [ "${#missing[@]}" -gt 0 ] || [ "${#backports[@]}" -gt 0 ]; then
+  apt-get update -q
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "== installing ${missing[*]}"
-  apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+if [ "${#backports[@]}" -gt 0 ]; then
+  echo "== installing ${backports[*]} from bookworm-backports"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    -t bookworm-backports "${backports[@]}"
 fi
