@@ -169,6 +169,17 @@ pub fn lock(entry: &Path) -> Result<Lock> {
     Ok(Lock(f))
 }
 
+/// [`lock`] for async code: the wait for the holder happens on a blocking thread. Waiting on a
+/// runtime's worker instead would stall the tasks queued there, and the holder may be one of
+/// them (a second engine guest of one run waited so for the first one's data disk, which was
+/// never finished: the run hung).
+pub async fn lock_async(entry: &Path) -> Result<Lock> {
+    let entry = entry.to_path_buf();
+    tokio::task::spawn_blocking(move || lock(&entry))
+        .await
+        .context("the task waiting for a cache lock panicked")?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +207,49 @@ mod tests {
             waiter.join().unwrap(),
             "the second holder got the lock while the first held it"
         );
+    }
+
+    /// Two tasks on a one-thread runtime: the second waits for the lock while the first, which
+    /// holds it, still has work to await. A wait that blocked the runtime's thread would never
+    /// end; the test gives it 10 s.
+    #[test]
+    fn an_async_lock_waits_without_stalling_the_holder() {
+        let d = tempfile::tempdir().unwrap();
+        let entry = d.path().join("data-key");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let order = rt.block_on(async move {
+                let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+                let first = lock_async(&entry).await.unwrap();
+                let holder = {
+                    let order = order.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        order.lock().unwrap().push("holder done");
+                        drop(first);
+                    })
+                };
+                let waiter = {
+                    let (order, entry) = (order.clone(), entry.clone());
+                    tokio::spawn(async move {
+                        let _second = lock_async(&entry).await.unwrap();
+                        order.lock().unwrap().push("waiter locked");
+                    })
+                };
+                holder.await.unwrap();
+                waiter.await.unwrap();
+                order.lock().unwrap().clone()
+            });
+            done_tx.send(order).ok();
+        });
+        let order = done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the waiting task stalled the task that held the lock");
+        assert_eq!(order, vec!["holder done", "waiter locked"]);
     }
 
     #[test]

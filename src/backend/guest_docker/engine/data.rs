@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::disks::{self, engine_dir, lock};
+use super::disks::{self, engine_dir, lock_async};
 use super::{EngineOptions, start_guest_engine};
 
 /// Bump when the way a data disk is prepared changes.
@@ -59,7 +59,10 @@ pub async fn ensure_data_disk(
     }
     resolved.sort();
     resolved.dedup();
-    let rootfs = disks::engine_rootfs_image()?;
+    // Building the engine's root file system takes minutes the first time: not on a worker.
+    let rootfs = tokio::task::spawn_blocking(disks::engine_rootfs_image)
+        .await
+        .context("the root file system's build panicked")??;
     let rootfs_name = rootfs
         .file_name()
         .unwrap_or_default()
@@ -77,7 +80,7 @@ pub async fn ensure_data_disk(
     if let Some(i) = read_info(&out, &info_path) {
         return Ok((out, i));
     }
-    let _l = lock(&out)?;
+    let _l = lock_async(&out).await?;
     if let Some(i) = read_info(&out, &info_path) {
         return Ok((out, i));
     }
@@ -98,7 +101,13 @@ pub async fn ensure_data_disk(
     let t0 = Instant::now();
     // Natively where this machine's dockerd is the guest engine's own build (the same store
     // format); else in a guest under TCG, which takes minutes per GB.
-    let result = match same_engine_on_host(&rootfs) {
+    let same = {
+        let rootfs = rootfs.clone();
+        tokio::task::spawn_blocking(move || same_engine_on_host(&rootfs))
+            .await
+            .context("the engine version check panicked")?
+    };
+    let result = match same {
         Ok(version) => {
             eprintln!(
                 "nsmatrix: preparing the engine data disk for {} image(s) with this machine's dockerd {version} (the guest engine's own version)",
@@ -236,11 +245,14 @@ async fn prepare_on_host(
     // Its own network namespace: a dockerd started with `--bridge=none` deletes a `docker0`
     // it finds, and in this machine's namespace that is the running engine's default bridge
     // (its containers could no longer start until it restarts). Loading images needs no
-    // network; the socket is a path, reachable from here.
-    // SAFETY: unshare(2) only, between fork and exec.
+    // network; the socket is a path, reachable from here. It ends with nsmatrix, even when
+    // nsmatrix is killed (SIGTERM when the thread that started it, a runtime worker, ends).
+    // SAFETY: unshare(2) and prctl(2) only, between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            if libc::unshare(libc::CLONE_NEWNET) != 0
+                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -46,7 +46,7 @@ pub fn engine_dir() -> PathBuf {
     cache_dir().join("engine")
 }
 
-pub use crate::artifacts::cache::{Lock, lock};
+pub use crate::artifacts::cache::{Lock, lock, lock_async};
 
 /// The engine's root file system as an ext4 image (built with debootstrap first if needed).
 pub fn engine_rootfs_image() -> Result<PathBuf> {

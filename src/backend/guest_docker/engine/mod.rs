@@ -374,9 +374,15 @@ fn spawn_qemu(argv: &[String], run_dir: &Path) -> Result<Child> {
 
 /// Time from QEMU's start until a bare boot of `kernel` (init, then power off) has ended.
 pub async fn bare_boot(kernel_name: &str) -> Result<Duration> {
-    let kernel = kernels::ensure(kernel_name)?;
+    let name = kernel_name.to_string();
+    let (kernel, base) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let kernel = kernels::ensure(&name)?;
+        let base = disks::base_initrd(&kernel)?;
+        Ok((kernel, base))
+    })
+    .await
+    .context("the bare boot's provisioning panicked")??;
     let (accel, _) = choose_accel();
-    let base = disks::base_initrd(&kernel)?;
     let run_dir = new_run_dir()?;
     let spec = EngineSpec {
         bare: true,
@@ -405,19 +411,25 @@ pub async fn bare_boot(kernel_name: &str) -> Result<Duration> {
 
 /// Boot `opts.kernel` with a Docker engine and wait until it answers through bollard.
 pub async fn start_guest_engine(opts: &EngineOptions) -> Result<GuestEngine> {
-    let kernel = kernels::ensure(&opts.kernel)?;
+    // Fetching or building these takes minutes the first time, and each waits for a cache
+    // lock that another guest of this run may hold: on a blocking thread, not on a worker.
+    let (name, codex, with_apparmor) = (opts.kernel.clone(), opts.codex.clone(), opts.apparmor);
+    let (kernel, base, root, codex, apparmor) =
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let kernel = kernels::ensure(&name)?;
+            let base = disks::base_initrd(&kernel)?;
+            let root = disks::engine_rootfs_image()?;
+            let codex = codex.as_deref().map(disks::codex_disk).transpose()?;
+            let apparmor = if with_apparmor {
+                Some(disks::apparmor_tools()?)
+            } else {
+                None
+            };
+            Ok((kernel, base, root, codex, apparmor))
+        })
+        .await
+        .context("the engine guest's provisioning panicked")??;
     let (accel, _) = choose_accel();
-    let base = disks::base_initrd(&kernel)?;
-    let root = disks::engine_rootfs_image()?;
-    let codex = match &opts.codex {
-        Some(v) => Some(disks::codex_disk(v)?),
-        None => None,
-    };
-    let apparmor = if opts.apparmor {
-        Some(disks::apparmor_tools()?)
-    } else {
-        None
-    };
     let mut last_err = None;
     for _attempt in 0..3 {
         let run_dir = new_run_dir()?;
