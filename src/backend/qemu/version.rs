@@ -51,9 +51,9 @@ pub(crate) fn tcg_note(qemu: &Path, line: &str) -> Option<String> {
         "{} is QEMU {major}.{minor}: under TCG it starts bwrap in a guest about four times slower \
          than QEMU 10.0 does (79 ms against 19 ms per start, measured with 7.2), so guest cells \
          take longer; their results are the same. Fix: install a newer QEMU (Debian 12: \
-         add bookworm-backports to apt's sources and `apt-get install \
-         qemu-system-x86/bookworm-backports`, as scripts/install-packages.sh does), or point \
-         NSMATRIX_QEMU at one",
+         add bookworm-backports to apt's sources and `apt-get install -t bookworm-backports \
+         qemu-system-x86`, as scripts/install-packages.sh does), or point NSMATRIX_QEMU at \
+         one",
         qemu.display()
     ))
 }
