@@ -20,8 +20,8 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 # QEMU: Debian 12's own (7.2) is slow to start a dynamically linked program in a guest under
-# TCG: it redoes work whenever address-space randomisation puts the program's libraries at new
-# addresses, which is every exec. Measured in a debian-6.1 guest: `bwrap --version` took 79 ms
+# TCG, measured to depend on address-space randomisation (new library addresses at every exec).
+# Measured in a debian-6.1 guest: `bwrap --version` took 79 ms
 # per start with 7.2 and 19 ms with 10.0 (17 ms with 7.2 and randomisation off), and every guest
 # cell starts bwrap. On Debian 12 a newer QEMU comes from bookworm-backports.
 codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
