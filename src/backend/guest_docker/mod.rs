@@ -91,14 +91,11 @@ impl GuestDockerBackend {
                 fix: "apt-get install qemu-system-x86".into(),
             });
         };
-        let qemu_notes = match guest_engine::choose_accel().0 {
-            crate::backend::qemu::Accel::Tcg => crate::backend::qemu::version::version_line(&qemu)
-                .ok()
-                .and_then(|line| crate::backend::qemu::version::tcg_note(&qemu, &line))
-                .into_iter()
-                .collect(),
-            crate::backend::qemu::Accel::Kvm => Vec::new(),
-        };
+        let qemu_notes = crate::backend::qemu::version::version_line(&qemu)
+            .map(|line| {
+                crate::backend::qemu::version::notes(guest_engine::choose_accel().0, &qemu, &line)
+            })
+            .unwrap_or_default();
         let host = docker::connect().await.map_err(|u| Unavailable {
             reason: format!(
                 "the images of engine guests come from this machine's Docker engine: {}",

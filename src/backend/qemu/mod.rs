@@ -415,12 +415,7 @@ impl Backend for QemuBackend {
     }
 
     fn notes(&self) -> Vec<String> {
-        match self.accel {
-            Accel::Tcg => version::tcg_note(&self.qemu, &self.version)
-                .into_iter()
-                .collect(),
-            Accel::Kvm => Vec::new(),
-        }
+        version::notes(self.accel, &self.qemu, &self.version)
     }
 
     fn describe(&self) -> Vec<(String, String)> {
